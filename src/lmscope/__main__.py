@@ -1,0 +1,5 @@
+"""``python -m lmscope`` runs the CLI."""
+
+from lmscope.cli import main
+
+main()

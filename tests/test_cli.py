@@ -1,0 +1,76 @@
+"""The CLI: output, saved files, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmscope.cli import main
+
+
+def _cli(capsys, *argv):
+    with pytest.raises(SystemExit) as info:
+        main(list(argv))
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+def test_run_captures_and_saves(capsys, tmp_path, smollm2):
+    path = tmp_path / "out.safetensors"
+    code, out, _ = _cli(capsys, "run", "The capital of France is", "-c", "blocks.3.attn.z", "-c", "blocks.3.attn.z.2",
+                        "--save", str(path))
+    assert code == 0
+    assert "[1, 5, 9, 64]" in out and "[1, 5, 64]" in out and "Paris" in out
+    saved = load_file(str(path))
+    ref = smollm2.run("The capital of France is", capture=["blocks.3.attn.z"]).cache["blocks.3.attn.z"]
+    assert torch.equal(saved["blocks.3.attn.z"], ref)
+    assert torch.equal(saved["blocks.3.attn.z.2"], ref[:, :, 2])
+
+
+def test_sites_table(capsys):
+    code, out, _ = _cli(capsys, "sites", "--layer", "2", "--pos", "4")
+    assert code == 0
+    assert "blocks.2.attn.k" in out and "[1, 4, 3, 64]" in out and "blocks.3." not in out
+
+
+def test_scan_prints_card_sites_and_captures(capsys):
+    code, out, _ = _cli(capsys, "scan")
+    assert code == 0
+    for text in ("llama", "kv_heads", "blocks.{L}.attn.pattern", "resid_post", "507"):
+        assert text in out
+
+
+def test_models_lists_alias(capsys):
+    code, out, _ = _cli(capsys, "models")
+    assert code == 0 and "smollm2-135m" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "hi", "-c", "blocks.0.attn.zz"], "unknown site"),
+        (["run", "hi", "-c", "blocks.30.resid_post"], "layer 30 out of range"),
+        (["run", "hi", "-c", "blocks.0.attn.z.9"], "head 9 out of range"),
+        (["sites", "/no/such/model"], "no such model file or directory"),
+        (["sites", "--layer", "31"], "out of range"),
+        (["run", "a", "b", "c"], "expected [MODEL] TEXT"),
+    ],
+)
+def test_bad_input_one_line_exit_2(capsys, argv, message):
+    code, _, err = _cli(capsys, *argv)
+    assert code == 2
+    assert message in err and err.strip().count("\n") == 0 and "Traceback" not in err
+
+
+def test_console_script_exit_code_and_debug(tmp_path):
+    """The installed `lmscope` command: exit 2 and one line; --debug shows the traceback."""
+    cmd = [sys.executable, "-m", "lmscope", "run", "hi", "-c", "nope"]
+    plain = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 2 and plain.stderr.strip().startswith("error: unknown site")
+    debug = subprocess.run(cmd + ["--debug"], check=False, capture_output=True, text=True, timeout=120)
+    assert "Traceback" in debug.stderr

@@ -1,0 +1,38 @@
+"""The family table: every entry resolves on a tiny model; unsupported families fail clearly."""
+
+from __future__ import annotations
+
+import pytest
+import transformers as T
+
+import lmscope
+from lmscope.families import FAMILIES, family_for
+from tests.conftest import FAMILY_NAMES
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_table_paths_resolve(tiny_models, name):
+    m = tiny_models[name]
+    fam = m.family
+    for path in (fam.layers, fam.embed, fam.final_norm, fam.unembed):
+        m.module(path)
+    for field in ("attn", "o_proj", "attn_contrib", "mlp", "mlp_down", "q_proj", "k_proj", "v_proj", "qkv_proj"):
+        path = getattr(fam, field)
+        if path is not None:
+            m.layer_module(m.n_layers - 1, path)
+    assert (m.n_layers, m.n_heads, m.d_model) == (3, 4, 64)
+    assert m.n_heads % m.n_kv_heads == 0 and m.d_head * m.n_heads == m.layer_module(0, fam.o_proj).weight.numel() // 64
+
+
+def test_required_families_are_in_the_table():
+    for name in ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "olmo2"]:
+        family_for(name)
+    assert family_for("gemma3") is FAMILIES["gemma3_text"]
+
+
+def test_unsupported_family_names_supported_ones_and_table():
+    hf = T.AutoModelForCausalLM.from_config(
+        T.BloomConfig(vocab_size=32, hidden_size=16, n_layer=1, n_head=2)
+    )
+    with pytest.raises(lmscope.LmscopeError, match=r"'bloom' is not supported \(supported: .*llama.*\).*FAMILIES"):
+        lmscope.Model(hf, None)

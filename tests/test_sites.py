@@ -1,0 +1,43 @@
+"""The site grammar."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lmscope.errors import LmscopeError
+from lmscope.sites import HEAD_KINDS, LAYER_KINDS, Site, all_sites, parse_site
+
+
+def test_parse_examples():
+    assert parse_site("embed") == Site("embed")
+    assert parse_site("blocks.5.attn.z.3") == Site("attn.z", 5, 3)
+    assert parse_site("blocks.5.attn.z", head=3) == Site("attn.z", 5, 3)
+    assert parse_site("blocks.12.mlp.post") == Site("mlp.post", 12)
+    assert parse_site("blocks.0.attn.pattern.2").head_axis == 1
+
+
+@given(st.integers(0, 500), st.sampled_from(LAYER_KINDS), st.integers(0, 63))
+def test_names_round_trip(layer, kind, head):
+    site = Site(kind, layer, head if kind in HEAD_KINDS else None)
+    assert parse_site(str(site)) == site
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["blocks.x.resid_pre", "blocks.1.resid", "blocks.1.mlp.out.2", "embed.1", "block.1.resid_pre", "", "logits.0"],
+)
+def test_bad_names(text):
+    with pytest.raises(LmscopeError):
+        parse_site(text)
+
+
+def test_head_given_twice_must_agree():
+    with pytest.raises(LmscopeError, match="names head 3"):
+        parse_site("blocks.1.attn.z.3", head=2)
+
+
+def test_all_sites_count():
+    names = all_sites(2)
+    assert len(names) == 3 + 2 * len(LAYER_KINDS) and len(set(names)) == len(names)

@@ -1,0 +1,63 @@
+"""Tiny random models, one per supported family, built from transformers config classes (no download)."""
+
+from __future__ import annotations
+
+import torch
+import transformers as T
+
+import lmscope
+
+_COMMON = {
+    "vocab_size": 96,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+_GPT = {"vocab_size": 96, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+CONFIGS = {
+    "llama": lambda: T.LlamaConfig(**_COMMON),
+    "mistral": lambda: T.MistralConfig(**_COMMON, sliding_window=5),
+    "qwen2": lambda: T.Qwen2Config(**_COMMON),
+    "qwen3": lambda: T.Qwen3Config(**_COMMON, head_dim=16),
+    "gemma": lambda: T.GemmaConfig(**_COMMON, head_dim=16),
+    "gemma2": lambda: T.Gemma2Config(**_COMMON, head_dim=16, sliding_window=5),
+    "gemma3": lambda: T.Gemma3TextConfig(**_COMMON, head_dim=16, sliding_window=5),
+    "phi3": lambda: T.Phi3Config(**_COMMON),
+    "gpt2": lambda: T.GPT2Config(**_GPT, n_embd=64, n_layer=3, n_head=4, n_positions=64),
+    "gpt_neox": lambda: T.GPTNeoXConfig(
+        **_GPT, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=64,
+    ),
+    "gpt_neox_serial": lambda: T.GPTNeoXConfig(
+        **_GPT, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=64, use_parallel_residual=False,
+    ),
+    "olmo2": lambda: T.Olmo2Config(**_COMMON),
+}
+
+
+def tiny_model(name: str, seed: int = 0) -> lmscope.Model:
+    """A randomly initialised model of family ``name``; norm weights are randomised too,
+    so a test that confuses a norm's input with its output fails."""
+    torch.manual_seed(seed)
+    hf = T.AutoModelForCausalLM.from_config(CONFIGS[name]())
+    with torch.no_grad():
+        for module_name, p in hf.named_parameters():
+            if "norm" in module_name or "ln_" in module_name:
+                p.add_(0.3 * torch.randn_like(p))
+            elif p.ndim == 2:
+                p.mul_(5.0)  # larger weights so attention is not uniform
+    hf.eval()
+    return lmscope.Model(hf, tokenizer=None, source=f"tiny {name}", name=f"tiny-{name}")
+
+
+def random_ids(model: lmscope.Model, batch: int = 2, pos: int = 9, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.d_vocab, (batch, pos), generator=g)
