@@ -22,8 +22,17 @@ def _cli(capsys, *argv):
 
 def test_run_captures_and_saves(capsys, tmp_path, smollm2):
     path = tmp_path / "out.safetensors"
-    code, out, _ = _cli(capsys, "run", "The capital of France is", "-c", "blocks.3.attn.z", "-c", "blocks.3.attn.z.2",
-                        "--save", str(path))
+    code, out, _ = _cli(
+        capsys,
+        "run",
+        "The capital of France is",
+        "-c",
+        "blocks.3.attn.z",
+        "-c",
+        "blocks.3.attn.z.2",
+        "--save",
+        str(path),
+    )
     assert code == 0
     assert "[1, 5, 9, 64]" in out and "[1, 5, 64]" in out and "Paris" in out
     saved = load_file(str(path))

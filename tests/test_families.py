@@ -25,14 +25,24 @@ def test_table_paths_resolve(tiny_models, name):
 
 
 def test_required_families_are_in_the_table():
-    for name in ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox", "olmo2"]:
+    for name in [
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "phi3",
+        "gpt2",
+        "gpt_neox",
+        "olmo2",
+    ]:
         family_for(name)
     assert family_for("gemma3") is FAMILIES["gemma3_text"]
 
 
 def test_unsupported_family_names_supported_ones_and_table():
-    hf = T.AutoModelForCausalLM.from_config(
-        T.BloomConfig(vocab_size=32, hidden_size=16, n_layer=1, n_head=2)
-    )
+    hf = T.AutoModelForCausalLM.from_config(T.BloomConfig(vocab_size=32, hidden_size=16, n_layer=1, n_head=2))
     with pytest.raises(lmscope.LmscopeError, match=r"'bloom' is not supported \(supported: .*llama.*\).*FAMILIES"):
         lmscope.Model(hf, None)

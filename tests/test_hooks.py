@@ -28,9 +28,7 @@ def _plain(model, ids, **kw):
 def _all_sites_but_pattern(model):
     sites = ["embed", "final_norm", "logits"]
     for layer in range(model.n_layers):
-        sites += [
-            f"blocks.{layer}.{k}" for k in LAYER_KINDS if k != "attn.pattern" and model._has(k)
-        ]
+        sites += [f"blocks.{layer}.{k}" for k in LAYER_KINDS if k != "attn.pattern" and model._has(k)]
     return sites
 
 
@@ -132,8 +130,11 @@ def test_pattern_intervention_recomputes_z(tiny_models):
         out[..., 0] = 1
         return out
 
-    run = m.run(ids, capture=["blocks.1.attn.z", "blocks.1.attn.v"],
-                interventions=[lmscope.apply("blocks.1.attn.pattern", to_first, head=3)])
+    run = m.run(
+        ids,
+        capture=["blocks.1.attn.z", "blocks.1.attn.v"],
+        interventions=[lmscope.apply("blocks.1.attn.pattern", to_first, head=3)],
+    )
     z, v = run.cache["blocks.1.attn.z"], run.cache["blocks.1.attn.v"]
     expected = v[:, :1, 3 // group].expand_as(z[:, :, 3])
     torch.testing.assert_close(z[:, :, 3], expected, atol=1e-6, rtol=0)
@@ -141,10 +142,7 @@ def test_pattern_intervention_recomputes_z(tiny_models):
 
 def _hook_ids(model) -> dict:
     """Every forward hook and pre-hook on the model (transformers installs some of its own)."""
-    return {
-        name: (tuple(mod._forward_hooks), tuple(mod._forward_pre_hooks))
-        for name, mod in model.hf.named_modules()
-    }
+    return {name: (tuple(mod._forward_hooks), tuple(mod._forward_pre_hooks)) for name, mod in model.hf.named_modules()}
 
 
 def test_hooks_removed_when_forward_raises(tiny_models):
@@ -157,8 +155,11 @@ def test_hooks_removed_when_forward_raises(tiny_models):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        m.run(ids, capture=["blocks.0.attn.q", "blocks.0.attn.pattern", "blocks.1.resid_mid"],
-              interventions=[lmscope.apply("blocks.1.mlp.out", boom)])
+        m.run(
+            ids,
+            capture=["blocks.0.attn.q", "blocks.0.attn.pattern", "blocks.1.resid_mid"],
+            interventions=[lmscope.apply("blocks.1.mlp.out", boom)],
+        )
     assert _hook_ids(m) == hooks_before
     assert not any("_lmscope_session" in mod.__dict__ for mod in m.hf.modules())
     assert m.hf.config._attn_implementation == impl

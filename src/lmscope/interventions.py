@@ -93,9 +93,7 @@ def _take(source: Tensor, site: Site, absolute: slice | Tensor, like: Tensor) ->
     ``source`` may have batch size 1 (broadcast) and position size 1 (broadcast).
     """
     if source.shape[0] not in (1, like.shape[0]):
-        raise LmscopeError(
-            f"{site}: source batch {source.shape[0]} does not match the run's batch {like.shape[0]}"
-        )
+        raise LmscopeError(f"{site}: source batch {source.shape[0]} does not match the run's batch {like.shape[0]}")
     n = source.shape[site.pos_axis]
     if n == 1:
         pos: slice | Tensor = slice(None)
@@ -107,9 +105,7 @@ def _take(source: Tensor, site: Site, absolute: slice | Tensor, like: Tensor) ->
     return source[_index(site, source.ndim, pos)].to(like.device)
 
 
-def zero(
-    site: str | Site, positions: int | Sequence[int] | None = None, head: int | None = None
-) -> Intervention:
+def zero(site: str | Site, positions: int | Sequence[int] | None = None, head: int | None = None) -> Intervention:
     """Zero ablation: set the selected activations to 0."""
     return Intervention(_site(site, head), lambda x, _: torch.zeros_like(x), _positions(positions))
 

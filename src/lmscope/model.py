@@ -246,7 +246,6 @@ class Model:
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True) if self.tokenizer else []
         return GenerateResult(texts, out, session.cache)
 
-
     def _pad_id(self) -> int | None:
         if self.tokenizer is not None:
             return self.tokenizer.pad_token_id
