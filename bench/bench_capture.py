@@ -31,10 +31,10 @@ from pathlib import Path
 
 os.environ.setdefault("LMSCOPE_QUIET", "1")
 
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
+import torch
+from torch import Tensor
 
-import lmscope  # noqa: E402
+import lmscope
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data/wikitext-2/test.txt"
 BATCH, SEQ, WARMUP = 8, 128, 2
@@ -107,6 +107,7 @@ def main() -> int:
     methods: dict[str, Callable[[], object]] = {"plain": plain, "lmscope": with_lmscope, "nnsight": with_nnsight}
     times: dict[str, list[float]] = {name: [] for name in methods}
     names = list(methods)
+    load_before = os.getloadavg()[0]
     for i in range(WARMUP + args.repeats):
         for name in names[i % 3 :] + names[: i % 3]:
             start = time.perf_counter()
@@ -116,8 +117,14 @@ def main() -> int:
                 times[name].append(elapsed)
 
     median = {name: statistics.median(t) for name, t in times.items()}
-    print(f"\nSmolLM2-135M, batch {BATCH} x {SEQ} tokens, {len(sites)} sites, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats} (after {WARMUP} warm-up)")
+    print(
+        f"\nSmolLM2-135M, batch {BATCH} x {SEQ} tokens, {len(sites)} sites, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats} (after {WARMUP} warm-up)"
+    )
+    print(
+        f"1-min load average: {load_before:.2f} before timing, {os.getloadavg()[0]:.2f} after "
+        "(this run adds ~2; more means other processes compete for the 2 cores)"
+    )
     print(f"{'method':<10}{'median s':>10}{'min s':>10}{'x plain':>10}")
     for name in names:
         print(f"{name:<10}{median[name]:>10.4f}{min(times[name]):>10.4f}{median[name] / median['plain']:>10.3f}")
