@@ -16,7 +16,8 @@ def test_table_paths_resolve(tiny_models, name):
     fam = m.family
     for path in (fam.layers, fam.embed, fam.final_norm, fam.unembed):
         m.module(path)
-    for field in ("attn", "o_proj", "attn_contrib", "mlp", "mlp_down", "q_proj", "k_proj", "v_proj", "qkv_proj"):
+    fields = ("attn", "o_proj", "attn_contrib", "mlp", "mlp_down", "attn_norm", "mlp_norm")
+    for field in fields + ("q_proj", "k_proj", "v_proj", "qkv_proj"):
         path = getattr(fam, field)
         if path is not None:
             m.layer_module(m.n_layers - 1, path)

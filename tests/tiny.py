@@ -70,3 +70,42 @@ def tiny_model(name: str, seed: int = 0) -> lmscope.Model:
 def random_ids(model: lmscope.Model, batch: int = 2, pos: int = 9, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, model.d_vocab, (batch, pos), generator=g)
+
+
+def train_induction_model(steps: int = 600, length: int = 10, seed: int = 0) -> lmscope.Model:
+    """A 2-layer attention-only transformer (Llama blocks with the MLP zeroed and frozen) trained
+    on repeated random token sequences ``R R`` until it copies in context."""
+    torch.manual_seed(seed)
+    config = T.LlamaConfig(
+        vocab_size=48,
+        hidden_size=64,
+        intermediate_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    hf = T.AutoModelForCausalLM.from_config(config)
+    for layer in hf.model.layers:
+        for p in layer.mlp.parameters():
+            p.requires_grad_(False)
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+    model = lmscope.Model(hf, tokenizer=None, name="tiny-induction")
+    params = [p for p in hf.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
+    from lmscope.head_roles import repeated_tokens
+
+    hf.train()
+    for step in range(steps):
+        ids = repeated_tokens(model, batch=64, length=length, seed=1000 + step)
+        logits = hf(input_ids=ids, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    hf.eval()
+    return model

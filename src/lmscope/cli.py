@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Look inside causal language models. Add --debug to any command for tracebacks.",
 )
-out = Console()
+console = Console()
 err = Console(stderr=True)
 
 ModelArg = Annotated[str, typer.Argument(help="alias, model directory, .gguf file or cached hub id")]
@@ -41,11 +41,11 @@ def models() -> None:
         except LmscopeError as e:
             available = f"no: {e}"
         table.add_row(name + (" (default)" if name == DEFAULT_MODEL else ""), description, available)
-    out.print(table)
+    console.print(table)
     cached = Table("cached conversion", "source", "sha256", title="cache")
     for record in cached_conversions():
         cached.add_row(record["path"], record["source"], record["sha256"][:16])
-    out.print(cached)
+    console.print(cached)
 
 
 @app.command()
@@ -62,7 +62,7 @@ def sites(
     for name, shape in m.site_shapes(batch=1, pos=pos):
         if layer is None or name.startswith(f"blocks.{layer}."):
             table.add_row(name, str(list(shape)))
-    out.print(table)
+    console.print(table)
 
 
 @app.command()
@@ -84,11 +84,11 @@ def run(
     table = Table("site", "shape", "norm", "max |x|", title=f"{m.name}: {result.input_ids.shape[1]} tokens")
     for name, value in result.cache.items():
         table.add_row(name, str(list(value.shape)), f"{value.norm():.4g}", f"{value.abs().max():.4g}")
-    out.print(table)
+    console.print(table)
     next_token = m.tokenizer.decode(result.logits[0, -1].argmax())
-    out.print(f"next token: {next_token!r}")
+    console.print(f"next token: {next_token!r}")
     if save is not None:
-        out.print(f"saved {len(result.cache)} tensors to {result.cache.save(save)}")
+        console.print(f"saved {len(result.cache)} tensors to {result.cache.save(save)}")
 
 
 @app.command()
@@ -98,14 +98,14 @@ def scan(model: ModelArg = DEFAULT_MODEL) -> None:
     card = Table("", "", title="model card", show_header=False)
     for key, value in m.card().items():
         card.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
-    out.print(card)
+    console.print(card)
     text = "The capital of France is Paris. When Mary and John went to the store, John gave a drink to"
     shapes = dict(m.site_shapes(batch=1, pos=len(m.tokenize(text)[0][0])))
     kinds = Table("site (layer 0 of each kind)", "shape", title=f"sites ({len(shapes)} in all)")
     for name, shape in shapes.items():
         if not name.startswith("blocks.") or name.startswith("blocks.0."):
             kinds.add_row(name.replace("blocks.0.", "blocks.{L}."), str(list(shape)))
-    out.print(kinds)
+    console.print(kinds)
     sites_ = [f"blocks.{L}.resid_post" for L in range(m.n_layers)]
     result = m.run(text, capture=sites_)
     summary = Table("layer", "resid_post norm/token", "max |x|", "channel of max", title=f"capture: {text!r}")
@@ -113,8 +113,153 @@ def scan(model: ModelArg = DEFAULT_MODEL) -> None:
         x = result.cache[name][0]
         channel = int(x.abs().amax(0).argmax())
         summary.add_row(str(layer), f"{x.norm(dim=-1).mean():.4g}", f"{x.abs().max():.4g}", str(channel))
-    out.print(summary)
-    out.print(f"next token: {m.tokenizer.decode(result.logits[0, -1].argmax())!r}")
+    console.print(summary)
+    console.print(f"next token: {m.tokenizer.decode(result.logits[0, -1].argmax())!r}")
+
+
+def _pairs(m, data: Path | None, task: str | None, n: int | None):
+    from lmscope import tasks
+
+    if (data is None) == (task is None):
+        raise LmscopeError("give exactly one of --data pairs.jsonl or --task ioi|induction|capitals")
+    if data is not None:
+        pairs = tasks.load_pairs(data)
+    elif n is not None:
+        if task not in tasks.GENERATORS:
+            tasks.builtin(m, task)  # raises the unknown-task error
+        pairs = tasks.GENERATORS[task](m, n=n)
+    else:
+        pairs = tasks.builtin(m, task)
+    return pairs
+
+
+@app.command()
+def patch(
+    model: ModelArg = DEFAULT_MODEL,
+    data: Annotated[
+        Path | None, typer.Option(help="prompt pairs (JSONL: clean, corrupt, answer, wrong_answer)")
+    ] = None,
+    task: Annotated[str | None, typer.Option(help="built-in task: ioi, induction, capitals")] = None,
+    n: Annotated[int | None, typer.Option(help="number of pairs to generate for --task")] = None,
+    method: Annotated[str, typer.Option(help="exact, attribution or eap-ig")] = "exact",
+    level: Annotated[str, typer.Option(help="head, layer (attention and MLP) or position (residual)")] = "head",
+    metric: Annotated[str, typer.Option(help="logit_diff, logprob, prob or kl")] = "logit_diff",
+    direction: Annotated[str, typer.Option(help="denoising or noising (exact only)")] = "denoising",
+    steps: Annotated[int, typer.Option(help="EAP-IG interpolation steps")] = 100,
+    align: Annotated[str, typer.Option(help="strict, or final: left-pad pairs of unequal length")] = "strict",
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("out/patch"),
+    top: Annotated[int, typer.Option(help="rows to print")] = 10,
+) -> None:
+    """Find where a behaviour lives: patch or attribute every head, layer or position."""
+    from lmscope.discovery import locate
+    from lmscope.reports.plots import heatmap
+    from lmscope.reports.results import output_dir, versions, write_json
+
+    out = output_dir(out)
+    m = load(model)
+    pairs = _pairs(m, data, task, n)
+    results = locate(m, pairs, method, level, metric, steps, direction, align)
+    settings = {
+        "model": model,
+        "data": str(data) if data else None,
+        "task": task,
+        "n_pairs": len(pairs),
+        "method": method,
+        "level": level,
+        "metric": metric,
+        "direction": direction,
+        "steps": steps,
+        "align": align,
+    }
+    payload = {
+        "command": "patch",
+        "settings": settings,
+        "versions": versions(),
+        "model": m.card(),
+        "metric": {"name": metric, "clean": results[0].clean, "corrupt": results[0].corrupt},
+        "results": [
+            {
+                "component": r.component,
+                "per_position": r.per_position,
+                "method": r.method,
+                "tokens": r.tokens,
+                "rows": r.rows(),
+            }
+            for r in results
+        ],
+    }
+    write_json(out / "results.json", payload)
+    for r in results:
+        scores = r.scores
+        if r.per_position:
+            grid, xlabel, xticks = scores[:, :, 0], "position", r.tokens or None
+        elif r.component == "head":
+            grid, xlabel, xticks = scores[:, 0, :], "head", None
+        else:
+            grid, xlabel, xticks = scores[:, 0, :], r.component, [r.component]
+        heatmap(
+            grid,
+            out / f"{r.component}.png",
+            f"{method} {r.component} ({metric}, {r.direction})",
+            xlabel,
+            "layer",
+            xticks=xticks,
+        )
+    table = Table(
+        "component",
+        "layer",
+        "head",
+        "position",
+        "score",
+        title=f"{method} on {len(pairs)} pairs: clean {results[0].clean:.3f}, corrupt {results[0].corrupt:.3f}",
+    )
+    rows = sorted(
+        (dict(row, component=r.component) for r in results for row in r.rows()), key=lambda row: -abs(row["score"])
+    )[:top]
+    for row in rows:
+        table.add_row(
+            row["component"], str(row["layer"]), _dash(row["head"]), _dash(row["position"]), f"{row['score']:+.4f}"
+        )
+    console.print(table)
+    console.print(f"wrote {out / 'results.json'} and plots")
+
+
+def _dash(value) -> str:
+    return "-" if value is None else str(value)
+
+
+@app.command()
+def heads(
+    model: ModelArg = DEFAULT_MODEL,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("out/heads"),
+    length: Annotated[int, typer.Option(help="length of the repeated random sequence")] = 30,
+    batch: Annotated[int, typer.Option(help="number of sequences")] = 8,
+) -> None:
+    """Induction, previous-token and duplicate-token scores of every head."""
+    from lmscope.head_roles import ROLES, head_roles, repeated_loss
+    from lmscope.reports.plots import heatmap
+    from lmscope.reports.results import output_dir, versions, write_json
+
+    out = output_dir(out)
+    m = load(model)
+    roles = head_roles(m, batch=batch, length=length)
+    first, second = repeated_loss(m, batch=batch, length=length)
+    payload = {
+        "command": "heads",
+        "settings": {"model": model, "length": length, "batch": batch},
+        "versions": versions(),
+        "model": m.card(),
+        "repeated_loss": {"first_half": first, "second_half": second},
+        "rows": roles.rows(),
+    }
+    write_json(out / "results.json", payload)
+    table = Table("role", "top heads (layer.head: score)", title=f"{m.name}: head roles")
+    for role in ROLES:
+        heatmap(getattr(roles, role), out / f"{role}.png", f"{role} score", "head", "layer", diverging=False)
+        table.add_row(role, ", ".join(f"{layer}.{head}: {score:.2f}" for layer, head, score in roles.top(role)))
+    console.print(table)
+    console.print(f"repeated random tokens: loss {first:.2f} on the first half, {second:.2f} on the second")
+    console.print(f"wrote {out / 'results.json'} and plots")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,6 +20,9 @@ attn_contrib
     ``resid_mid`` = ``resid_pre`` + contribution.
 mlp, mlp_down
     The MLP and its down projection (whose input is the neuron activation ``mlp.post``).
+attn_norm, mlp_norm
+    The norms between the residual stream and the attention / MLP inputs (``None`` when
+    the block reads the residual directly, as OLMo 2 does).
 q_proj, k_proj, v_proj / qkv_proj, qkv_layout
     Projection weights. Fused ``qkv_proj`` is split either as ``"concat"`` (q | k | v
     along the output) or ``"per_head"`` (GPT-NeoX: per head, q | k | v).
@@ -46,6 +49,8 @@ class Family:
     attn_contrib: str
     mlp: str
     mlp_down: str
+    attn_norm: str | None
+    mlp_norm: str | None
     q_proj: str | None = None
     k_proj: str | None = None
     v_proj: str | None = None
@@ -65,13 +70,18 @@ LLAMA = Family(
     attn_contrib="self_attn",
     mlp="mlp",
     mlp_down="mlp.down_proj",
+    attn_norm="input_layernorm",
+    mlp_norm="post_attention_layernorm",
     q_proj="self_attn.q_proj",
     k_proj="self_attn.k_proj",
     v_proj="self_attn.v_proj",
 )
 
-# Gemma 2/3 and OLMo 2 normalise the attention output before adding it to the residual.
-POST_NORM = replace(LLAMA, attn_contrib="post_attention_layernorm")
+# Gemma 2/3 normalise the attention output before adding it to the residual, and the
+# MLP input with a separate pre-feedforward norm.
+GEMMA2 = replace(LLAMA, attn_contrib="post_attention_layernorm", mlp_norm="pre_feedforward_layernorm")
+# OLMo 2 normalises attention and MLP outputs only (no norm on their inputs).
+OLMO2 = replace(LLAMA, attn_contrib="post_attention_layernorm", attn_norm=None, mlp_norm=None)
 
 FAMILIES: dict[str, Family] = {
     "llama": LLAMA,
@@ -79,9 +89,9 @@ FAMILIES: dict[str, Family] = {
     "qwen2": LLAMA,
     "qwen3": LLAMA,
     "gemma": LLAMA,
-    "gemma2": POST_NORM,
-    "gemma3_text": POST_NORM,
-    "olmo2": POST_NORM,
+    "gemma2": GEMMA2,
+    "gemma3_text": GEMMA2,
+    "olmo2": OLMO2,
     "phi3": replace(
         LLAMA,
         attn_contrib="resid_attn_dropout",
@@ -100,6 +110,8 @@ FAMILIES: dict[str, Family] = {
         attn_contrib="attn",
         mlp="mlp",
         mlp_down="mlp.c_proj",
+        attn_norm="ln_1",
+        mlp_norm="ln_2",
         qkv_proj="attn.c_attn",
         conv1d=True,
     ),
@@ -113,6 +125,8 @@ FAMILIES: dict[str, Family] = {
         attn_contrib="post_attention_dropout",
         mlp="mlp",
         mlp_down="mlp.dense_4h_to_h",
+        attn_norm="input_layernorm",
+        mlp_norm="post_attention_layernorm",
         qkv_proj="attention.query_key_value",
         qkv_layout="per_head",
         parallel_residual="use_parallel_residual",

@@ -155,8 +155,8 @@ class HookSession:
             new = self._process(kind, layer, view, self._offset)
             if kind == "resid_pre":
                 self._resid_pre[layer] = new
-            if new is view:
-                return None
+            if new is view and not (self.grad and reshape is not None):
+                return None  # with grad, the model must use the captured view so its .grad fills
             return _with_first_tensor(args, kwargs, new if reshape is None else new.flatten(-2))
 
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))

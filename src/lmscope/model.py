@@ -246,6 +246,20 @@ class Model:
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True) if self.tokenizer else []
         return GenerateResult(texts, out, session.cache)
 
+    def unembed(self, resid: Tensor, tokens: Tensor | None = None) -> Tensor:
+        """Logits from the final residual stream ``[..., d_model]``: final norm, unembedding
+        (only the rows of ``tokens`` if given, ``[..., len(tokens)]``) and, for Gemma 2/3,
+        the final logit soft-capping, as the model's own forward applies them."""
+        x = self.module(self.family.final_norm)(resid)
+        head = self.module(self.family.unembed)
+        weight, bias = head.weight, head.bias
+        if tokens is not None:
+            weight = weight[tokens]
+            bias = None if bias is None else bias[tokens]
+        logits = torch.nn.functional.linear(x, weight, bias)
+        cap = getattr(self.hf.config, "final_logit_softcapping", None)
+        return logits if not cap else torch.tanh(logits / cap) * cap
+
     def _pad_id(self) -> int | None:
         if self.tokenizer is not None:
             return self.tokenizer.pad_token_id

@@ -1,0 +1,83 @@
+"""Metrics of a prompt pair's final-position logits, for patching and attribution.
+
+Each metric maps final-position logits ``[K, vocab]`` (K variants of one pair) to ``[K]``.
+Patching scores normalise a metric M so that the corrupted run scores 0 and the clean run 1:
+``(M(patched) - M(corrupt)) / (M(clean) - M(corrupt))`` (as in Wang et al. 2022 and
+TransformerLens's patching demos).
+
+- ``logit_diff`` (default): mean logit of the answer candidates minus mean logit of the wrong ones;
+- ``logprob``: log of the total probability of the answer candidates;
+- ``prob``: total probability of the answer candidates;
+- ``kl``: minus the KL divergence from the clean run's next-token distribution, KL(clean || run);
+- any callable ``(logits [K, vocab], pair) -> [K]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lmscope.errors import LmscopeError
+from lmscope.tasks import TokenPair
+
+
+@dataclass(frozen=True)
+class Metric:
+    """``fn(logits, pair, clean_logprobs)``; ``answers_only``: fn reads only the answer and wrong
+    rows, so callers may pass logits restricted to ``pair.answer`` then ``pair.wrong``."""
+
+    name: str
+    fn: Callable[[Tensor, TokenPair, Tensor | None], Tensor]
+    answers_only: bool = False
+
+    def __call__(self, logits: Tensor, pair: TokenPair, clean_logprobs: Tensor | None = None) -> Tensor:
+        return self.fn(logits, pair, clean_logprobs)
+
+
+def _logit_diff(logits, pair, _):
+    return logits[:, pair.answer].mean(-1) - logits[:, pair.wrong].mean(-1)
+
+
+def _logprob(logits, pair, _):
+    return torch.logsumexp(logits.log_softmax(-1)[:, pair.answer], dim=-1)
+
+
+def _prob(logits, pair, _):
+    return logits.softmax(-1)[:, pair.answer].sum(-1)
+
+
+def _neg_kl(logits, pair, clean_logprobs):
+    logp = logits.log_softmax(-1)
+    return -(clean_logprobs.exp() * (clean_logprobs - logp)).sum(-1)
+
+
+METRICS = {
+    "logit_diff": Metric("logit_diff", _logit_diff, answers_only=True),
+    "logprob": Metric("logprob", _logprob),
+    "prob": Metric("prob", _prob),
+    "kl": Metric("kl", _neg_kl),
+}
+
+
+def get_metric(metric: str | Metric | Callable) -> Metric:
+    """A metric by name, or wrap a callable ``(logits [K, vocab], pair) -> [K]``."""
+    if isinstance(metric, Metric):
+        return metric
+    if callable(metric):
+        return Metric(getattr(metric, "__name__", "custom"), lambda logits, pair, _: metric(logits, pair))
+    if metric not in METRICS:
+        raise LmscopeError(f"unknown metric '{metric}' (choose from {', '.join(METRICS)})")
+    return METRICS[metric]
+
+
+def restricted(pair: TokenPair) -> tuple[Tensor, TokenPair]:
+    """Tokens to unembed for an ``answers_only`` metric, and the pair re-indexed into them."""
+    tokens = torch.cat([pair.answer, pair.wrong])
+    n = len(pair.answer)
+    local = TokenPair(
+        pair.clean, pair.corrupt, torch.arange(n), torch.arange(n, len(tokens)), pair.clean_mask, pair.corrupt_mask
+    )
+    return tokens, local

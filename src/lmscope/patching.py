@@ -1,0 +1,345 @@
+"""Exact activation patching (causal tracing / interchange interventions), fast.
+
+Activation patching runs the model on one prompt (the *base*) while replacing one
+component's activation by its value from another prompt (the *source*), and measures how a
+metric moves (Vig et al. 2020; Meng et al. 2022, "Locating and Editing Factual Associations
+in GPT"; Wang et al. 2022, "Interpretability in the Wild"; see also Heimersheim & Nanda 2024,
+"How to use and interpret activation patching"). *Denoising* patches clean activations into
+the corrupted run; *noising* patches corrupted activations into the clean run. Scores are
+normalised so that the corrupted run scores 0 and the clean run 1::
+
+    score = (M(patched) - M(corrupt)) / (M(clean) - M(corrupt))
+
+Components: every head (``attn.z`` of one head), attention output (``attn.out``), MLP output
+(``mlp.out``) and residual stream (``resid_pre``) of every layer; patched at all positions at
+once, or one position at a time. The result equals TransformerLens's
+``get_act_patch_attn_head_out_all_pos`` / ``..._by_pos`` (and the naive loop of one full
+forward per patch), but is computed without rerunning what a patch cannot change:
+
+- a patch at layer L changes nothing before layer L: each variant starts from the base run's
+  residual stream entering layer L;
+- a patch at position p changes nothing before p (attention is causal), and positions where the
+  two prompts agree up to and including p have equal activations, so patching them is a no-op:
+  only positions from the first differing token on are recomputed, reusing the base run's
+  keys and values of the earlier positions;
+- all variants that start at the same position run as one batch, which grows layer by layer
+  as variants join at their patch layer; only the final position is unembedded, and for
+  ``logit_diff`` only the answer rows of the unembedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+from transformers.cache_utils import Cache
+
+from lmscope.errors import LmscopeError
+from lmscope.metrics import Metric, get_metric, restricted
+from lmscope.progress import progress_bar
+from lmscope.tasks import PromptPair, TokenPair, tokenize_pairs
+
+COMPONENTS = {"head": "attn.z", "attn": "attn.out", "mlp": "mlp.out", "resid": "resid_pre"}
+
+
+@dataclass
+class PatchResult:
+    """Normalised scores ``[n_layers, n_positions, n_heads]`` (``n_positions`` is 1 when
+    patching all positions at once, ``n_heads`` is 1 for layer components), with the metric's
+    clean and corrupted baselines (means over pairs)."""
+
+    scores: Tensor
+    component: str
+    per_position: bool
+    direction: str
+    metric: str
+    clean: float
+    corrupt: float
+    method: str = "exact"
+    tokens: list[str] = field(default_factory=list)
+
+    def rows(self) -> list[dict]:
+        """The scores as a tidy table: one dict per (layer, position, head)."""
+        n_layers, n_pos, n_heads = self.scores.shape
+        rows = []
+        for layer in range(n_layers):
+            for pos in range(n_pos):
+                for head in range(n_heads):
+                    rows.append(
+                        {
+                            "layer": layer,
+                            "head": head if self.component == "head" else None,
+                            "position": pos if self.per_position else None,
+                            "score": float(self.scores[layer, pos, head]),
+                        }
+                    )
+        return rows
+
+    def top(self, n: int = 10) -> list[dict]:
+        """The ``n`` rows with the largest absolute score."""
+        return sorted(self.rows(), key=lambda r: -abs(r["score"]))[:n]
+
+
+def as_token_pairs(model, pairs: Sequence[PromptPair] | Sequence[TokenPair], align: str = "strict") -> list[TokenPair]:
+    if not pairs:
+        raise LmscopeError("no prompt pairs")
+    if isinstance(pairs[0], TokenPair):
+        return list(pairs)
+    return tokenize_pairs(model, list(pairs), align=align)
+
+
+def position_ids(mask: Tensor) -> Tensor:
+    """Positions counting real tokens only ([batch, pos]), as for left-padded generation."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class _Chunk:
+    """The base run's state for recomputing positions ``start..T-1``: per layer, the
+    residual entering it at those positions, the arguments the model called it with, and
+    the keys/values of positions before ``start``."""
+
+    start: int
+    hidden: list[Tensor]
+    calls: list[tuple[tuple, dict]]
+    prefix: list[tuple[Tensor, Tensor] | None]
+
+
+class _PrefixKV:
+    """Stands in for a KV cache in a layer call: prepends the base run's keys/values of the
+    earlier positions (broadcast over the batch of variants) to the new ones."""
+
+    def __init__(self, prefix: list[tuple[Tensor, Tensor] | None], batch: int):
+        self.prefix = prefix
+        self.batch = batch
+
+    def update(self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        past = self.prefix[layer_idx]
+        if past is None:
+            return key, value
+        k, v = (t.expand(self.batch, *t.shape[1:]) for t in past)
+        return torch.cat([k, key], dim=-2), torch.cat([v, value], dim=-2)
+
+
+def _chunk(model, ids: Tensor, mask: Tensor, start: int) -> _Chunk:
+    """Run the base prompt once from ``start`` on (after a prefix run filling a KV cache),
+    recording each layer's input and call arguments."""
+    hf, n = model.hf, model.n_layers
+    pos = position_ids(mask)
+    cache = DynamicCache(config=hf.config)
+    last = n - 1
+    if start > 0:
+        with model.hooks(stop_after=last):
+            hf(
+                input_ids=ids[:, :start],
+                attention_mask=mask[:, :start],
+                position_ids=pos[:, :start],
+                past_key_values=cache,
+                use_cache=True,
+            )
+    prefix = [(layer.keys, layer.values) if start > 0 else None for layer in cache.layers[:n]]
+    prefix += [None] * (n - len(prefix))
+    calls: list = [None] * n
+
+    def recorder(layer):
+        def hook(mod, args, kwargs):
+            calls[layer] = (args, kwargs)
+
+        return hook
+
+    handles = [model.layer_module(i, "").register_forward_pre_hook(recorder(i), with_kwargs=True) for i in range(n)]
+    try:
+        with model.hooks(stop_after=last):
+            hf(
+                input_ids=ids[:, start:],
+                attention_mask=mask,
+                position_ids=pos[:, start:],
+                past_key_values=cache,
+                use_cache=True,
+            )
+    finally:
+        for h in handles:
+            h.remove()
+    hidden = [args[0] if args else kwargs["hidden_states"] for args, kwargs in calls]
+    return _Chunk(start, hidden, calls, prefix)
+
+
+@dataclass
+class _Variant:
+    """One patch: component at ``layer`` (and ``head``), at chunk positions ``positions``."""
+
+    layer: int
+    head: int | None
+
+
+def _patch_rows(x: Tensor, start_row: int, variants: list[_Variant], src: Tensor, pos: Tensor) -> Tensor:
+    """Replace, in rows ``start_row:`` of ``x`` [batch, chunk_pos, ...], the positions ``pos``
+    (bool [chunk_pos]) of each variant's head (or all features) by ``src`` [1, chunk_pos, ...]."""
+    new = x[start_row:]
+    where = pos.view(1, -1, *([1] * (x.ndim - 2)))
+    if variants[0].head is not None:
+        heads = torch.tensor([v.head for v in variants], device=x.device)
+        one_hot = torch.nn.functional.one_hot(heads, x.shape[2]).bool()  # [rows, n_heads]
+        where = where & one_hot[:, None, :, None]
+    new = torch.where(where, src.to(x.dtype), new)
+    return torch.cat([x[:start_row], new]) if start_row else new
+
+
+def _run_variants(
+    model, chunk: _Chunk, kind: str, by_layer: dict[int, list[_Variant]], sources: dict[int, Tensor], pos: Tensor
+) -> Tensor:
+    """Run every variant of one chunk as a batch that grows as variants join at their layer.
+    Returns the final residual at the last position, [n_variants, d_model], in variant order
+    (sorted by layer)."""
+    fam = model.family
+    shape = (model.n_heads, model.d_head)
+    hidden: Tensor | None = None
+    for layer in range(min(by_layer), model.n_layers):
+        new = by_layer.get(layer, [])
+        start_row = 0 if hidden is None else hidden.shape[0]
+        if new:
+            h = chunk.hidden[layer].expand(len(new), -1, -1)
+            hidden = h if hidden is None else torch.cat([hidden, h])
+            if kind == "resid_pre":
+                hidden = _patch_rows(hidden, start_row, new, sources[layer], pos)
+        handle = None
+        if new and kind == "attn.z":
+
+            def z_hook(mod, args, _new=new, _row=start_row, _src=sources[layer]):
+                z = args[0].unflatten(-1, shape)
+                return (_patch_rows(z, _row, _new, _src, pos).flatten(-2), *args[1:])
+
+            handle = model.layer_module(layer, fam.o_proj).register_forward_pre_hook(z_hook)
+        elif new and kind in ("attn.out", "mlp.out"):
+            path = fam.o_proj if kind == "attn.out" else fam.mlp
+
+            def out_hook(mod, args, out, _new=new, _row=start_row, _src=sources[layer]):
+                main = out[0] if isinstance(out, tuple) else out
+                patched = _patch_rows(main, _row, _new, _src, pos)
+                return (patched, *out[1:]) if isinstance(out, tuple) else patched
+
+            handle = model.layer_module(layer, path).register_forward_hook(out_hook)
+        args, kwargs = chunk.calls[layer]
+        kv = _PrefixKV(chunk.prefix, hidden.shape[0])
+        rest = [kv if isinstance(a, Cache) else a for a in args[1:]]
+        kwargs = {k: kv if isinstance(v, Cache) else v for k, v in kwargs.items()}
+        try:
+            out = model.layer_module(layer, "")(hidden, *rest, **kwargs)
+        finally:
+            if handle is not None:
+                handle.remove()
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden[:, -1]
+
+
+def _first_difference(a: Tensor, b: Tensor, ma: Tensor, mb: Tensor) -> int:
+    differ = ((a != b) | (ma != mb)).nonzero()
+    return int(differ[0]) if len(differ) else len(a)
+
+
+def activation_patching(
+    model,
+    pairs: Sequence[PromptPair] | Sequence[TokenPair],
+    component: str = "head",
+    per_position: bool = False,
+    direction: str = "denoising",
+    metric: str | Metric = "logit_diff",
+    align: str = "strict",
+    max_batch: int = 1024,
+) -> PatchResult:
+    """Exact activation patching of every ``component`` (``head``, ``attn``, ``mlp``,
+    ``resid``) of every layer, over all positions at once or per position.
+
+    Returns :class:`PatchResult` with scores ``[n_layers, n_positions or 1, n_heads or 1]``,
+    averaged over pairs before normalising. ``max_batch`` bounds the variants run at once.
+    """
+    if component not in COMPONENTS:
+        raise LmscopeError(f"unknown component '{component}' (choose from {', '.join(COMPONENTS)})")
+    if direction not in ("denoising", "noising"):
+        raise LmscopeError(f"direction must be 'denoising' or 'noising', not '{direction}'")
+    kind = COMPONENTS[component]
+    metric = get_metric(metric)
+    token_pairs = as_token_pairs(model, pairs, align)
+    lengths = {len(p.clean) for p in token_pairs}
+    if per_position and len(lengths) > 1:
+        raise LmscopeError(f"per-position patching needs pairs of one length; got lengths {sorted(lengths)}")
+    n_layers, n_heads = model.n_layers, (model.n_heads if component == "head" else 1)
+    n_pos = max(lengths) if per_position else 1
+    totals = torch.zeros(n_layers, n_pos, n_heads, dtype=torch.float64)
+    clean_total = corrupt_total = 0.0
+    work = sum(n_layers * (len(p.clean) if per_position else 1) for p in token_pairs)
+    with torch.no_grad(), progress_bar(f"patching {component}s ({direction})", total=work) as advance:
+        for pair in token_pairs:
+            values, clean_m, corrupt_m = _patch_pair(
+                model, pair, kind, per_position, direction, metric, n_heads, max_batch, advance
+            )
+            totals += values
+            clean_total += clean_m
+            corrupt_total += corrupt_m
+    n = len(token_pairs)
+    clean, corrupt = clean_total / n, corrupt_total / n
+    if clean == corrupt:
+        raise LmscopeError(f"the metric is the same on clean and corrupted prompts ({clean:.4g}): nothing to patch")
+    scores = ((totals / n - corrupt) / (clean - corrupt)).float()
+    tokens = []
+    if model.tokenizer is not None and per_position:
+        tokens = [model.tokenizer.decode(t) for t in token_pairs[0].clean]
+    return PatchResult(scores, component, per_position, direction, metric.name, clean, corrupt, tokens=tokens)
+
+
+def _final_metric(model, metric: Metric, pair: TokenPair, resid_last: Tensor, clean_logprobs: Tensor) -> Tensor:
+    if metric.answers_only:
+        tokens, local = restricted(pair)
+        return metric(model.unembed(resid_last, tokens), local, None)
+    return metric(model.unembed(resid_last), pair, clean_logprobs)
+
+
+def _patch_pair(model, pair, kind, per_position, direction, metric, n_heads, max_batch, advance):
+    """Metric values [n_layers, n_pos, n_heads] of every variant for one pair, and baselines."""
+    clean = (pair.clean[None].to(model.device), pair.clean_mask[None].to(model.device))
+    corrupt = (pair.corrupt[None].to(model.device), pair.corrupt_mask[None].to(model.device))
+    base, source = (corrupt, clean) if direction == "denoising" else (clean, corrupt)
+    sites = [f"blocks.{layer}.{kind}" for layer in range(model.n_layers)]
+    src = model.run({"input_ids": source[0], "attention_mask": source[1]}, capture=sites)
+    other = model.run({"input_ids": base[0], "attention_mask": base[1]})
+    clean_logits, corrupt_logits = (
+        (src.logits, other.logits) if direction == "denoising" else (other.logits, src.logits)
+    )
+    clean_logprobs = clean_logits[0, -1].log_softmax(-1)
+    clean_m = float(metric(clean_logits[:, -1], pair, clean_logprobs)[0])
+    corrupt_m = float(metric(corrupt_logits[:, -1], pair, clean_logprobs)[0])
+    base_m = corrupt_m if direction == "denoising" else clean_m
+
+    T = base[0].shape[1]
+    n_pos = T if per_position else 1
+    values = torch.full((model.n_layers, n_pos, n_heads), base_m, dtype=torch.float64)
+    first = _first_difference(base[0][0], source[0][0], base[1][0], source[1][0])
+    starts = range(first, T) if per_position else ([first] if first < T else [])
+    if per_position:
+        advance(model.n_layers * first)
+    for start in starts:
+        chunk = _chunk(model, base[0], base[1], start)
+        pos = torch.zeros(T - start, dtype=torch.bool, device=model.device)
+        pos[0 if per_position else slice(None)] = True
+        sources = {layer: src.cache[name][:, start:] for layer, name in enumerate(sites)}
+        variants = [
+            _Variant(layer, head if kind == "attn.z" else None)
+            for layer in range(model.n_layers)
+            for head in range(n_heads)
+        ]
+        for group_start in range(0, len(variants), max_batch):
+            group = variants[group_start : group_start + max_batch]
+            by_layer: dict[int, list[_Variant]] = {}
+            for v in group:
+                by_layer.setdefault(v.layer, []).append(v)
+            resid = _run_variants(model, chunk, kind, by_layer, sources, pos)
+            m = _final_metric(model, metric, pair, resid, clean_logprobs).double()
+            for v, value in zip(group, m):
+                values[v.layer, start if per_position else 0, v.head or 0] = value
+        advance(model.n_layers)
+    if not per_position:
+        advance(model.n_layers)
+    return values, clean_m, corrupt_m

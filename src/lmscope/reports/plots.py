@@ -1,0 +1,54 @@
+"""Static plots (PNG, matplotlib) for papers and for the CLI's ``--out`` directories."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display needed
+import matplotlib.pyplot as plt
+import torch
+from torch import Tensor
+
+
+def heatmap(
+    values: Tensor,
+    path: str | Path,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    xticks: Sequence[str] | None = None,
+    yticks: Sequence[str] | None = None,
+    diverging: bool = True,
+) -> Path:
+    """Save a [rows, cols] heatmap; diverging colours centred on 0 for signed scores."""
+    values = values.detach().float().cpu()
+    rows, cols = values.shape
+    fig, ax = plt.subplots(figsize=(min(2 + 0.45 * cols, 16), min(1.5 + 0.25 * rows, 14)))
+    if diverging:
+        limit = float(values.abs().max()) or 1.0
+        image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    else:
+        image = ax.imshow(values, cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if xticks is not None:
+        ax.set_xticks(range(cols), list(xticks), rotation=60, ha="right", fontsize=8)
+    if yticks is not None:
+        ax.set_yticks(range(rows), list(yticks), fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def layer_heatmaps(scores: dict[str, Tensor], path: str | Path, title: str) -> Path:
+    """Several [layers] vectors side by side (e.g. attn and mlp scores per layer)."""
+    names = list(scores)
+    stacked = torch.stack([scores[n].flatten() for n in names], dim=1)
+    return heatmap(stacked, path, title, "component", "layer", xticks=names)
