@@ -229,6 +229,72 @@ def _dash(value) -> str:
 
 
 @app.command()
+def circuit(
+    model: ModelArg = DEFAULT_MODEL,
+    data: Annotated[
+        Path | None, typer.Option(help="prompt pairs (JSONL: clean, corrupt, answer, wrong_answer)")
+    ] = None,
+    task: Annotated[str | None, typer.Option(help="built-in task: ioi, induction, capitals")] = None,
+    n: Annotated[int | None, typer.Option(help="number of pairs to generate for --task")] = None,
+    top: Annotated[int | None, typer.Option(help="keep the top N edges by |score|")] = None,
+    threshold: Annotated[float | None, typer.Option(help="keep edges with |score| >= X")] = None,
+    metric: Annotated[str, typer.Option(help="logit_diff, logprob, prob or kl")] = "logit_diff",
+    steps: Annotated[int, typer.Option(help="EAP-IG interpolation steps (1: plain EAP)")] = 100,
+    align: Annotated[str, typer.Option(help="strict, or final: left-pad pairs of unequal length")] = "strict",
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("out/circuit"),
+) -> None:
+    """EAP-IG edge scores, a pruned circuit, its faithfulness and CRS, as JSON and a drawing."""
+    from lmscope.circuits import draw, faithfulness, select
+    from lmscope.edges import edge_attribution
+    from lmscope.reports.results import output_dir, versions, write_json
+
+    if (top is None) == (threshold is None):
+        raise LmscopeError("give exactly one of --top N or --threshold X")
+    out = output_dir(out)
+    m = load(model)
+    pairs = _pairs(m, data, task, n)
+    scores = edge_attribution(m, pairs, metric, steps, align)
+    chosen = select(scores, top=top, threshold=threshold)
+    faith = faithfulness(m, pairs, chosen.nodes, metric, align)
+    settings = {
+        "model": model,
+        "data": str(data) if data else None,
+        "task": task,
+        "n_pairs": len(pairs),
+        "top": top,
+        "threshold": threshold,
+        "metric": metric,
+        "steps": steps,
+        "align": align,
+    }
+    graph = {**chosen.to_json(), "metric": metric, "faithfulness": vars(faith)}
+    write_json(out / "graph.json", graph)
+    write_json(
+        out / "results.json",
+        {
+            "command": "circuit",
+            "settings": settings,
+            "versions": versions(),
+            "model": m.card(),
+            "metric": {"name": metric, "clean": scores.clean, "corrupt": scores.corrupt},
+            "faithfulness": vars(faith),
+            "circuit": graph,
+            "edges": [{"from": u, "to": v, "score": s} for u, v, s in scores.edges()],
+        },
+    )
+    draw(chosen, out / "circuit.png", f"{m.name}: {len(chosen.edges)} edges, CRS {faith.crs:.1f}")
+    table = Table("from", "to", "score", title=f"circuit: {len(chosen.edges)} edges, {len(chosen.nodes)} nodes")
+    for u, v, score in sorted(chosen.edges, key=lambda e: -abs(e[2]))[:15]:
+        table.add_row(u, v, f"{score:+.4f}")
+    console.print(table)
+    console.print(
+        f"full model B = {faith.baseline:.3f}, circuit C = {faith.circuit:.3f}, corrupted = {faith.corrupt:.3f}: "
+        f"faithfulness {faith.normalised:.3f}, CRS {faith.crs:.1f}"
+    )
+    console.print(f"wrote {out / 'results.json'}, {out / 'graph.json'} and {out / 'circuit.png'}")
+
+
+@app.command()
 def heads(
     model: ModelArg = DEFAULT_MODEL,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("out/heads"),

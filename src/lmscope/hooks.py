@@ -136,6 +136,8 @@ class HookSession:
             value = value.detach()
         elif value.requires_grad:
             value.retain_grad()
+        elif value.is_leaf:  # e.g. an input replaced by an intervention: make it a leaf of the graph
+            value.requires_grad_(True)
         if self.to_cpu:
             value = value.to("cpu")
         key = str(site)

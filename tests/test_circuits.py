@@ -1,0 +1,66 @@
+"""Circuit selection, pruning, faithfulness and CRS."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from lmscope.circuits import Circuit, crs, draw, faithfulness, prune, select
+from lmscope.edges import edge_attribution
+from tests.test_attribution import planted_model
+from tests.test_patching import token_pair
+
+
+@pytest.mark.parametrize(
+    "b, c, expected",
+    [
+        (2.0, 3.0, 100.0),
+        (2.0, 2.0, 100.0),
+        (2.0, 1.0, 100 * math.exp(-0.5)),
+        (-2.0, -3.0, 50 * math.exp(-0.5)),
+        (2.0, -1.0, 60 * math.exp(-1.5)),
+    ],
+)
+def test_crs_hand_values(b, c, expected):
+    assert abs(crs(b, c) - expected) < 1e-9
+
+
+def test_prune_keeps_only_paths_from_input_to_logits():
+    edges = [
+        ("input", "a0.h1<q>", 1.0),
+        ("a0.h1", "m1", 0.5),
+        ("m1", "logits", 2.0),
+        ("a0.h3", "logits", 3.0),  # not reached from the input
+        ("input", "a1.h0<v>", 1.0),  # leads nowhere
+    ]
+    kept = prune(Circuit(edges)).edges
+    assert kept == edges[:3]
+    assert prune(Circuit(edges)).nodes == ["input", "a0.h1", "m1", "logits"]
+
+
+def test_planted_circuit_is_found_and_faithful(tmp_path):
+    model, (layer, head) = planted_model()
+    pair = token_pair(model, pos=8, differ=(2,))
+    scores = edge_attribution(model, [pair], steps=10)
+    circuit = select(scores, top=4)
+    assert f"a{layer}.h{head}" in circuit.nodes and "logits" in circuit.nodes
+    f = faithfulness(model, [pair], circuit.nodes)
+    assert abs(f.normalised - 1.0) < 1e-4 and f.crs > 99.9
+    empty = faithfulness(model, [pair], ["input", "logits"])  # everything ablated: the corrupted run
+    assert abs(empty.normalised) < 1e-4
+    graph = circuit.to_json()
+    json.dumps(graph)
+    assert {"from", "to", "input", "score"} <= set(graph["edges"][0])
+    assert draw(circuit, tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_selection_arguments(tiny_models):
+    import lmscope
+
+    model = tiny_models["llama"]
+    scores = edge_attribution(model, [token_pair(model)], steps=1)
+    with pytest.raises(lmscope.LmscopeError):
+        select(scores)
+    assert len(select(scores, threshold=0.0).edges) > 0
