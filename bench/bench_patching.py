@@ -130,10 +130,14 @@ def main() -> int:
         f"{torch.get_num_threads()} threads; lmscope median of {args.repeats} (after 1 warm-up), "
         "TransformerLens faster of 2 (all-position) / 1 run (per-position)"
     )
-    print(f"logit difference clean / corrupt: lmscope {ls_all.clean:.4f} / {ls_all.corrupt:.4f}, "
-          f"TransformerLens {tl_clean:.4f} / {tl_corrupt:.4f}")
-    print(f"1-min load average: {load_before:.2f} before timing, {load_after:.2f} after "
-          "(this run adds ~1-2; more means other processes compete for the 2 cores)")
+    print(
+        f"logit difference clean / corrupt: lmscope {ls_all.clean:.4f} / {ls_all.corrupt:.4f}, "
+        f"TransformerLens {tl_clean:.4f} / {tl_corrupt:.4f}"
+    )
+    print(
+        f"1-min load average: {load_before:.2f} before timing, {load_after:.2f} after "
+        "(this run adds ~1-2; more means other processes compete for the 2 cores)"
+    )
     print(f"\n{'heads':<14}{'patches':>8}{'lmscope s':>11}{'TL s':>10}{'speed-up':>10}{'max |diff|':>12}")
     for name, ls_s, tl_s, diff, _ in rows:
         patches = m.n_layers * m.n_heads * (N_TOKENS if name == "per-position" else 1)
@@ -141,8 +145,10 @@ def main() -> int:
     print()
     for name, ls_s, tl_s, diff, target in rows:
         digits = 1 if name == "all-position" else 0  # TL ~25 s vs several minutes
-        print(f"{name} heads: lmscope {ls_s:.2f} s, TransformerLens {tl_s:.{digits}f} s, "
-              f"speed-up {tl_s / ls_s:.{digits}f} (target >= {target}), max |diff| {diff:.1e}")
+        print(
+            f"{name} heads: lmscope {ls_s:.2f} s, TransformerLens {tl_s:.{digits}f} s, "
+            f"speed-up {tl_s / ls_s:.{digits}f} (target >= {target}), max |diff| {diff:.1e}"
+        )
 
     ok = logits_diff <= TOL and all(diff <= TOL for *_, diff, _ in rows)
     print(f"\n{'ok: logits and scores agree' if ok else 'FAIL: a difference exceeds'} within {TOL:g}")

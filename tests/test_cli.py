@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -83,3 +84,68 @@ def test_console_script_exit_code_and_debug(tmp_path):
     assert plain.returncode == 2 and plain.stderr.strip().startswith("error: unknown site")
     debug = subprocess.run(cmd + ["--debug"], check=False, capture_output=True, text=True, timeout=120)
     assert "Traceback" in debug.stderr
+
+
+def _pairs_file(tmp_path, lines):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+IOI = (
+    '{"clean": "When Mary and John went to the store, John gave a drink to", '
+    '"corrupt": "When Mary and John went to the store, Mary gave a drink to", '
+    '"answer": " Mary", "wrong_answer": " John"}'
+)
+
+
+def test_patch_writes_results_and_plot(capsys, tmp_path, smollm2):
+    out = tmp_path / "patch"
+    code, printed, _ = _cli(
+        capsys, "patch", "--data", str(_pairs_file(tmp_path, [IOI])), "--level", "layer", "--out", str(out)
+    )
+    assert code == 0 and "mlp" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["method"] == "exact" and results["versions"]["lmscope"]
+    assert {r["component"] for r in results["results"]} == {"attn", "mlp"}
+    assert len(results["results"][0]["rows"]) == smollm2.n_layers
+    assert (out / "attn.png").stat().st_size > 1000 and (out / "mlp.png").is_file()
+    assert results["metric"]["clean"] > 0 > results["metric"]["corrupt"]
+
+
+def test_circuit_and_heads_commands(capsys, tmp_path):
+    out = tmp_path / "circuit"
+    code, printed, _ = _cli(
+        capsys, "circuit", "--data", str(_pairs_file(tmp_path, [IOI])), "--top", "20", "--steps", "2", "--out", str(out)
+    )
+    assert code == 0 and "CRS" in printed
+    graph = json.loads((out / "graph.json").read_text())
+    assert "logits" in graph["nodes"] and graph["edges"] and (out / "circuit.png").is_file()
+    code, printed, _ = _cli(capsys, "heads", "--out", str(tmp_path / "heads"), "--batch", "2", "--length", "10")
+    assert code == 0 and "induction" in printed
+    assert (tmp_path / "heads" / "induction.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "lines, extra, message",
+    [
+        (["{oops"], [], "malformed JSON"),
+        (['{"clean": "a b c", "corrupt": "a", "answer": " x", "wrong_answer": " y"}'], [], "tokenise to"),
+        ([IOI], ["--method", "magic"], "unknown method"),
+        ([IOI], ["--level", "neuron"], "unknown level"),
+    ],
+)
+def test_patch_bad_input_keeps_earlier_results(capsys, tmp_path, lines, extra, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"earlier": true}')
+    code, _, err = _cli(capsys, "patch", "--data", str(_pairs_file(tmp_path, lines)), "--out", str(out), *extra)
+    assert code == 2 and message in err and err.strip().count("\n") == 0
+    assert json.loads((out / "results.json").read_text()) == {"earlier": True}
+
+
+def test_unwritable_output_directory(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = _cli(capsys, "heads", "--out", str(blocker / "sub"))
+    assert code == 2 and "cannot create output directory" in err

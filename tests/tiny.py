@@ -21,6 +21,10 @@ _COMMON = {
 }
 _GPT = {"vocab_size": 96, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
+_NEOX = dict(
+    **_GPT, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64
+)
+
 CONFIGS = {
     "llama": lambda: T.LlamaConfig(**_COMMON),
     "mistral": lambda: T.MistralConfig(**_COMMON, sliding_window=5),

@@ -29,6 +29,11 @@ console = Console()
 err = Console(stderr=True)
 
 ModelArg = Annotated[str, typer.Argument(help="alias, model directory, .gguf file or cached hub id")]
+DataOpt = Annotated[Path | None, typer.Option(help="prompt pairs (JSONL: clean, corrupt, answer, wrong_answer)")]
+TaskOpt = Annotated[str | None, typer.Option(help="built-in task: ioi, induction, capitals")]
+PairsOpt = Annotated[int | None, typer.Option("--n", help="number of pairs to generate for --task")]
+MetricOpt = Annotated[str, typer.Option(help="logit_diff, logprob, prob or kl")]
+AlignOpt = Annotated[str, typer.Option(help="strict, or final: left-pad pairs of unequal length")]
 
 
 @app.command()
@@ -136,17 +141,15 @@ def _pairs(m, data: Path | None, task: str | None, n: int | None):
 @app.command()
 def patch(
     model: ModelArg = DEFAULT_MODEL,
-    data: Annotated[
-        Path | None, typer.Option(help="prompt pairs (JSONL: clean, corrupt, answer, wrong_answer)")
-    ] = None,
-    task: Annotated[str | None, typer.Option(help="built-in task: ioi, induction, capitals")] = None,
-    n: Annotated[int | None, typer.Option(help="number of pairs to generate for --task")] = None,
+    data: DataOpt = None,
+    task: TaskOpt = None,
+    n: PairsOpt = None,
     method: Annotated[str, typer.Option(help="exact, attribution or eap-ig")] = "exact",
     level: Annotated[str, typer.Option(help="head, layer (attention and MLP) or position (residual)")] = "head",
-    metric: Annotated[str, typer.Option(help="logit_diff, logprob, prob or kl")] = "logit_diff",
+    metric: MetricOpt = "logit_diff",
     direction: Annotated[str, typer.Option(help="denoising or noising (exact only)")] = "denoising",
     steps: Annotated[int, typer.Option(help="EAP-IG interpolation steps")] = 100,
-    align: Annotated[str, typer.Option(help="strict, or final: left-pad pairs of unequal length")] = "strict",
+    align: AlignOpt = "strict",
     out: Annotated[Path, typer.Option(help="output directory")] = Path("out/patch"),
     top: Annotated[int, typer.Option(help="rows to print")] = 10,
 ) -> None:
@@ -231,16 +234,14 @@ def _dash(value) -> str:
 @app.command()
 def circuit(
     model: ModelArg = DEFAULT_MODEL,
-    data: Annotated[
-        Path | None, typer.Option(help="prompt pairs (JSONL: clean, corrupt, answer, wrong_answer)")
-    ] = None,
-    task: Annotated[str | None, typer.Option(help="built-in task: ioi, induction, capitals")] = None,
-    n: Annotated[int | None, typer.Option(help="number of pairs to generate for --task")] = None,
+    data: DataOpt = None,
+    task: TaskOpt = None,
+    n: PairsOpt = None,
     top: Annotated[int | None, typer.Option(help="keep the top N edges by |score|")] = None,
     threshold: Annotated[float | None, typer.Option(help="keep edges with |score| >= X")] = None,
-    metric: Annotated[str, typer.Option(help="logit_diff, logprob, prob or kl")] = "logit_diff",
+    metric: MetricOpt = "logit_diff",
     steps: Annotated[int, typer.Option(help="EAP-IG interpolation steps (1: plain EAP)")] = 100,
-    align: Annotated[str, typer.Option(help="strict, or final: left-pad pairs of unequal length")] = "strict",
+    align: AlignOpt = "strict",
     out: Annotated[Path, typer.Option(help="output directory")] = Path("out/circuit"),
 ) -> None:
     """EAP-IG edge scores, a pruned circuit, its faithfulness and CRS, as JSON and a drawing."""

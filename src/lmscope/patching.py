@@ -29,6 +29,7 @@ forward per patch), but is computed without rerunning what a patch cannot change
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -100,12 +101,13 @@ def position_ids(mask: Tensor) -> Tensor:
 class _Chunk:
     """The base run's state for recomputing positions ``start..T-1``: per layer, the
     residual entering it at those positions, the arguments the model called it with, and
-    the keys/values of positions before ``start``."""
+    the keys/values of positions before ``start``; and the final residual at the last position."""
 
     start: int
     hidden: list[Tensor]
     calls: list[tuple[tuple, dict]]
     prefix: list[tuple[Tensor, Tensor] | None]
+    final: Tensor
 
 
 class _PrefixKV:
@@ -124,22 +126,53 @@ class _PrefixKV:
         return torch.cat([k, key], dim=-2), torch.cat([v, value], dim=-2)
 
 
-def _chunk(model, ids: Tensor, mask: Tensor, start: int) -> _Chunk:
-    """Run the base prompt once from ``start`` on (after a prefix run filling a KV cache),
-    recording each layer's input and call arguments."""
-    hf, n = model.hf, model.n_layers
-    pos = position_ids(mask)
-    cache = DynamicCache(config=hf.config)
-    last = n - 1
+def _prefix_cache(model, ids: Tensor, mask: Tensor, start: int) -> DynamicCache:
+    """A KV cache of the prompt's positions before ``start`` (empty if ``start`` is 0)."""
+    cache = DynamicCache(config=model.hf.config)
     if start > 0:
-        with model.hooks(stop_after=last):
-            hf(
+        with model.hooks(stop_after=model.n_layers - 1):
+            model.hf(
                 input_ids=ids[:, :start],
                 attention_mask=mask[:, :start],
-                position_ids=pos[:, :start],
+                position_ids=position_ids(mask)[:, :start],
                 past_key_values=cache,
                 use_cache=True,
             )
+    return cache
+
+
+def _continue(
+    model, ids: Tensor, mask: Tensor, start: int, cache: DynamicCache, capture: list[str], keep: bool = False
+):
+    """Run positions ``start..T-1`` after ``cache`` (a copy of it unless ``keep``, which lets the
+    run fill it); capture ``capture`` (at those positions) and the final residual stream.
+    Returns (session cache, final residual)."""
+    last = f"blocks.{model.n_layers - 1}.resid_post"
+    with model.hooks([*capture, last], stop_after=model.n_layers - 1) as session:
+        model.hf(
+            input_ids=ids[:, start:],
+            attention_mask=mask,
+            position_ids=position_ids(mask)[:, start:],
+            past_key_values=cache if keep else copy.deepcopy(cache),
+            use_cache=True,
+        )
+    return session.cache, session.cache[last]
+
+
+def _cropped(cache: DynamicCache, start: int) -> DynamicCache | None:
+    """A copy of ``cache`` holding its first ``start`` positions; None for sliding-window caches,
+    which keep too little of the past to crop."""
+    if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+        return None
+    cropped = copy.deepcopy(cache)
+    cropped.crop(start - cache.get_seq_length())  # a negative count removes that many
+    return cropped
+
+
+def _chunk(model, ids: Tensor, mask: Tensor, start: int, cache: DynamicCache) -> _Chunk:
+    """Run the base prompt from ``start`` on after ``cache`` (its positions before ``start``),
+    recording each layer's input and call arguments."""
+    n = model.n_layers
     prefix = [(layer.keys, layer.values) if start > 0 else None for layer in cache.layers[:n]]
     prefix += [None] * (n - len(prefix))
     calls: list = [None] * n
@@ -152,19 +185,12 @@ def _chunk(model, ids: Tensor, mask: Tensor, start: int) -> _Chunk:
 
     handles = [model.layer_module(i, "").register_forward_pre_hook(recorder(i), with_kwargs=True) for i in range(n)]
     try:
-        with model.hooks(stop_after=last):
-            hf(
-                input_ids=ids[:, start:],
-                attention_mask=mask,
-                position_ids=pos[:, start:],
-                past_key_values=cache,
-                use_cache=True,
-            )
+        _, final = _continue(model, ids, mask, start, cache, [])
     finally:
         for h in handles:
             h.remove()
     hidden = [args[0] if args else kwargs["hidden_states"] for args, kwargs in calls]
-    return _Chunk(start, hidden, calls, prefix)
+    return _Chunk(start, hidden, calls, prefix, final[:, -1])
 
 
 @dataclass
@@ -298,38 +324,44 @@ def _final_metric(model, metric: Metric, pair: TokenPair, resid_last: Tensor, cl
 
 
 def _patch_pair(model, pair, kind, per_position, direction, metric, n_heads, max_batch, advance):
-    """Metric values [n_layers, n_pos, n_heads] of every variant for one pair, and baselines."""
+    """Metric values [n_layers, n_pos, n_heads] of every variant for one pair, and baselines.
+
+    Positions before the first token where the prompts differ are shared: one prefix run fills
+    their keys and values, then the source and base runs continue from it."""
     clean = (pair.clean[None].to(model.device), pair.clean_mask[None].to(model.device))
     corrupt = (pair.corrupt[None].to(model.device), pair.corrupt_mask[None].to(model.device))
     base, source = (corrupt, clean) if direction == "denoising" else (clean, corrupt)
     sites = [f"blocks.{layer}.{kind}" for layer in range(model.n_layers)]
-    src = model.run({"input_ids": source[0], "attention_mask": source[1]}, capture=sites)
-    other = model.run({"input_ids": base[0], "attention_mask": base[1]})
-    clean_logits, corrupt_logits = (
-        (src.logits, other.logits) if direction == "denoising" else (other.logits, src.logits)
-    )
-    clean_logprobs = clean_logits[0, -1].log_softmax(-1)
-    clean_m = float(metric(clean_logits[:, -1], pair, clean_logprobs)[0])
-    corrupt_m = float(metric(corrupt_logits[:, -1], pair, clean_logprobs)[0])
+    T = base[0].shape[1]
+    first = min(_first_difference(base[0][0], source[0][0], base[1][0], source[1][0]), T - 1)
+    full = DynamicCache(config=model.hf.config)
+    src, src_final = _continue(model, *source, 0, full, sites, keep=True)
+    prefix = _cropped(full, first) or _prefix_cache(model, *base, first)
+    chunk = _chunk(model, *base, first, prefix)
+    src_logits = model.unembed(src_final[:, -1])
+    base_logits = model.unembed(chunk.final)
+    clean_logits, corrupt_logits = (src_logits, base_logits) if direction == "denoising" else (base_logits, src_logits)
+    clean_logprobs = clean_logits[0].log_softmax(-1)
+    clean_m = float(metric(clean_logits, pair, clean_logprobs)[0])
+    corrupt_m = float(metric(corrupt_logits, pair, clean_logprobs)[0])
     base_m = corrupt_m if direction == "denoising" else clean_m
 
-    T = base[0].shape[1]
     n_pos = T if per_position else 1
     values = torch.full((model.n_layers, n_pos, n_heads), base_m, dtype=torch.float64)
-    first = _first_difference(base[0][0], source[0][0], base[1][0], source[1][0])
-    starts = range(first, T) if per_position else ([first] if first < T else [])
+    starts = range(first, T) if per_position else [first]
     if per_position:
         advance(model.n_layers * first)
+    variants = [
+        _Variant(layer, head if kind == "attn.z" else None)
+        for layer in range(model.n_layers)
+        for head in range(n_heads)
+    ]
     for start in starts:
-        chunk = _chunk(model, base[0], base[1], start)
+        if start != first:
+            chunk = _chunk(model, *base, start, _prefix_cache(model, *base, start))
         pos = torch.zeros(T - start, dtype=torch.bool, device=model.device)
         pos[0 if per_position else slice(None)] = True
-        sources = {layer: src.cache[name][:, start:] for layer, name in enumerate(sites)}
-        variants = [
-            _Variant(layer, head if kind == "attn.z" else None)
-            for layer in range(model.n_layers)
-            for head in range(n_heads)
-        ]
+        sources = {layer: src[name][:, start:] for layer, name in enumerate(sites)}
         for group_start in range(0, len(variants), max_batch):
             group = variants[group_start : group_start + max_batch]
             by_layer: dict[int, list[_Variant]] = {}

@@ -24,11 +24,11 @@ def heatmap(
     diverging: bool = True,
 ) -> Path:
     """Save a [rows, cols] heatmap; diverging colours centred on 0 for signed scores."""
-    values = values.detach().float().cpu()
+    values = values.detach().float().cpu().numpy()
     rows, cols = values.shape
     fig, ax = plt.subplots(figsize=(min(2 + 0.45 * cols, 16), min(1.5 + 0.25 * rows, 14)))
     if diverging:
-        limit = float(values.abs().max()) or 1.0
+        limit = float(abs(values).max()) or 1.0
         image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     else:
         image = ax.imshow(values, cmap="viridis", aspect="auto")
