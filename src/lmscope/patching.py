@@ -274,7 +274,7 @@ def activation_patching(
     direction: str = "denoising",
     metric: str | Metric = "logit_diff",
     align: str = "strict",
-    max_batch: int = 1024,
+    max_batch: int = 128,
 ) -> PatchResult:
     """Exact activation patching of every ``component`` (``head``, ``attn``, ``mlp``,
     ``resid``) of every layer, over all positions at once or per position.
