@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 import transformers as T
 
@@ -76,18 +78,22 @@ def random_ids(model: lmscope.Model, batch: int = 2, pos: int = 9, seed: int = 1
     return torch.randint(3, model.d_vocab, (batch, pos), generator=g)
 
 
-def train_induction_model(steps: int = 600, length: int = 10, seed: int = 0) -> lmscope.Model:
+def train_induction_model(steps: int = 1500, heads: int = 2, seed: int = 0) -> lmscope.Model:
     """A 2-layer attention-only transformer (Llama blocks with the MLP zeroed and frozen) trained
-    on repeated random token sequences ``R R`` until it copies in context."""
+    on repeated random token sequences ``R R`` with the period varying from 5 to 15 tokens (so
+    no fixed positional offset solves it), loss on the second half: it learns to copy in context."""
+    from lmscope.head_roles import repeated_tokens
+
     torch.manual_seed(seed)
+    rng = random.Random(seed)
     config = T.LlamaConfig(
         vocab_size=48,
         hidden_size=64,
         intermediate_size=8,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=128,
         tie_word_embeddings=False,
         pad_token_id=0,
         bos_token_id=1,
@@ -99,15 +105,13 @@ def train_induction_model(steps: int = 600, length: int = 10, seed: int = 0) -> 
             p.requires_grad_(False)
         torch.nn.init.zeros_(layer.mlp.down_proj.weight)
     model = lmscope.Model(hf, tokenizer=None, name="tiny-induction")
-    params = [p for p in hf.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
-    from lmscope.head_roles import repeated_tokens
-
+    opt = torch.optim.Adam([p for p in hf.parameters() if p.requires_grad], lr=1e-3)
     hf.train()
     for step in range(steps):
-        ids = repeated_tokens(model, batch=64, length=length, seed=1000 + step)
+        n = rng.randint(5, 15)
+        ids = repeated_tokens(model, batch=32, length=n, seed=1000 + step)
         logits = hf(input_ids=ids, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss = torch.nn.functional.cross_entropy(logits[:, n:-1].flatten(0, 1), ids[:, n + 1 :].flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()

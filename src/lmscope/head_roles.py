@@ -82,6 +82,7 @@ def repeated_loss(model, batch: int = 8, length: int = 30, seed: int = 0) -> tup
         logits = model.run(ids).logits
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
     loss = loss.view(batch, -1)  # loss[:, i] predicts token i + 1
+    # predicting R[1:] in each half (R[0] of the second half cannot be foreseen)
     first = loss[:, offset : offset + length - 1].mean()
-    second = loss[:, offset + length - 1 :].mean()
+    second = loss[:, offset + length :].mean()
     return float(first), float(second)
