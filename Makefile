@@ -26,6 +26,8 @@ test: setup
 bench: setup
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python bench/bench_capture.py
+	$(BIN)/python bench/bench_patching.py
+	$(BIN)/python bench/method_agreement.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench

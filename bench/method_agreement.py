@@ -18,10 +18,10 @@ import torch
 
 os.environ.setdefault("LMSCOPE_QUIET", "1")
 
-import lmscope  # noqa: E402
-from lmscope import tasks  # noqa: E402
-from lmscope.attribution import attribute  # noqa: E402
-from lmscope.patching import activation_patching  # noqa: E402
+import lmscope
+from lmscope import tasks
+from lmscope.attribution import attribute
+from lmscope.patching import activation_patching
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,21 +43,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="EAP-IG steps")
     args = parser.parse_args()
     model = lmscope.load()
-    print(f"SmolLM2-135M, head scores over {model.n_layers * model.n_heads} heads, {args.pairs} pairs per task, "
-          f"EAP-IG {args.steps} steps")
+    print(
+        f"SmolLM2-135M, head scores over {model.n_layers * model.n_heads} heads, {args.pairs} pairs per task, "
+        f"EAP-IG {args.steps} steps"
+    )
     print(f"{'task':<10} {'method':<12} {'spearman':>9} {'top head':>9} {'exact top':>10} {'seconds':>8}")
     for name in ("ioi", "induction", "capitals"):
         pairs = tasks.tokenize_pairs(model, tasks.GENERATORS[name](model, n=args.pairs))
         t = time.perf_counter()
         exact = activation_patching(model, pairs, "head").scores[:, 0]
         exact_top = top_head(exact)
-        print(f"{name:<10} {'exact':<12} {1.0:>9.3f} {str(exact_top):>9} {str(exact_top):>10} "
-              f"{time.perf_counter() - t:>8.1f}")
+        print(
+            f"{name:<10} {'exact':<12} {1.0:>9.3f} {exact_top!s:>9} {exact_top!s:>10} {time.perf_counter() - t:>8.1f}"
+        )
         for method in ("attribution", "eap-ig"):
             t = time.perf_counter()
             approx = attribute(model, pairs, method, "head", steps=args.steps).scores[:, 0]
-            print(f"{name:<10} {method:<12} {spearman(approx, exact):>9.3f} {str(top_head(approx)):>9} "
-                  f"{str(exact_top):>10} {time.perf_counter() - t:>8.1f}")
+            print(
+                f"{name:<10} {method:<12} {spearman(approx, exact):>9.3f} {top_head(approx)!s:>9} "
+                f"{exact_top!s:>10} {time.perf_counter() - t:>8.1f}"
+            )
 
 
 if __name__ == "__main__":

@@ -231,14 +231,14 @@ def _run_variants(
             hidden = h if hidden is None else torch.cat([hidden, h])
             if kind == "resid_pre":
                 hidden = _patch_rows(hidden, start_row, new, sources[layer], pos)
-        handle = None
+        handles = []
         if new and kind == "attn.z":
 
             def z_hook(mod, args, _new=new, _row=start_row, _src=sources[layer]):
                 z = args[0].unflatten(-1, shape)
                 return (_patch_rows(z, _row, _new, _src, pos).flatten(-2), *args[1:])
 
-            handle = model.layer_module(layer, fam.o_proj).register_forward_pre_hook(z_hook)
+            handles.append(model.layer_module(layer, fam.o_proj).register_forward_pre_hook(z_hook))
         elif new and kind in ("attn.out", "mlp.out"):
             path = fam.o_proj if kind == "attn.out" else fam.mlp
 
@@ -247,18 +247,37 @@ def _run_variants(
                 patched = _patch_rows(main, _row, _new, _src, pos)
                 return (patched, *out[1:]) if isinstance(out, tuple) else patched
 
-            handle = model.layer_module(layer, path).register_forward_hook(out_hook)
+            handles.append(model.layer_module(layer, path).register_forward_hook(out_hook))
         args, kwargs = chunk.calls[layer]
         kv = _PrefixKV(chunk.prefix, hidden.shape[0])
         rest = [kv if isinstance(a, Cache) else a for a in args[1:]]
         kwargs = {k: kv if isinstance(v, Cache) else v for k, v in kwargs.items()}
+        if layer == model.n_layers - 1 and kind != "mlp.out":
+            handles += _final_position_only(model.layer_module(layer, fam.mlp))
         try:
             out = model.layer_module(layer, "")(hidden, *rest, **kwargs)
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden[:, -1]
+
+
+def _final_position_only(mlp) -> list:
+    """Hooks running ``mlp`` on the final position alone: at the last layer nothing reads the
+    other positions' outputs (they get zeros)."""
+    length = []
+
+    def pre(mod, args):
+        length.append(args[0].shape[1])
+        return (args[0][:, -1:], *args[1:])
+
+    def post(mod, args, out):
+        full = out.new_zeros(out.shape[0], length.pop(), *out.shape[2:])
+        full[:, -1:] = out
+        return full
+
+    return [mlp.register_forward_pre_hook(pre), mlp.register_forward_hook(post)]
 
 
 def _first_difference(a: Tensor, b: Tensor, ma: Tensor, mb: Tensor) -> int:
