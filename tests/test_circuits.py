@@ -46,14 +46,29 @@ def test_planted_circuit_is_found_and_faithful(tmp_path):
     scores = edge_attribution(model, [pair], steps=10)
     circuit = select(scores, top=4)
     assert f"a{layer}.h{head}" in circuit.nodes and "logits" in circuit.nodes
-    f = faithfulness(model, [pair], circuit.nodes)
+    f = faithfulness(model, [pair], circuit)
     assert abs(f.normalised - 1.0) < 1e-4 and f.crs > 99.9
+    nodes = faithfulness(model, [pair], circuit.nodes)  # node-level: all other heads and MLPs ablated
+    assert abs(nodes.normalised - 1.0) < 1e-4
     empty = faithfulness(model, [pair], ["input", "logits"])  # everything ablated: the corrupted run
     assert abs(empty.normalised) < 1e-4
     graph = circuit.to_json()
     json.dumps(graph)
     assert {"from", "to", "input", "score"} <= set(graph["edges"][0])
     assert draw(circuit, tmp_path / "c.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gpt_neox", "gpt_neox_serial", "qwen3"])
+def test_edge_ablation_with_all_or_no_edges_reproduces_clean_or_corrupt_run(tiny_models, name):
+    """Keeping every edge must give the clean run; keeping none must give the corrupted run
+    (each input then reads the corrupted residual stream): independent references."""
+    model = tiny_models[name]
+    pair = token_pair(model, pos=8, differ=(2, 5))
+    scores = edge_attribution(model, [pair], steps=1)
+    everything = faithfulness(model, [pair], Circuit(scores.edges()))
+    nothing = faithfulness(model, [pair], Circuit([]))
+    assert abs(everything.circuit - everything.baseline) < 1e-4
+    assert abs(nothing.circuit - nothing.corrupt) < 1e-4
 
 
 def test_selection_arguments(tiny_models):

@@ -9,8 +9,8 @@ export the graph.
   the metric C next to the full model's B, normalised as (C - M(corrupt)) / (B - M(corrupt)),
   and the CRS score of "Temporal Heads" (Park et al. 2025): 100 when C >= B, else
   100 * sf * exp(-|B - C| / |B|) with sf 1.0 when both are positive, 0.5 both negative,
-  0.8 for B < 0 < C and 0.6 for B > 0 > C. (This evaluates the circuit's nodes; ablating
-  single edges, as the EAP-IG code's ``evaluate_graph`` does, is not implemented yet.)
+  0.8 for B < 0 < C and 0.6 for B > 0 > C. An edge circuit ablates every edge outside it
+  (as the EAP-IG code's ``evaluate_graph``); a node list ablates every head and MLP outside it.
 - export: JSON with nodes ``input``, ``a{L}.h{H}``, ``m{L}``, ``logits`` and weighted edges,
   and a drawing.
 """
@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
-from lmscope.edges import EdgeScores
+from lmscope.edges import QKV, EdgeScores, _check_supported, _head_index, _head_params, graph_nodes
 from lmscope.errors import LmscopeError
 from lmscope.interventions import Intervention, Site, _take
 from lmscope.metrics import Metric, get_metric
@@ -151,13 +152,19 @@ def ablate_outside(model, nodes: Sequence[str], corrupt_cache) -> list[Intervent
 def faithfulness(
     model,
     pairs: Sequence[PromptPair] | Sequence[TokenPair],
-    nodes: Sequence[str],
+    circuit: Circuit | Sequence[str],
     metric: str | Metric = "logit_diff",
     align: str = "strict",
 ) -> Faithfulness:
-    """Metric of the circuit (everything else interchange-ablated) vs the full model."""
+    """Metric of the circuit vs the full model, on the clean prompts with everything outside
+    the circuit interchange-ablated: for a :class:`Circuit`, every edge outside it (each
+    downstream input reads the residual stream minus, for each missing edge u -> v,
+    out_u(run) - out_u(corrupt), as the EAP-IG code's ``evaluate_graph``); for a list of
+    node names, every head and MLP outside it."""
     metric = get_metric(metric)
-    sites = [f"blocks.{layer}.{k}" for layer in range(model.n_layers) for k in ("attn.z", "mlp.out")]
+    sites = ["blocks.0.resid_pre"] + [
+        f"blocks.{layer}.{k}" for layer in range(model.n_layers) for k in ("attn.z", "mlp.out")
+    ]
     b = c = k = 0.0
     token_pairs = as_token_pairs(model, pairs, align)
     for pair in token_pairs:
@@ -166,13 +173,135 @@ def faithfulness(
         clean_run = model.run(clean)
         corrupt_run = model.run(corrupt, capture=sites)
         lp = clean_run.logits[0, -1].log_softmax(-1)
-        circuit_run = model.run(clean, interventions=ablate_outside(model, nodes, corrupt_run.cache))
+        if isinstance(circuit, Circuit):
+            with _EdgeAblation(model, circuit, corrupt_run.cache):
+                circuit_run = model.run(clean)
+        else:
+            circuit_run = model.run(clean, interventions=ablate_outside(model, circuit, corrupt_run.cache))
         b += float(metric(clean_run.logits[:, -1], pair, lp)[0])
         k += float(metric(corrupt_run.logits[:, -1], pair, lp)[0])
         c += float(metric(circuit_run.logits[:, -1], pair, lp)[0])
     n = len(token_pairs)
     b, c, k = b / n, c / n, k / n
     return Faithfulness(b, c, k, (c - k) / (b - k) if b != k else float("nan"), crs(b, c))
+
+
+class _EdgeAblation:
+    """Hooks that give every downstream input (each head's q/k/v, each MLP, the logits) its own
+    copy of the residual stream, minus out_u(run) - out_u(corrupt) for each upstream node u
+    whose edge into it is not in the circuit. Keys and values are computed per query head."""
+
+    def __init__(self, model, circuit: Circuit, corrupt_cache):
+        _check_supported(model)
+        self.model, self.qkv = model, QKV
+        up, down, valid = graph_nodes(model)
+        kept = torch.zeros_like(valid)
+        u_index, d_index = {n: i for i, n in enumerate(up)}, {n: i for i, n in enumerate(down)}
+        for u, v, _ in circuit.edges:
+            kept[u_index[u], d_index[v]] = True
+        self.ablate = (valid & ~kept).float()  # [U, V]
+        self.u_index, self.d_index = u_index, d_index
+        self.corrupt = corrupt_cache
+        self.handles: list = []
+        self.groups: list = []
+
+    def _missing(self, names: list[str]) -> Tensor:
+        """Sum of out_u(run) - out_u(corrupt) over the ablated edges into each of ``names``: [n, B, T, d]."""
+        cols = self.ablate[:, [self.d_index[n] for n in names]].to(self.deltas.dtype)  # [U, n]
+        return torch.einsum("un,ubtd->nbtd", cols, self.deltas)
+
+    def __enter__(self):
+        m, fam = self.model, self.model.family
+        L, H, D = m.n_layers, m.n_heads, m.d_head
+        self.deltas = None
+        at = lambda layer, p: m.layer_module(layer, p)
+
+        def start(mod, args, kwargs):  # layer 0: the input node
+            x = args[0] if args else kwargs["hidden_states"]
+            self.deltas = x.new_zeros(len(self.u_index), *x.shape)
+            self.deltas[0] = x - self.corrupt["blocks.0.resid_pre"]
+
+        self.handles.append(at(0, "").register_forward_pre_hook(start, with_kwargs=True))
+        for layer in range(L):
+            self._hook_layer(layer, at, H, D)
+
+        def logits_input(mod, args):
+            return (args[0] - self._missing(["logits"])[0], *args[1:])
+
+        self.handles.append(m.module(fam.final_norm).register_forward_pre_hook(logits_input))
+        return self
+
+    def _hook_layer(self, layer, at, H, D):
+        m, fam = self.model, self.model.family
+        saved = {}
+
+        def resid(mod, args, kwargs):
+            saved["pre"] = args[0] if args else kwargs["hidden_states"]
+
+        self.handles.append(at(layer, "").register_forward_pre_hook(resid, with_kwargs=True))
+        norm = at(layer, fam.attn_norm) if fam.attn_norm else (lambda x: x)
+
+        def per_head(t):
+            names = [f"a{layer}.h{h}<{t}>" for h in range(H)]
+            x = saved["pre"][None] - self._missing(names)  # [H, B, T, d]
+            w, b = _head_params(m, layer, t)
+            out = torch.einsum("hbtd,hed->bthe", norm(x), w)
+            return out if b is None else out + b  # [B, T, H, D]
+
+        if fam.qkv_proj is None:
+            for t in self.qkv:
+                self.handles.append(
+                    at(layer, getattr(fam, f"{t}_proj")).register_forward_hook(
+                        lambda mod, args, out, _t=t: per_head(_t).flatten(-2)
+                    )
+                )
+        else:
+
+            def fused(mod, args, out):
+                out = out.clone()
+                for t in self.qkv:
+                    out[..., _head_index(m, t)] = per_head(t)
+                return out
+
+            self.handles.append(at(layer, fam.qkv_proj).register_forward_hook(fused))
+        attn = at(layer, fam.attn)
+        if m.n_kv_heads != H:  # keys and values now come per query head
+            self.groups.append((attn, attn.num_key_value_groups))
+            attn.num_key_value_groups = 1
+        o = at(layer, fam.o_proj)
+        w_o = (o.weight if fam.conv1d else o.weight.T).unflatten(0, (H, D))  # [H, D, d]
+        first = self.u_index[f"a{layer}.h0"]
+
+        def heads_out(mod, args):
+            z = args[0].unflatten(-1, (H, D)) - self.corrupt[f"blocks.{layer}.attn.z"]
+            self.deltas[first : first + H] = torch.einsum("bthd,hde->hbte", z, w_o)
+
+        self.handles.append(o.register_forward_pre_hook(heads_out))
+        mlp_norm = at(layer, fam.mlp_norm) if fam.mlp_norm else None
+
+        def mlp_resid(mod, args):
+            saved["mid"] = args[0]
+
+        def mlp_input(mod, args):
+            x = saved["mid"] - self._missing([f"m{layer}"])[0]
+            return (mlp_norm(x) if mlp_norm is not None else x, *args[1:])
+
+        def mlp_out(mod, args, out):
+            self.deltas[self.u_index[f"m{layer}"]] = out - self.corrupt[f"blocks.{layer}.mlp.out"]
+
+        if mlp_norm is not None:
+            self.handles.append(mlp_norm.register_forward_pre_hook(mlp_resid))
+        else:
+            self.handles.append(at(layer, fam.mlp).register_forward_pre_hook(mlp_resid))
+        self.handles.append(at(layer, fam.mlp).register_forward_pre_hook(mlp_input))
+        self.handles.append(at(layer, fam.mlp).register_forward_hook(mlp_out))
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        for attn, groups in self.groups:
+            attn.num_key_value_groups = groups
+        return False
 
 
 def draw(circuit: Circuit, path: str | Path, title: str = "circuit") -> Path:

@@ -256,7 +256,7 @@ def circuit(
     pairs = _pairs(m, data, task, n)
     scores = edge_attribution(m, pairs, metric, steps, align)
     chosen = select(scores, top=top, threshold=threshold)
-    faith = faithfulness(m, pairs, chosen.nodes, metric, align)
+    faith = faithfulness(m, pairs, chosen, metric, align)
     settings = {
         "model": model,
         "data": str(data) if data else None,

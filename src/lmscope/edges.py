@@ -99,20 +99,36 @@ def _check_supported(model) -> None:
         raise LmscopeError("edge attribution with grouped-query attention needs separate k/v projections")
 
 
+def _head_index(model, t: str) -> Tensor:
+    """Rows of the projection output (of ``t``'s own projection, or the fused one) that query
+    head h uses for input ``t``: [n_heads, d_head]. Grouped k/v heads repeat within a group."""
+    fam, H, K, D = model.family, model.n_heads, model.n_kv_heads, model.d_head
+    if fam.qkv_layout == "per_head" and fam.qkv_proj is not None:
+        return torch.arange(H * 3 * D).view(H, 3, D)[:, QKV.index(t)]
+    n = H if t == "q" else K
+    offset = 0 if fam.qkv_proj is None else {"q": 0, "k": H * D, "v": H * D + K * D}[t]
+    index = offset + torch.arange(n * D).view(n, D)
+    return index.repeat_interleave(H // n, dim=0)
+
+
+def _projection(model, layer: int, t: str):
+    fam = model.family
+    path = fam.qkv_proj or {"q": fam.q_proj, "k": fam.k_proj, "v": fam.v_proj}[t]
+    return model.layer_module(layer, path)
+
+
+def _head_params(model, layer: int, t: str) -> tuple[Tensor, Tensor | None]:
+    """Weight rows [n_heads, d_head, d_model] and bias [n_heads, d_head] (or None) that each
+    query head reads for input ``t``."""
+    proj = _projection(model, layer, t)
+    weight = proj.weight.T if model.family.conv1d else proj.weight  # [out, d_model]
+    index = _head_index(model, t)
+    return weight[index], (None if proj.bias is None else proj.bias[index])
+
+
 def _weight_rows(model, layer: int, t: str) -> Tensor:
     """Projection weight rows read by each query head for input ``t``: [n_heads, d_head, d_model]."""
-    fam, H, K, D = model.family, model.n_heads, model.n_kv_heads, model.d_head
-    at = lambda p: model.layer_module(layer, p).weight
-    if fam.qkv_proj is None:
-        w = at({"q": fam.q_proj, "k": fam.k_proj, "v": fam.v_proj}[t])  # [heads * D, d]
-        w = w.unflatten(0, (H if t == "q" else K, D))
-        return w if t == "q" else w.repeat_interleave(H // K, dim=0)
-    w = at(fam.qkv_proj)
-    w = w.T if fam.conv1d else w  # [out, d]
-    if fam.qkv_layout == "per_head":
-        return w.unflatten(0, (H, 3, D))[:, QKV.index(t)]
-    sizes = [H * D, K * D, K * D]
-    return w.split(sizes)[QKV.index(t)].unflatten(0, (-1, D))
+    return _head_params(model, layer, t)[0]
 
 
 def _projection_grads(model, layer: int, outputs: dict) -> dict[str, Tensor]:
