@@ -55,6 +55,7 @@ CONFIGS = {
         use_parallel_residual=False,
     ),
     "olmo2": lambda: T.Olmo2Config(**_COMMON),
+    "olmo2_mha": lambda: T.Olmo2Config(**{**_COMMON, "num_key_value_heads": 4}),
 }
 
 

@@ -25,7 +25,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lmscope.edges import QKV, EdgeScores, _check_supported, _head_index, _head_params, graph_nodes
+from lmscope.edges import (
+    QKV,
+    EdgeScores,
+    _head_params,
+    graph_nodes,
+    head_contributions,
+    mlp_contributions,
+    per_query_heads,
+)
 from lmscope.errors import LmscopeError
 from lmscope.interventions import Intervention, Site, _take
 from lmscope.metrics import Metric, get_metric
@@ -171,10 +179,11 @@ def faithfulness(
         clean = {"input_ids": pair.clean[None], "attention_mask": pair.clean_mask[None]}
         corrupt = {"input_ids": pair.corrupt[None], "attention_mask": pair.corrupt_mask[None]}
         clean_run = model.run(clean)
-        corrupt_run = model.run(corrupt, capture=sites)
+        with mlp_contributions(model) as corrupt_mlp:
+            corrupt_run = model.run(corrupt, capture=sites)
         lp = clean_run.logits[0, -1].log_softmax(-1)
         if isinstance(circuit, Circuit):
-            with _EdgeAblation(model, circuit, corrupt_run.cache):
+            with _EdgeAblation(model, circuit, corrupt_run.cache, corrupt_mlp):
                 circuit_run = model.run(clean)
         else:
             circuit_run = model.run(clean, interventions=ablate_outside(model, circuit, corrupt_run.cache))
@@ -191,8 +200,7 @@ class _EdgeAblation:
     copy of the residual stream, minus out_u(run) - out_u(corrupt) for each upstream node u
     whose edge into it is not in the circuit. Keys and values are computed per query head."""
 
-    def __init__(self, model, circuit: Circuit, corrupt_cache):
-        _check_supported(model)
+    def __init__(self, model, circuit: Circuit, corrupt_cache, corrupt_mlp: list[Tensor]):
         self.model, self.qkv = model, QKV
         up, down, valid = graph_nodes(model)
         kept = torch.zeros_like(valid)
@@ -202,8 +210,9 @@ class _EdgeAblation:
         self.ablate = (valid & ~kept).float()  # [U, V]
         self.u_index, self.d_index = u_index, d_index
         self.corrupt = corrupt_cache
+        self.corrupt_mlp = corrupt_mlp
         self.handles: list = []
-        self.groups: list = []
+        self.kv = per_query_heads(model, expand=False)
 
     def _missing(self, names: list[str]) -> Tensor:
         """Sum of out_u(run) - out_u(corrupt) over the ablated edges into each of ``names``: [n, B, T, d]."""
@@ -214,6 +223,7 @@ class _EdgeAblation:
         m, fam = self.model, self.model.family
         L, H, D = m.n_layers, m.n_heads, m.d_head
         self.deltas = None
+        self.kv.__enter__()
         at = lambda layer, p: m.layer_module(layer, p)
 
         def start(mod, args, kwargs):  # layer 0: the input node
@@ -256,27 +266,24 @@ class _EdgeAblation:
                     )
                 )
         else:
+            # the fused output, with k and v per query head: q|k|v, or per head (q, k, v)
+            dim = -3 if fam.qkv_layout == "per_head" else -2
 
             def fused(mod, args, out):
-                out = out.clone()
-                for t in self.qkv:
-                    out[..., _head_index(m, t)] = per_head(t)
-                return out
+                parts = [per_head(t) for t in self.qkv]  # [B, T, H, D] each
+                if fam.qkv_layout == "per_head":
+                    return torch.stack(parts, dim=-2).flatten(dim)
+                return torch.cat([p.flatten(dim) for p in parts], dim=-1)
 
             self.handles.append(at(layer, fam.qkv_proj).register_forward_hook(fused))
-        attn = at(layer, fam.attn)
-        if m.n_kv_heads != H:  # keys and values now come per query head
-            self.groups.append((attn, attn.num_key_value_groups))
-            attn.num_key_value_groups = 1
-        o = at(layer, fam.o_proj)
-        w_o = (o.weight if fam.conv1d else o.weight.T).unflatten(0, (H, D))  # [H, D, d]
         first = self.u_index[f"a{layer}.h0"]
+        corrupt_heads = head_contributions(m, layer, self.corrupt[f"blocks.{layer}.attn.z"])
 
         def heads_out(mod, args):
-            z = args[0].unflatten(-1, (H, D)) - self.corrupt[f"blocks.{layer}.attn.z"]
-            self.deltas[first : first + H] = torch.einsum("bthd,hde->hbte", z, w_o)
+            z = args[0].unflatten(-1, (H, D))
+            self.deltas[first : first + H] = head_contributions(m, layer, z) - corrupt_heads
 
-        self.handles.append(o.register_forward_pre_hook(heads_out))
+        self.handles.append(at(layer, fam.o_proj).register_forward_pre_hook(heads_out))
         mlp_norm = at(layer, fam.mlp_norm) if fam.mlp_norm else None
 
         def mlp_resid(mod, args):
@@ -287,20 +294,19 @@ class _EdgeAblation:
             return (mlp_norm(x) if mlp_norm is not None else x, *args[1:])
 
         def mlp_out(mod, args, out):
-            self.deltas[self.u_index[f"m{layer}"]] = out - self.corrupt[f"blocks.{layer}.mlp.out"]
+            self.deltas[self.u_index[f"m{layer}"]] = out - self.corrupt_mlp[layer]
 
         if mlp_norm is not None:
             self.handles.append(mlp_norm.register_forward_pre_hook(mlp_resid))
         else:
             self.handles.append(at(layer, fam.mlp).register_forward_pre_hook(mlp_resid))
         self.handles.append(at(layer, fam.mlp).register_forward_pre_hook(mlp_input))
-        self.handles.append(at(layer, fam.mlp).register_forward_hook(mlp_out))
+        self.handles.append(at(layer, fam.mlp_contrib).register_forward_hook(mlp_out))
 
     def __exit__(self, *exc):
         for h in self.handles:
             h.remove()
-        for attn, groups in self.groups:
-            attn.num_key_value_groups = groups
+        self.kv.__exit__(*exc)
         return False
 
 

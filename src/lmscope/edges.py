@@ -18,15 +18,17 @@ expanded per query head while the gradients are taken), so k/v edges are per que
 By the chain rule, the scores of all edges leaving a node sum to that node's attribution
 score (:func:`lmscope.attribution.attribute`), which the tests check.
 
-Supported where attention and MLP outputs enter the residual stream directly (not through a
-post-norm: Gemma 2/3 and OLMo 2 are refused), with separate k/v projections for
-grouped-query attention.
+In Gemma 2/3 and OLMo 2 a post-norm scales the attention output before it joins the
+residual stream; a head's contribution is its share ``z_h W_O[h]`` times that norm's scale,
+computed from the whole attention output and held fixed (the contributions sum to what the
+layer adds), and an MLP's is the post-feedforward norm's output. Grouped-query attention with
+one norm over all key heads (OLMo 2 variants) is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -88,15 +90,93 @@ def graph_nodes(model) -> tuple[list[str], list[str], Tensor]:
     return up, down, w[:, None] < r[None, :]
 
 
-def _check_supported(model) -> None:
-    fam = model.family
-    if fam.attn_contrib not in (fam.attn, "resid_attn_dropout", "post_attention_dropout"):
+@contextlib.contextmanager
+def per_query_heads(model, expand: bool):
+    """Keys and values per query head (grouped-query attention only): the attention modules
+    treat k and v as having ``n_heads`` heads; with ``expand``, the k/v projection outputs are
+    repeated within each group (otherwise the caller's own projection hooks produce them)."""
+    H, K, D, fam = model.n_heads, model.n_kv_heads, model.d_head, model.family
+    if H == K:
+        yield
+        return
+    k_norm = getattr(model.layer_module(0, fam.attn), "k_norm", None)
+    if k_norm is not None and k_norm.weight.numel() == K * D:
         raise LmscopeError(
-            f"edge attribution needs attention outputs that enter the residual stream directly; "
-            f"{model.hf.config.model_type} normalises them first (use node-level scores)"
+            "edge attribution with grouped-query attention needs per-head key norms; "
+            f"{model.hf.config.model_type} normalises all key heads together (use node-level scores)"
         )
-    if model.n_kv_heads != model.n_heads and fam.qkv_proj is not None:
-        raise LmscopeError("edge attribution with grouped-query attention needs separate k/v projections")
+    saved, handles = [], []
+
+    def repeat(x: Tensor) -> Tensor:
+        return x.unflatten(-1, (K, D)).repeat_interleave(H // K, dim=-2).flatten(-2)
+
+    def fused(mod, args, out):
+        q, k, v = out.split([H * D, K * D, K * D], dim=-1)
+        return torch.cat([q, repeat(k), repeat(v)], dim=-1)
+
+    try:
+        for layer in range(model.n_layers):
+            attn = model.layer_module(layer, fam.attn)
+            for name, value in (("num_key_value_groups", 1), ("num_key_value_heads", H)):
+                if hasattr(attn, name):
+                    saved.append((attn, name, getattr(attn, name)))
+                    setattr(attn, name, value)
+            if expand and fam.qkv_proj:
+                handles.append(model.layer_module(layer, fam.qkv_proj).register_forward_hook(fused))
+            elif expand:
+                for path in (fam.k_proj, fam.v_proj):
+                    handles.append(model.layer_module(layer, path).register_forward_hook(lambda m, a, o: repeat(o)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for attn, name, value in saved:
+            setattr(attn, name, value)
+
+
+def head_contributions(model, layer: int, z: Tensor) -> Tensor:
+    """What each head writes to the residual stream, [n_heads, ..., pos, d_model], from z
+    [..., pos, n_heads, d_head]: ``z_h W_O[h]``, times the post-attention norm's scale (computed
+    from the whole attention output, then held fixed) in Gemma 2/3 and OLMo 2, so the heads'
+    contributions sum to what the layer adds."""
+    fam, H, D = model.family, model.n_heads, model.d_head
+    o = model.layer_module(layer, fam.o_proj)
+    w_o = (o.weight if fam.conv1d else o.weight.T).unflatten(0, (H, D))  # [H, D, d]
+    per_head = torch.einsum("...hd,hde->h...e", z, w_o)
+    if "norm" not in fam.attn_contrib:
+        return per_head
+    total = per_head.sum(0) + (o.bias if o.bias is not None else 0)
+    return per_head * _norm_scale(model.layer_module(layer, fam.attn_contrib), total)
+
+
+def _norm_scale(norm, x: Tensor) -> Tensor:
+    """The elementwise factor an RMS norm multiplies ``x`` by: gain / rms(x)."""
+    eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
+    gain = norm(torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)) * (1 + eps) ** 0.5
+    return gain * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+@contextlib.contextmanager
+def mlp_contributions(model):
+    """Records what each MLP adds to the residual stream (the output of ``family.mlp_contrib``)
+    during the forwards run inside; yields the list, one tensor per layer."""
+    outputs: list = [None] * model.n_layers
+
+    def keep(layer):
+        def hook(mod, args, out):
+            outputs[layer] = out
+
+        return hook
+
+    handles = [
+        model.layer_module(layer, model.family.mlp_contrib).register_forward_hook(keep(layer))
+        for layer in range(model.n_layers)
+    ]
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _head_index(model, t: str) -> Tensor:
@@ -131,17 +211,17 @@ def _weight_rows(model, layer: int, t: str) -> Tensor:
     return _head_params(model, layer, t)[0]
 
 
-def _projection_grads(model, layer: int, outputs: dict) -> dict[str, Tensor]:
-    """Gradients at each query head's q/k/v projection output: t -> [S, T, n_heads, d_head]."""
-    fam, H, K, D = model.family, model.n_heads, model.n_kv_heads, model.d_head
+def _projection_grads(model, outputs: dict) -> dict[str, Tensor]:
+    """Gradients at each query head's q/k/v projection output (k/v expanded per query head):
+    t -> [S, T, n_heads, d_head]."""
+    fam, H, D = model.family, model.n_heads, model.d_head
     if fam.qkv_proj is None:
         return {t: outputs[t].grad.unflatten(-1, (H, D)) for t in QKV}
     g = outputs["qkv"].grad
     if fam.qkv_layout == "per_head":
         per = g.unflatten(-1, (H, 3, D))
         return {t: per[..., i, :] for i, t in enumerate(QKV)}
-    parts = g.split([H * D, K * D, K * D], dim=-1)
-    return {t: p.unflatten(-1, (-1, D)) for t, p in zip(QKV, parts)}
+    return {t: p.unflatten(-1, (H, D)) for t, p in zip(QKV, g.split(H * D, dim=-1))}
 
 
 def _norm_vjp(norm, x: Tensor, cotangents: Tensor) -> Tensor:
@@ -154,8 +234,7 @@ def _norm_vjp(norm, x: Tensor, cotangents: Tensor) -> Tensor:
 
 def _edge_gradients(model, pair: TokenPair, metric: Metric, steps: int, clean_logprobs, batch: int = 16) -> Tensor:
     """Mean over interpolation steps of dM/d in_v for every downstream input v: [V, T, d_model]."""
-    fam, L, H = model.family, model.n_layers, model.n_heads
-    group = H // model.n_kv_heads
+    fam, L = model.family, model.n_layers
     corrupt_emb = model.run(_inputs(pair.corrupt, pair.corrupt_mask), capture=["embed"]).cache["embed"]
     clean_emb = model.run(_inputs(pair.clean, pair.clean_mask), capture=["embed"]).cache["embed"]
     delta = clean_emb - corrupt_emb
@@ -165,9 +244,7 @@ def _edge_gradients(model, pair: TokenPair, metric: Metric, steps: int, clean_lo
         alphas = torch.arange(first, min(first + batch, steps), dtype=delta.dtype, device=delta.device) / steps
         S = len(alphas)
         saved: list[dict] = [{} for _ in range(L)]
-        with ExitStack() as stack:
-            for layer in range(L):
-                stack.enter_context(_grad_hooks(model, layer, saved[layer], group))
+        with per_query_heads(model, expand=True), _grad_hooks(model, saved):
             interpolate = apply("embed", lambda x, a=alphas: corrupt_emb + a[:, None, None] * delta)
             ids = {
                 "input_ids": pair.corrupt[None].expand(S, -1),
@@ -179,7 +256,7 @@ def _edge_gradients(model, pair: TokenPair, metric: Metric, steps: int, clean_lo
         grads = []
         for layer in range(L):
             s = saved[layer]
-            g = _projection_grads(model, layer, s["out"])
+            g = _projection_grads(model, s["out"])
             attn_norm = model.layer_module(layer, fam.attn_norm) if fam.attn_norm else None
             mlp_norm = model.layer_module(layer, fam.mlp_norm) if fam.mlp_norm else None
             with torch.no_grad():
@@ -196,56 +273,38 @@ def _edge_gradients(model, pair: TokenPair, metric: Metric, steps: int, clean_lo
     return total / steps
 
 
-class _grad_hooks:
-    """During one forward: keep the q/k/v projection outputs (with gradients; k and v expanded
-    to one copy per query head) and the inputs of the layer's two norms."""
+@contextlib.contextmanager
+def _grad_hooks(model, saved: list[dict]):
+    """During one forward: keep each layer's q/k/v projection outputs (with gradients) and the
+    inputs of its two norms."""
+    fam = model.family
+    handles = []
 
-    def __init__(self, model, layer: int, saved: dict, group: int):
-        self.model, self.layer, self.saved, self.group = model, layer, saved, group
-        self.handles: list = []
+    def keep(layer, name):
+        def hook(mod, args, out):
+            out.retain_grad()
+            saved[layer].setdefault("out", {})[name] = out
 
-    def __enter__(self):
-        m, fam, saved = self.model, self.model.family, self.saved
-        at = lambda p: m.layer_module(self.layer, p)
-        saved["out"] = {}
+        return hook
 
-        def keep(name, expand):
-            def hook(mod, args, out):
-                if expand:
-                    out = out.unflatten(-1, (-1, m.d_head)).repeat_interleave(self.group, dim=-2).flatten(-2)
-                out.retain_grad()
-                saved["out"][name] = out
-                return out
+    def inputs(layer, key):
+        def hook(mod, args, kwargs):
+            saved[layer][key] = (args[0] if args else kwargs["hidden_states"]).detach()
 
-            return hook
+        return hook
 
-        paths = {"qkv": fam.qkv_proj} if fam.qkv_proj else {"q": fam.q_proj, "k": fam.k_proj, "v": fam.v_proj}
-        for name, path in paths.items():
-            expand = name in ("k", "v") and self.group > 1
-            self.handles.append(at(path).register_forward_hook(keep(name, expand)))
-
-        def inputs(key):
-            def hook(mod, args, kwargs):
-                saved[key] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-            return hook
-
-        self.handles.append(
-            at(fam.attn_norm or fam.attn).register_forward_pre_hook(inputs("attn_in"), with_kwargs=True)
-        )
-        self.handles.append(at(fam.mlp_norm or fam.mlp).register_forward_pre_hook(inputs("mlp_in"), with_kwargs=True))
-        self.attn = at(fam.attn)
-        self.groups = getattr(self.attn, "num_key_value_groups", None)
-        if self.group > 1:
-            self.attn.num_key_value_groups = 1  # k/v now have one head per query head
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
+    paths = {"qkv": fam.qkv_proj} if fam.qkv_proj else {"q": fam.q_proj, "k": fam.k_proj, "v": fam.v_proj}
+    try:
+        for layer in range(model.n_layers):
+            at = lambda p, _layer=layer: model.layer_module(_layer, p)
+            for name, path in paths.items():
+                handles.append(at(path).register_forward_hook(keep(layer, name)))
+            for key, path in (("attn_in", fam.attn_norm or fam.attn), ("mlp_in", fam.mlp_norm or fam.mlp)):
+                handles.append(at(path).register_forward_pre_hook(inputs(layer, key), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
             h.remove()
-        if self.groups is not None:
-            self.attn.num_key_value_groups = self.groups
-        return False
 
 
 def edge_attribution(
@@ -257,27 +316,27 @@ def edge_attribution(
 ) -> EdgeScores:
     """EAP-IG edge scores (``steps=1``: plain EAP, gradients at the corrupted input),
     averaged over pairs and normalised by M(clean) - M(corrupt)."""
-    _check_supported(model)
     metric = get_metric(metric)
     token_pairs = as_token_pairs(model, pairs, align)
     up, down, valid = graph_nodes(model)
-    L, H, D = model.n_layers, model.n_heads, model.d_head
-    fam = model.family
-    sites = ["blocks.0.resid_pre"] + [f"blocks.{layer}.{k}" for layer in range(L) for k in ("attn.z", "mlp.out")]
+    L = model.n_layers
+    sites = ["blocks.0.resid_pre"] + [f"blocks.{layer}.attn.z" for layer in range(L)]
     total = torch.zeros(len(up), len(down), dtype=torch.float64)
     clean_total = corrupt_total = 0.0
     with progress_bar("EAP-IG edges", total=len(token_pairs)) as advance:
         for pair in token_pairs:
             with torch.no_grad():
-                clean = model.run(_inputs(pair.clean, pair.clean_mask), capture=sites)
-                corrupt = model.run(_inputs(pair.corrupt, pair.corrupt_mask), capture=sites)
-                diff = {s: clean.cache[s][0] - corrupt.cache[s][0] for s in sites}
-                outs = [diff["blocks.0.resid_pre"][None]]
+                with mlp_contributions(model) as clean_mlp:
+                    clean = model.run(_inputs(pair.clean, pair.clean_mask), capture=sites)
+                with mlp_contributions(model) as corrupt_mlp:
+                    corrupt = model.run(_inputs(pair.corrupt, pair.corrupt_mask), capture=sites)
+                outs = [(clean.cache[sites[0]] - corrupt.cache[sites[0]])]
                 for layer in range(L):
-                    o = model.layer_module(layer, fam.o_proj).weight
-                    w_o = (o if fam.conv1d else o.T).unflatten(0, (H, D))  # [H, D, d]
-                    outs.append(torch.einsum("thd,hde->hte", diff[f"blocks.{layer}.attn.z"], w_o))
-                    outs.append(diff[f"blocks.{layer}.mlp.out"][None])
+                    z = f"blocks.{layer}.attn.z"
+                    heads = head_contributions(model, layer, clean.cache[z]) - head_contributions(
+                        model, layer, corrupt.cache[z]
+                    )
+                    outs += [heads[:, 0], (clean_mlp[layer] - corrupt_mlp[layer])]
                 upstream = torch.cat(outs)  # [U, T, d]
             clean_logprobs = clean.logits[0, -1].log_softmax(-1)
             clean_total += float(_final_metric(metric, clean.logits, pair, clean_logprobs)[0])

@@ -31,6 +31,9 @@ conv1d
 parallel_residual
     Config attribute that, when true, makes attention and MLP read the same residual
     (no ``resid_mid`` exists).
+mlp_contrib
+    The module whose output the layer adds to the residual stream after the MLP (the MLP, or
+    a post-feedforward norm).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class Family:
     qkv_layout: str = "concat"
     conv1d: bool = False
     parallel_residual: str | None = None
+    mlp_contrib: str = "mlp"
 
 
 LLAMA = Family(
@@ -79,9 +83,20 @@ LLAMA = Family(
 
 # Gemma 2/3 normalise the attention output before adding it to the residual, and the
 # MLP input with a separate pre-feedforward norm.
-GEMMA2 = replace(LLAMA, attn_contrib="post_attention_layernorm", mlp_norm="pre_feedforward_layernorm")
+GEMMA2 = replace(
+    LLAMA,
+    attn_contrib="post_attention_layernorm",
+    mlp_norm="pre_feedforward_layernorm",
+    mlp_contrib="post_feedforward_layernorm",
+)
 # OLMo 2 normalises attention and MLP outputs only (no norm on their inputs).
-OLMO2 = replace(LLAMA, attn_contrib="post_attention_layernorm", attn_norm=None, mlp_norm=None)
+OLMO2 = replace(
+    LLAMA,
+    attn_contrib="post_attention_layernorm",
+    attn_norm=None,
+    mlp_norm=None,
+    mlp_contrib="post_feedforward_layernorm",
+)
 
 FAMILIES: dict[str, Family] = {
     "llama": LLAMA,
