@@ -59,7 +59,7 @@ def test_planted_circuit_is_found_and_faithful(tmp_path):
     assert draw(circuit, tmp_path / "c.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("name", sorted(set(CONFIGS) - {"olmo2"}))
+@pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_edge_ablation_with_all_or_no_edges_reproduces_clean_or_corrupt_run(tiny_models, name):
     """Keeping every edge must give the clean run; keeping none must give the corrupted run
     (each input then reads the corrupted residual stream): independent references."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-import lmscope
 from lmscope.attribution import attribute
 from lmscope.edges import edge_attribution, graph_nodes
 from tests.test_attribution import planted_model
@@ -52,9 +51,3 @@ def test_planted_head_edges_are_strongest():
     top = sorted(edges.edges(), key=lambda e: -abs(e[2]))[:2]
     node = f"a{layer}.h{head}"
     assert {(u, v.split("<")[0]) for u, v, _ in top} == {("input", node), (node, "logits")}
-
-
-def test_grouped_keys_with_a_joint_key_norm_are_refused(tiny_models):
-    model = tiny_models["olmo2"]  # grouped-query attention with one norm over all key heads
-    with pytest.raises(lmscope.LmscopeError, match="per-head key norms"):
-        edge_attribution(model, [token_pair(model)], steps=1)

@@ -31,6 +31,7 @@ from lmscope.edges import (
     _head_params,
     graph_nodes,
     head_contributions,
+    joint_k_norm,
     mlp_contributions,
     per_query_heads,
 )
@@ -258,8 +259,20 @@ class _EdgeAblation:
             out = torch.einsum("hbtd,hed->bthe", norm(x), w)
             return out if b is None else out + b  # [B, T, H, D]
 
+        k_norm = joint_k_norm(m, layer)
+
+        def joint_keys():  # each query head's keys through the whole projection and joint norm
+            x = saved["pre"][None] - self._missing([f"a{layer}.h{h}<k>" for h in range(H)])
+            keys = k_norm.forward(at(layer, fam.k_proj)(norm(x)))  # forward: not this hook again
+            keys = keys.unflatten(-1, (m.n_kv_heads, D))  # [H, B, T, K, D]
+            group = torch.arange(H) // (H // m.n_kv_heads)
+            return keys[torch.arange(H), :, :, group].permute(1, 2, 0, 3).flatten(-2)  # [B, T, H * D]
+
         if fam.qkv_proj is None:
             for t in self.qkv:
+                if t == "k" and k_norm is not None:
+                    self.handles.append(k_norm.register_forward_hook(lambda mod, args, out: joint_keys()))
+                    continue
                 self.handles.append(
                     at(layer, getattr(fam, f"{t}_proj")).register_forward_hook(
                         lambda mod, args, out, _t=t: per_head(_t).flatten(-2)

@@ -21,8 +21,9 @@ score (:func:`lmscope.attribution.attribute`), which the tests check.
 In Gemma 2/3 and OLMo 2 a post-norm scales the attention output before it joins the
 residual stream; a head's contribution is its share ``z_h W_O[h]`` times that norm's scale,
 computed from the whole attention output and held fixed (the contributions sum to what the
-layer adds), and an MLP's is the post-feedforward norm's output. Grouped-query attention with
-one norm over all key heads (OLMo 2 variants) is refused.
+layer adds), and an MLP's is the post-feedforward norm's output. Where one norm covers all key
+heads (OLMo 2 with grouped-query attention), each query head's keys come from its own input
+copy through the whole key projection and that norm.
 """
 
 from __future__ import annotations
@@ -99,12 +100,6 @@ def per_query_heads(model, expand: bool):
     if H == K:
         yield
         return
-    k_norm = getattr(model.layer_module(0, fam.attn), "k_norm", None)
-    if k_norm is not None and k_norm.weight.numel() == K * D:
-        raise LmscopeError(
-            "edge attribution with grouped-query attention needs per-head key norms; "
-            f"{model.hf.config.model_type} normalises all key heads together (use node-level scores)"
-        )
     saved, handles = [], []
 
     def repeat(x: Tensor) -> Tensor:
@@ -124,14 +119,25 @@ def per_query_heads(model, expand: bool):
             if expand and fam.qkv_proj:
                 handles.append(model.layer_module(layer, fam.qkv_proj).register_forward_hook(fused))
             elif expand:
-                for path in (fam.k_proj, fam.v_proj):
-                    handles.append(model.layer_module(layer, path).register_forward_hook(lambda m, a, o: repeat(o)))
+                k_module = joint_k_norm(model, layer) or model.layer_module(layer, fam.k_proj)
+                for module in (k_module, model.layer_module(layer, fam.v_proj)):
+                    handles.append(module.register_forward_hook(lambda m, a, o: repeat(o)))
         yield
     finally:
         for h in handles:
             h.remove()
         for attn, name, value in saved:
             setattr(attn, name, value)
+
+
+def joint_k_norm(model, layer: int):
+    """The key norm of a grouped-query attention layer that normalises all key heads together
+    (OLMo 2), or None. Such a norm sits between k_proj and the heads, so a query head's keys are
+    computed from its own input copy through the whole projection and norm."""
+    norm = getattr(model.layer_module(layer, model.family.attn), "k_norm", None)
+    if model.n_kv_heads == model.n_heads or norm is None:
+        return None
+    return norm if norm.weight.numel() == model.n_kv_heads * model.d_head else None
 
 
 def head_contributions(model, layer: int, z: Tensor) -> Tensor:
@@ -260,9 +266,11 @@ def _edge_gradients(model, pair: TokenPair, metric: Metric, steps: int, clean_lo
             attn_norm = model.layer_module(layer, fam.attn_norm) if fam.attn_norm else None
             mlp_norm = model.layer_module(layer, fam.mlp_norm) if fam.mlp_norm else None
             with torch.no_grad():
-                per_head = torch.cat(
-                    [torch.einsum("sthd,hde->hste", g[t], _weight_rows(model, layer, t)) for t in QKV]
-                )  # [3H, S, T, d] in the normalised space
+                parts = [torch.einsum("sthd,hde->hste", g[t], _weight_rows(model, layer, t)) for t in QKV]
+            k_norm = joint_k_norm(model, layer)
+            if k_norm is not None:  # back through the joint key norm, then the whole k projection
+                parts[1] = _through_joint_norm(model, layer, k_norm, s["k_in"], g["k"])
+            per_head = torch.cat(parts)  # [3H, S, T, d] in the normalised space
             heads = _norm_vjp(attn_norm, s["attn_in"], per_head)
             mlp = _norm_vjp(mlp_norm, s["mlp_in"], run.cache[f"blocks.{layer}.mlp.in"].grad[None])
             grads += [heads, mlp]
@@ -271,6 +279,18 @@ def _edge_gradients(model, pair: TokenPair, metric: Metric, steps: int, clean_lo
         total = step_sum if total is None else total + step_sum
     model.hf.zero_grad(set_to_none=True)
     return total / steps
+
+
+def _through_joint_norm(model, layer: int, norm, k_in: Tensor, g_k: Tensor) -> Tensor:
+    """Input gradient of each query head's keys, [H, S, T, d], from the gradients at the joint
+    key norm's (expanded) output g_k [S, T, H, D] and that norm's input k_in [S, T, K * D]."""
+    H, K, D = model.n_heads, model.n_kv_heads, model.d_head
+    group = torch.arange(H) // (H // K)
+    cot = g_k.new_zeros(H, *k_in.shape).unflatten(-1, (K, D))  # [H, S, T, K, D]
+    cot[torch.arange(H), :, :, group] = g_k.permute(2, 0, 1, 3)
+    through = _norm_vjp(norm, k_in, cot.flatten(-2))  # [H, S, T, K * D]
+    proj = model.layer_module(layer, model.family.k_proj)
+    return torch.einsum("hstk,kd->hstd", through, proj.weight)
 
 
 @contextlib.contextmanager
@@ -297,8 +317,12 @@ def _grad_hooks(model, saved: list[dict]):
     try:
         for layer in range(model.n_layers):
             at = lambda p, _layer=layer: model.layer_module(_layer, p)
+            k_norm = joint_k_norm(model, layer)
             for name, path in paths.items():
-                handles.append(at(path).register_forward_hook(keep(layer, name)))
+                module = k_norm if name == "k" and k_norm is not None else at(path)
+                handles.append(module.register_forward_hook(keep(layer, name)))
+            if k_norm is not None:
+                handles.append(k_norm.register_forward_pre_hook(inputs(layer, "k_in"), with_kwargs=True))
             for key, path in (("attn_in", fam.attn_norm or fam.attn), ("mlp_in", fam.mlp_norm or fam.mlp)):
                 handles.append(at(path).register_forward_pre_hook(inputs(layer, key), with_kwargs=True))
         yield
