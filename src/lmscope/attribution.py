@@ -39,25 +39,42 @@ def _final_metric(metric: Metric, logits: Tensor, pair: TokenPair, clean_logprob
     return metric(logits[:, -1], pair, clean_logprobs)
 
 
+def interpolations(model, pair: TokenPair, steps: int, batch: int = 16, embeds: tuple[Tensor, Tensor] | None = None):
+    """Inputs whose embeddings go from corrupted to clean, ``e_corrupt + (k / steps)(e_clean -
+    e_corrupt)`` for k = 0 .. steps-1, in batches: yields ``(inputs, intervention)`` for
+    :meth:`Model.run`. ``embeds``: the (clean, corrupted) ``embed`` captures, if already run."""
+    if embeds is None:
+        embeds = tuple(
+            model.run(_inputs(i, m), capture=["embed"]).cache["embed"]
+            for i, m in ((pair.clean, pair.clean_mask), (pair.corrupt, pair.corrupt_mask))
+        )
+    clean_emb, corrupt_emb = embeds
+    delta = clean_emb - corrupt_emb
+    for first in range(0, steps, batch):
+        alphas = torch.arange(first, min(first + batch, steps), dtype=delta.dtype, device=delta.device) / steps
+        n = len(alphas)
+        inputs = {
+            "input_ids": pair.corrupt[None].expand(n, -1),
+            "attention_mask": pair.corrupt_mask[None].expand(n, -1),
+        }
+        yield inputs, apply("embed", lambda x, a=alphas: corrupt_emb + a[:, None, None] * delta)
+
+
 def integrated_gradients(
-    model, pair: TokenPair, sites: list[str], metric: Metric, steps: int, clean_logprobs: Tensor, batch: int = 16
+    model,
+    pair: TokenPair,
+    sites: list[str],
+    metric: Metric,
+    steps: int,
+    clean_logprobs: Tensor,
+    embeds: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Mean over ``steps`` interpolated inputs of dM/d(site), each ``[pos, ...]``.
 
     ``steps=1`` is the plain gradient at the corrupted input (attribution patching)."""
-    corrupt_emb = model.run(_inputs(pair.corrupt, pair.corrupt_mask), capture=["embed"]).cache["embed"]
-    clean_emb = model.run(_inputs(pair.clean, pair.clean_mask), capture=["embed"]).cache["embed"]
-    delta = clean_emb - corrupt_emb
     grads: dict[str, Tensor] = {}
-    for first in range(0, steps, batch):
-        alphas = torch.arange(first, min(first + batch, steps), dtype=delta.dtype, device=delta.device) / steps
-        n = len(alphas)
-        ids = pair.corrupt[None].expand(n, -1)
-        mask = pair.corrupt_mask[None].expand(n, -1)
-        interpolate = apply("embed", lambda x, a=alphas: corrupt_emb + a[:, None, None] * delta)
-        run = model.run(
-            {"input_ids": ids, "attention_mask": mask}, capture=sites, interventions=[interpolate], grad=True
-        )
+    for inputs, interpolate in interpolations(model, pair, steps, embeds=embeds):
+        run = model.run(inputs, capture=sites, interventions=[interpolate], grad=True)
         _final_metric(metric, run.logits, pair, clean_logprobs).sum().backward()
         for site in sites:
             g = run.cache[site].grad.sum(0)
@@ -101,12 +118,13 @@ def attribute(
     with progress_bar(f"{method} ({component})", total=len(token_pairs)) as advance:
         for pair in token_pairs:
             with torch.no_grad():
-                clean = model.run(_inputs(pair.clean, pair.clean_mask), capture=sites)
-                corrupt = model.run(_inputs(pair.corrupt, pair.corrupt_mask), capture=sites)
+                clean = model.run(_inputs(pair.clean, pair.clean_mask), capture=[*sites, "embed"])
+                corrupt = model.run(_inputs(pair.corrupt, pair.corrupt_mask), capture=[*sites, "embed"])
             clean_logprobs = clean.logits[0, -1].log_softmax(-1)
             clean_total += float(_final_metric(metric, clean.logits, pair, clean_logprobs)[0])
             corrupt_total += float(_final_metric(metric, corrupt.logits, pair, clean_logprobs)[0])
-            grads = integrated_gradients(model, pair, sites, metric, n_steps, clean_logprobs)
+            embeds = (clean.cache["embed"], corrupt.cache["embed"])
+            grads = integrated_gradients(model, pair, sites, metric, n_steps, clean_logprobs, embeds)
             scores = torch.stack(
                 [_node_scores((clean.cache[s][0] - corrupt.cache[s][0]) * grads[s], kind, per_position) for s in sites]
             )

@@ -35,9 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lmscope.attribution import _final_metric, _inputs
+from lmscope.attribution import _final_metric, _inputs, interpolations
 from lmscope.errors import LmscopeError
-from lmscope.interventions import apply
 from lmscope.metrics import Metric, get_metric
 from lmscope.patching import as_token_pairs
 from lmscope.progress import progress_bar
@@ -238,26 +237,16 @@ def _norm_vjp(norm, x: Tensor, cotangents: Tensor) -> Tensor:
     return torch.vmap(lambda c: vjp(c)[0])(cotangents)
 
 
-def _edge_gradients(model, pair: TokenPair, metric: Metric, steps: int, clean_logprobs, batch: int = 16) -> Tensor:
+def _edge_gradients(model, pair: TokenPair, metric: Metric, steps: int, clean_logprobs, embeds) -> Tensor:
     """Mean over interpolation steps of dM/d in_v for every downstream input v: [V, T, d_model]."""
     fam, L = model.family, model.n_layers
-    corrupt_emb = model.run(_inputs(pair.corrupt, pair.corrupt_mask), capture=["embed"]).cache["embed"]
-    clean_emb = model.run(_inputs(pair.clean, pair.clean_mask), capture=["embed"]).cache["embed"]
-    delta = clean_emb - corrupt_emb
     total = None
     last = f"blocks.{L - 1}.resid_post"
-    for first in range(0, steps, batch):
-        alphas = torch.arange(first, min(first + batch, steps), dtype=delta.dtype, device=delta.device) / steps
-        S = len(alphas)
+    sites = [last] + [f"blocks.{layer}.mlp.in" for layer in range(L)]
+    for inputs, interpolate in interpolations(model, pair, steps, embeds=embeds):
         saved: list[dict] = [{} for _ in range(L)]
         with per_query_heads(model, expand=True), _grad_hooks(model, saved):
-            interpolate = apply("embed", lambda x, a=alphas: corrupt_emb + a[:, None, None] * delta)
-            ids = {
-                "input_ids": pair.corrupt[None].expand(S, -1),
-                "attention_mask": pair.corrupt_mask[None].expand(S, -1),
-            }
-            sites = [last] + [f"blocks.{layer}.mlp.in" for layer in range(L)]
-            run = model.run(ids, capture=sites, interventions=[interpolate], grad=True)
+            run = model.run(inputs, capture=sites, interventions=[interpolate], grad=True)
             _final_metric(metric, run.logits, pair, clean_logprobs).sum().backward()
         grads = []
         for layer in range(L):
@@ -344,7 +333,7 @@ def edge_attribution(
     token_pairs = as_token_pairs(model, pairs, align)
     up, down, valid = graph_nodes(model)
     L = model.n_layers
-    sites = ["blocks.0.resid_pre"] + [f"blocks.{layer}.attn.z" for layer in range(L)]
+    sites = ["embed", "blocks.0.resid_pre"] + [f"blocks.{layer}.attn.z" for layer in range(L)]
     total = torch.zeros(len(up), len(down), dtype=torch.float64)
     clean_total = corrupt_total = 0.0
     with progress_bar("EAP-IG edges", total=len(token_pairs)) as advance:
@@ -354,7 +343,7 @@ def edge_attribution(
                     clean = model.run(_inputs(pair.clean, pair.clean_mask), capture=sites)
                 with mlp_contributions(model) as corrupt_mlp:
                     corrupt = model.run(_inputs(pair.corrupt, pair.corrupt_mask), capture=sites)
-                outs = [(clean.cache[sites[0]] - corrupt.cache[sites[0]])]
+                outs = [clean.cache["blocks.0.resid_pre"] - corrupt.cache["blocks.0.resid_pre"]]
                 for layer in range(L):
                     z = f"blocks.{layer}.attn.z"
                     heads = head_contributions(model, layer, clean.cache[z]) - head_contributions(
@@ -365,7 +354,8 @@ def edge_attribution(
             clean_logprobs = clean.logits[0, -1].log_softmax(-1)
             clean_total += float(_final_metric(metric, clean.logits, pair, clean_logprobs)[0])
             corrupt_total += float(_final_metric(metric, corrupt.logits, pair, clean_logprobs)[0])
-            downstream = _edge_gradients(model, pair, metric, steps, clean_logprobs)
+            embeds = (clean.cache["embed"], corrupt.cache["embed"])
+            downstream = _edge_gradients(model, pair, metric, steps, clean_logprobs, embeds)
             total += torch.einsum("utd,vtd->uv", upstream.double(), downstream.double())
             advance(1)
     n = len(token_pairs)
