@@ -211,11 +211,6 @@ def _head_params(model, layer: int, t: str) -> tuple[Tensor, Tensor | None]:
     return weight[index], (None if proj.bias is None else proj.bias[index])
 
 
-def _weight_rows(model, layer: int, t: str) -> Tensor:
-    """Projection weight rows read by each query head for input ``t``: [n_heads, d_head, d_model]."""
-    return _head_params(model, layer, t)[0]
-
-
 def _projection_grads(model, outputs: dict) -> dict[str, Tensor]:
     """Gradients at each query head's q/k/v projection output (k/v expanded per query head):
     t -> [S, T, n_heads, d_head]."""
@@ -255,7 +250,7 @@ def _edge_gradients(model, pair: TokenPair, metric: Metric, steps: int, clean_lo
             attn_norm = model.layer_module(layer, fam.attn_norm) if fam.attn_norm else None
             mlp_norm = model.layer_module(layer, fam.mlp_norm) if fam.mlp_norm else None
             with torch.no_grad():
-                parts = [torch.einsum("sthd,hde->hste", g[t], _weight_rows(model, layer, t)) for t in QKV]
+                parts = [torch.einsum("sthd,hde->hste", g[t], _head_params(model, layer, t)[0]) for t in QKV]
             k_norm = joint_k_norm(model, layer)
             if k_norm is not None:  # back through the joint key norm, then the whole k projection
                 parts[1] = _through_joint_norm(model, layer, k_norm, s["k_in"], g["k"])

@@ -13,7 +13,7 @@ from lmscope.errors import LmscopeError
 from lmscope.families import Family, family_for
 from lmscope.hooks import HookSession
 from lmscope.interventions import Intervention
-from lmscope.sites import GLOBAL_KINDS, LAYER_KINDS, Site, parse_site
+from lmscope.sites import Site, all_sites, parse_site
 
 Inputs = str | Sequence[str] | Tensor | Mapping[str, Tensor]
 
@@ -115,11 +115,8 @@ class Model:
             "final_norm": (batch, pos, self.d_model),
             "logits": (batch, pos, self.d_vocab),
         }
-        rows = [("embed", d["embed"])]
-        for layer in range(self.n_layers):
-            rows += [(f"blocks.{layer}.{k}", d[k]) for k in LAYER_KINDS if self._has(k)]
-        rows += [(k, d[k]) for k in GLOBAL_KINDS if k != "embed"]
-        return rows
+        sites = [parse_site(name) for name in all_sites(self.n_layers)]
+        return [(str(site), d[site.kind]) for site in sites if self._has(site.kind)]
 
     def _has(self, kind: str) -> bool:
         if kind != "resid_mid" or not self.family.parallel_residual:
@@ -266,8 +263,11 @@ class Model:
         return self.hf.config.pad_token_id
 
 
-def _position_ids(mask: Tensor) -> Tensor | None:
-    """Positions counting only real tokens, when any sequence is left-padded; else None."""
-    if bool(mask[:, 0].all()):
-        return None
+def position_ids(mask: Tensor) -> Tensor:
+    """Positions counting real tokens only ([batch, pos]), as ``generate`` uses for left padding."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _position_ids(mask: Tensor) -> Tensor | None:
+    """:func:`position_ids` when any sequence is left-padded; else None (the model's default)."""
+    return None if bool(mask[:, 0].all()) else position_ids(mask)

@@ -40,6 +40,7 @@ from transformers.cache_utils import Cache
 
 from lmscope.errors import LmscopeError
 from lmscope.metrics import Metric, get_metric, restricted
+from lmscope.model import position_ids
 from lmscope.progress import progress_bar
 from lmscope.tasks import PromptPair, TokenPair, tokenize_pairs
 
@@ -92,18 +93,12 @@ def as_token_pairs(model, pairs: Sequence[PromptPair] | Sequence[TokenPair], ali
     return tokenize_pairs(model, list(pairs), align=align)
 
 
-def position_ids(mask: Tensor) -> Tensor:
-    """Positions counting real tokens only ([batch, pos]), as for left-padded generation."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 @dataclass
 class _Chunk:
     """The base run's state for recomputing positions ``start..T-1``: per layer, the
     residual entering it at those positions, the arguments the model called it with, and
     the keys/values of positions before ``start``; and the final residual at the last position."""
 
-    start: int
     hidden: list[Tensor]
     calls: list[tuple[tuple, dict]]
     prefix: list[tuple[Tensor, Tensor] | None]
@@ -190,12 +185,12 @@ def _chunk(model, ids: Tensor, mask: Tensor, start: int, cache: DynamicCache) ->
         for h in handles:
             h.remove()
     hidden = [args[0] if args else kwargs["hidden_states"] for args, kwargs in calls]
-    return _Chunk(start, hidden, calls, prefix, final[:, -1])
+    return _Chunk(hidden, calls, prefix, final[:, -1])
 
 
 @dataclass
 class _Variant:
-    """One patch: component at ``layer`` (and ``head``), at chunk positions ``positions``."""
+    """One patch: the component at ``layer`` (and ``head``); the positions are the run's."""
 
     layer: int
     head: int | None
@@ -377,6 +372,7 @@ def _patch_pair(model, pair, kind, per_position, direction, metric, n_heads, max
     ]
     for start in starts:
         if start != first:
+            # the source differs from the base before ``start`` here: fill the base's own prefix
             chunk = _chunk(model, *base, start, _prefix_cache(model, *base, start))
         pos = torch.zeros(T - start, dtype=torch.bool, device=model.device)
         pos[0 if per_position else slice(None)] = True

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from rich.console import Console
@@ -50,16 +50,6 @@ def progress_bar(description: str, total: float) -> Iterator[Callable[[float], N
     with _progress() as p:
         task = p.add_task(description, total=total)
         yield lambda n: p.advance(task, n)
-
-
-def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate ``items`` with a progress bar."""
-    items = list(items) if total is None and not hasattr(items, "__len__") else items
-    total = total if total is not None else len(items)  # type: ignore[arg-type]
-    with progress_bar(description, total) as advance:
-        for item in items:
-            yield item
-            advance(1)
 
 
 def note(message: str) -> None:

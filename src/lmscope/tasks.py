@@ -102,18 +102,6 @@ def load_pairs(path: str | Path) -> list[PromptPair]:
     return pairs
 
 
-def save_pairs(pairs: list[PromptPair], path: str | Path) -> None:
-    """Write pairs as JSONL."""
-    with open(path, "w") as f:
-        f.writelines(
-            json.dumps(
-                {"clean": p.clean, "corrupt": p.corrupt, "answer": list(p.answer), "wrong_answer": list(p.wrong_answer)}
-            )
-            + "\n"
-            for p in pairs
-        )
-
-
 def _ids(tokenizer, prompt: Prompt) -> list[int]:
     return list(prompt) if isinstance(prompt, list) else tokenizer(prompt)["input_ids"]
 

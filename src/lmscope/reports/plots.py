@@ -9,7 +9,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display needed
 import matplotlib.pyplot as plt
-import torch
 from torch import Tensor
 
 
@@ -45,10 +44,3 @@ def heatmap(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def layer_heatmaps(scores: dict[str, Tensor], path: str | Path, title: str) -> Path:
-    """Several [layers] vectors side by side (e.g. attn and mlp scores per layer)."""
-    names = list(scores)
-    stacked = torch.stack([scores[n].flatten() for n in names], dim=1)
-    return heatmap(stacked, path, title, "component", "layer", xticks=names)
