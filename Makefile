@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup scan test bench lint
+.PHONY: setup browser scan test bench lint
 
 $(BIN)/lmscope: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,16 @@ $(BIN)/lmscope: pyproject.toml
 
 setup: $(BIN)/lmscope
 
+# Debian's Chromium for the browser tests (Playwright drives /usr/bin/chromium; `playwright install`
+# would download its own build, which this machine cannot fetch). sudo only when not root.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	test -x /usr/bin/chromium || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
+
 scan: setup
 	$(BIN)/lmscope scan
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest
 
 bench: setup

@@ -28,9 +28,9 @@ from torch import Tensor
 from lmscope.edges import (
     QKV,
     EdgeScores,
-    _head_params,
     graph_nodes,
     head_contributions,
+    head_params,
     joint_k_norm,
     mlp_contributions,
     per_query_heads,
@@ -255,7 +255,7 @@ class _EdgeAblation:
         def per_head(t):
             names = [f"a{layer}.h{h}<{t}>" for h in range(H)]
             x = saved["pre"][None] - self._missing(names)  # [H, B, T, d]
-            w, b = _head_params(m, layer, t)
+            w, b = head_params(m, layer, t)
             out = torch.einsum("hbtd,hed->bthe", norm(x), w)
             return out if b is None else out + b  # [B, T, H, D]
 

@@ -17,6 +17,7 @@ from rich.table import Table
 from lmscope import load
 from lmscope.errors import LmscopeError
 from lmscope.loading import ALIASES, DEFAULT_MODEL, cached_conversions
+from lmscope.reports.results import output_dir
 from lmscope.sites import parse_site
 
 app = typer.Typer(
@@ -97,29 +98,24 @@ def run(
 
 
 @app.command()
-def scan(model: ModelArg = DEFAULT_MODEL) -> None:
-    """Model card, site table and a capture summary of MODEL."""
+def scan(
+    model: ModelArg = DEFAULT_MODEL,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("out/scan"),
+    quick: Annotated[bool, typer.Option(help="less data per part (a few minutes on a 2-core CPU)")] = False,
+) -> None:
+    """Scan MODEL: outliers, keys/values and KV quantisation, head roles, an IOI circuit, as report.html."""
+    from lmscope.scan import FULL, QUICK
+    from lmscope.scan import scan as run_scan
+
+    out = output_dir(out)
     m = load(model)
-    card = Table("", "", title="model card", show_header=False)
-    for key, value in m.card().items():
-        card.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
-    console.print(card)
-    text = "The capital of France is Paris. When Mary and John went to the store, John gave a drink to"
-    shapes = dict(m.site_shapes(batch=1, pos=len(m.tokenize(text)[0][0])))
-    kinds = Table("site (layer 0 of each kind)", "shape", title=f"sites ({len(shapes)} in all)")
-    for name, shape in shapes.items():
-        if not name.startswith("blocks.") or name.startswith("blocks.0."):
-            kinds.add_row(name.replace("blocks.0.", "blocks.{L}."), str(list(shape)))
-    console.print(kinds)
-    sites_ = [f"blocks.{L}.resid_post" for L in range(m.n_layers)]
-    result = m.run(text, capture=sites_)
-    summary = Table("layer", "resid_post norm/token", "max |x|", "channel of max", title=f"capture: {text!r}")
-    for layer, name in enumerate(sites_):
-        x = result.cache[name][0]
-        channel = int(x.abs().amax(0).argmax())
-        summary.add_row(str(layer), f"{x.norm(dim=-1).mean():.4g}", f"{x.abs().max():.4g}", str(channel))
-    console.print(summary)
-    console.print(f"next token: {m.tokenizer.decode(result.logits[0, -1].argmax())!r}")
+    result = run_scan(m, out, QUICK if quick else FULL, name=model)
+    timings = Table("part", "seconds", title=f"{m.name}: scan{' (quick)' if quick else ''}")
+    for part, seconds in result.payload["timings"].items():
+        timings.add_row(part, f"{seconds:.1f}")
+    timings.add_row("total", f"{sum(result.payload['timings'].values()):.1f}")
+    console.print(timings)
+    console.print(f"wrote {out / 'report.html'}, {out / 'results.json'} and PNG plots")
 
 
 def _pairs(m, data: Path | None, task: str | None, n: int | None):
@@ -327,6 +323,180 @@ def heads(
     console.print(table)
     console.print(f"repeated random tokens: loss {first:.2f} on the first half, {second:.2f} on the second")
     console.print(f"wrote {out / 'results.json'} and plots")
+
+
+CorpusOpt = Annotated[str, typer.Option(help="text or JSONL file, or the bundled 'wikitext2' (test split)")]
+WindowOpt = Annotated[int, typer.Option(help="tokens per window")]
+
+
+def _save(out: Path, payload: dict, figures) -> None:
+    """results.json, then one PNG per figure."""
+    from lmscope.reports.results import write_json
+
+    write_json(out / "results.json", payload)
+    for figure in figures:
+        figure.png(out)
+
+
+def _header(command: str, model: str, m, settings: dict) -> dict:
+    from lmscope.reports.results import versions
+
+    return {"command": command, "settings": {"model": model, **settings}, "versions": versions(), "model": m.card()}
+
+
+@app.command()
+def outliers(
+    model: ModelArg = DEFAULT_MODEL,
+    corpus: CorpusOpt = "wikitext2",
+    tokens: Annotated[int, typer.Option(help="number of corpus tokens")] = 4096,
+    window: WindowOpt = 512,
+    osp_protocol: Annotated[bool, typer.Option(help="OSP's protocol: every token as its own sequence")] = False,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("out/outliers"),
+) -> None:
+    """Activation outliers: OSP excess kurtosis per hidden state, max |x|, massive activations."""
+    from lmscope.corpus import load_corpus
+    from lmscope.outliers import activation_stats
+    from lmscope.reports.results import output_dir
+    from lmscope.reports.sections import outlier_figures, site_label
+
+    out = output_dir(out)
+    m = load(model)
+    text = load_corpus(m, corpus, max_tokens=tokens)
+    protocol = "osp" if osp_protocol else "in-context"
+    stats = activation_stats(m, text, protocol=protocol, window=window)
+    summary = stats.summary(m.tokenizer)
+    payload = _header("outliers", model, m, {"corpus": corpus, "tokens": len(text), "window": window})
+    payload["outliers"] = summary
+    _save(out, payload, outlier_figures(summary))
+    table = Table("hidden state", "OSP kurtosis", "max |x|", "channel", "median |x|", title=f"{m.name}: outliers")
+    for name, site in summary["sites"].items():
+        table.add_row(
+            site_label(name),
+            f"{site['osp_kurtosis']:.2f}",
+            f"{site['max_abs']:.4g}",
+            str(site["max_abs_channel"]),
+            f"{site['median_abs']:.3g}",
+        )
+    console.print(table)
+    channels = sorted({row["channel"] for row in summary["massive"]})
+    console.print(f"OSP excess kurtosis ({protocol}, {len(text)} tokens): {summary['osp_kurtosis']:.2f}")
+    console.print(f"massive activations (|x| > 100 and > 1000 x median): channels {channels or 'none'}")
+    console.print(f"wrote {out / 'results.json'} and plots")
+
+
+@app.command()
+def kv(
+    model: ModelArg = DEFAULT_MODEL,
+    corpus: CorpusOpt = "wikitext2",
+    tokens: Annotated[int, typer.Option(help="number of corpus tokens")] = 2048,
+    window: WindowOpt = 512,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("out/kv"),
+) -> None:
+    """Key vs value norms and singular-value spectra per layer and KV head, and W_k / W_v norms."""
+    from lmscope.corpus import load_corpus
+    from lmscope.kv import kv_stats, weight_norms
+    from lmscope.reports.results import output_dir
+    from lmscope.reports.sections import kv_figures
+
+    out = output_dir(out)
+    m = load(model)
+    text = load_corpus(m, corpus, max_tokens=tokens)
+    summary = kv_stats(m, text, window=window).summary()
+    weights = weight_norms(m)
+    payload = _header("kv", model, m, {"corpus": corpus, "tokens": len(text), "window": window})
+    payload.update(kv=summary, weights=weights)
+    _save(out, payload, kv_figures(summary, weights))
+    keys, values = summary["keys"], summary["values"]
+    table = Table(
+        "layer", "|K|_F", "|V|_F", "K/V", "|K|_2", "|V|_2", "|W_k|_F", "|W_v|_F", title=f"{m.name}: keys vs values"
+    )
+    for layer in range(m.n_layers):
+        k, v = keys["frobenius"][layer], values["frobenius"][layer]
+        table.add_row(
+            str(layer),
+            f"{k:.4g}",
+            f"{v:.4g}",
+            f"{k / v:.2f}" if v else "-",
+            f"{keys['spectral'][layer]:.4g}",
+            f"{values['spectral'][layer]:.4g}",
+            f"{weights['k']['frobenius'][layer]:.4g}",
+            f"{weights['v']['frobenius'][layer]:.4g}",
+        )
+    console.print(table)
+    console.print(f"wrote {out / 'results.json'} and plots")
+
+
+@app.command()
+def quant(
+    model: ModelArg = DEFAULT_MODEL,
+    kv_specs: Annotated[
+        str, typer.Option("--kv", help="comma-separated KV settings, e.g. k4v2,k2v4,k4v4")
+    ] = "k8v8,k4v4,k4v2,k2v4,k2v2",
+    weights: Annotated[int | None, typer.Option(help="weight bits (symmetric per channel)")] = None,
+    weight_group: Annotated[int | None, typer.Option(help="weight group size (inputs)")] = None,
+    acts: Annotated[int | None, typer.Option(help="activation bits (per token, inputs of linear layers)")] = None,
+    budget: Annotated[float | None, typer.Option(help="average KV bits: add per-layer allocations")] = None,
+    group: Annotated[int, typer.Option(help="KV group size (channels per token, or tokens per channel)")] = 64,
+    k_axis: Annotated[str, typer.Option(help="key quantisation axis: token or channel")] = "token",
+    v_axis: Annotated[str, typer.Option(help="value quantisation axis: token or channel")] = "token",
+    kv_window: Annotated[int, typer.Option(help="most recent tokens kept in full precision")] = 0,
+    corpus: CorpusOpt = "wikitext2",
+    tokens: Annotated[int, typer.Option(help="number of corpus tokens")] = 4096,
+    window: WindowOpt = 512,
+    choices: Annotated[Path | None, typer.Option(help="multiple-choice JSONL: context, choices, answer")] = None,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("out/quant"),
+) -> None:
+    """Perplexity (and multiple-choice accuracy) under simulated KV / weight / activation quantisation."""
+    from lmscope.corpus import load_corpus
+    from lmscope.evaluation import load_choices, quant_table
+    from lmscope.quant import QuantConfig, budget_kv, parse_kv
+    from lmscope.reports.results import output_dir
+    from lmscope.reports.sections import quant_figures
+
+    options = {"group_size": group, "k_axis": k_axis, "v_axis": v_axis, "window": kv_window}
+    kv_configs = [parse_kv(spec, **options) for spec in kv_specs.split(",") if spec.strip()]
+    items = load_choices(choices) if choices is not None else None
+    out = output_dir(out)
+    m = load(model)
+    text = load_corpus(m, corpus, max_tokens=tokens)
+    if budget is not None:
+        kv_configs.append(budget_kv(m, budget, "weights", **options))
+        kv_configs.append(budget_kv(m, budget, "activations", _kv_summary(m, text, window), **options))
+    wa = {"weight_bits": weights, "weight_group": weight_group, "act_bits": acts}
+    configs = [QuantConfig(), *([QuantConfig(**wa)] if weights or acts else [])]
+    configs += [QuantConfig(kv, **wa) for kv in kv_configs]
+    settings = {"corpus": corpus, "tokens": len(text), "window": window, "kv": options, "budget": budget, **wa}
+    payload = _header("quant", model, m, settings)
+    if budget is not None:
+        payload["allocations"] = {c.name: {str(k): v for k, v in c.layers.items()} for c in kv_configs if c.layers}
+
+    def save(rows: list[dict]) -> None:
+        payload["rows"] = rows
+        _save(out, payload, quant_figures(rows) if len(rows) == len(configs) else [])
+
+    rows = quant_table(m, text, configs, window=window, choices=items, on_row=save)
+    table = Table("config", "K bits", "V bits", "perplexity", "change", title=f"{m.name}: simulated quantisation")
+    if items:
+        table.add_column("accuracy")
+    for row in rows:
+        cells = [row["config"], _bits(row["k_bits"]), _bits(row["v_bits"]), f"{row['perplexity']:.3f}"]
+        cells.append(f"{row['delta_perplexity']:+.3f}")
+        if items:
+            cells.append(f"{row['accuracy']:.3f}")
+        table.add_row(*cells)
+    console.print(table)
+    console.print(f"wrote {out / 'results.json'} and plots")
+
+
+def _kv_summary(m, text, window: int) -> dict:
+    from lmscope.corpus import Corpus
+    from lmscope.kv import kv_stats
+
+    return kv_stats(m, Corpus(text.name, text.tokens[:2048]), window=min(window, 2048)).summary()
+
+
+def _bits(value) -> str:
+    return "fp" if value is None else f"{value:.3g}"
 
 
 def main(argv: list[str] | None = None) -> None:

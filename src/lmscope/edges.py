@@ -202,7 +202,7 @@ def _projection(model, layer: int, t: str):
     return model.layer_module(layer, path)
 
 
-def _head_params(model, layer: int, t: str) -> tuple[Tensor, Tensor | None]:
+def head_params(model, layer: int, t: str) -> tuple[Tensor, Tensor | None]:
     """Weight rows [n_heads, d_head, d_model] and bias [n_heads, d_head] (or None) that each
     query head reads for input ``t``."""
     proj = _projection(model, layer, t)
@@ -250,7 +250,7 @@ def _edge_gradients(model, pair: TokenPair, metric: Metric, steps: int, clean_lo
             attn_norm = model.layer_module(layer, fam.attn_norm) if fam.attn_norm else None
             mlp_norm = model.layer_module(layer, fam.mlp_norm) if fam.mlp_norm else None
             with torch.no_grad():
-                parts = [torch.einsum("sthd,hde->hste", g[t], _head_params(model, layer, t)[0]) for t in QKV]
+                parts = [torch.einsum("sthd,hde->hste", g[t], head_params(model, layer, t)[0]) for t in QKV]
             k_norm = joint_k_norm(model, layer)
             if k_norm is not None:  # back through the joint key norm, then the whole k projection
                 parts[1] = _through_joint_norm(model, layer, k_norm, s["k_in"], g["k"])

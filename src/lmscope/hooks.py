@@ -88,7 +88,10 @@ class HookSession:
     the captured tensors are in :attr:`cache` (keys are site names, with a head suffix
     for single-head captures). ``to_cpu`` moves them to the CPU as they are produced,
     ``grad`` keeps them in the autograd graph (with ``retain_grad``) for attribution
-    methods, and ``stop_after`` ends the forward after that layer.
+    methods, and ``stop_after`` ends the forward after that layer. ``attention``, if given,
+    replaces every layer's attention computation: it is called as
+    ``attention(module, base, query, key, value, attention_mask, **kwargs)`` with ``base``
+    the model's own attention function (e.g. to attend to quantised keys, :mod:`lmscope.quant`).
     """
 
     def __init__(
@@ -100,8 +103,10 @@ class HookSession:
         to_cpu: bool = False,
         grad: bool = False,
         stop_after: int | None = None,
+        attention=None,
     ):
         self.model = model
+        self.attention = attention
         self.cache = ActivationCache()
         self.to_cpu = to_cpu
         self.grad = grad
@@ -214,7 +219,10 @@ class HookSession:
             key = self._process("attn.k", layer, key.transpose(1, 2), 0).transpose(1, 2)
         if self._wants("attn.v", layer):
             value = self._process("attn.v", layer, value.transpose(1, 2), 0).transpose(1, 2)
-        out, weights = base(module, query, key, value, attention_mask, **kwargs)
+        if self.attention is not None:
+            out, weights = self.attention(module, base, query, key, value, attention_mask, **kwargs)
+        else:
+            out, weights = base(module, query, key, value, attention_mask, **kwargs)
         if self._wants("attn.pattern", layer):
             new = self._process("attn.pattern", layer, weights, q_offset)
             if new is not weights:
@@ -249,7 +257,10 @@ class HookSession:
             self._post_hook(m.module(fam.final_norm), "final_norm", None)
         if ("logits", None) in kinds:
             self._logits_hook()
-        for layer in sorted({lay for _, lay in kinds if lay is not None}):
+        layers = {lay for _, lay in kinds if lay is not None}
+        if self.attention is not None:
+            layers = range(m.n_layers)
+        for layer in sorted(layers):
             self._install_layer(layer, {k for k, lay in kinds if lay == layer})
         if self.stop_after is not None:
             self._stop_hook(m.layer_module(self.stop_after, ""))
@@ -264,7 +275,7 @@ class HookSession:
             if fam.parallel_residual and getattr(m.hf.config, fam.parallel_residual, False):
                 raise LmscopeError("resid_mid does not exist in this model: attention and MLP run in parallel")
             self._mid_hook(at(fam.attn_contrib), layer)
-        if kinds & set(ATTN_INTERFACE_KINDS):
+        if kinds & set(ATTN_INTERFACE_KINDS) or self.attention is not None:
             attn = at(fam.attn)
             attn._lmscope_session = self
             self._attn_modules.append(attn)

@@ -172,11 +172,13 @@ class Model:
         to_cpu: bool = False,
         grad: bool = False,
         stop_after: int | None = None,
+        attention=None,
     ) -> HookSession:
         """A context manager capturing/intervening during any forward of ``self.hf``.
 
         ``with model.hooks(["blocks.3.attn.z"], [zero("blocks.2.attn.z.1")]) as s:``
-        ``model.hf(ids)``; then ``s.cache["blocks.3.attn.z"]``.
+        ``model.hf(ids)``; then ``s.cache["blocks.3.attn.z"]``. ``attention`` replaces the
+        attention computation of every layer (see :class:`HookSession`).
         """
         sites = [self.site(s) for s in capture]
         for iv in interventions:
@@ -187,7 +189,9 @@ class Model:
             late = [str(s) for s in sites if s.layer is None and s.kind != "embed" or (s.layer or 0) > stop_after]
             if late:
                 raise LmscopeError(f"cannot capture {', '.join(late)}: the run stops after layer {stop_after}")
-        return HookSession(self, sites, interventions, to_cpu=to_cpu, grad=grad, stop_after=stop_after)
+        return HookSession(
+            self, sites, interventions, to_cpu=to_cpu, grad=grad, stop_after=stop_after, attention=attention
+        )
 
     def run(
         self,

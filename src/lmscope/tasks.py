@@ -16,7 +16,6 @@ Generators: :func:`ioi` (indirect object identification, Wang et al. 2022), :fun
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lmscope.errors import LmscopeError
+from lmscope.jsonl import read_jsonl
 
 Prompt = str | list[int]
 
@@ -82,21 +82,7 @@ def pair_from_dict(obj: dict, where: str = "pair") -> PromptPair:
 
 def load_pairs(path: str | Path) -> list[PromptPair]:
     """Read a prompt-pair JSONL file; errors name the file and line."""
-    path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise LmscopeError(f"cannot read {path}: {e.strerror or e}") from e
-    pairs = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LmscopeError(f"{where}: malformed JSON ({e.msg})") from e
-        pairs.append(pair_from_dict(obj, where))
+    pairs = [pair_from_dict(obj, where) for where, obj in read_jsonl(path)]
     if not pairs:
         raise LmscopeError(f"{path}: no prompt pairs")
     return pairs

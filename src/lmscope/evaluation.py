@@ -1,0 +1,173 @@
+"""Evaluation under simulated quantisation: perplexity, multiple-choice accuracy, comparison tables.
+
+- **Perplexity** with the strided sliding-window protocol of Hugging Face's "Perplexity of
+  fixed-length models" guide: windows of ``window`` tokens start every ``stride`` tokens; the
+  first window scores all its predictions, later ones only their last ``stride`` tokens (the
+  rest is context). ``stride = window`` (the default) is plain non-overlapping windows.
+  ``exp(mean negative log-likelihood)`` over the scored tokens.
+- **Multiple choice**: each JSONL line ``{"context": str, "choices": [str, ...], "answer": int}``;
+  every choice is scored by the summed log-probability of its tokens after the context (the
+  context and the choice tokenised separately and concatenated), as lm-evaluation-harness's
+  ``acc``; the prediction is the highest-scoring choice.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmscope.corpus import Corpus
+from lmscope.errors import LmscopeError
+from lmscope.jsonl import read_jsonl
+from lmscope.progress import progress_bar
+from lmscope.quant import QuantConfig, quantized
+
+
+def _token_nll(model, ids: Tensor) -> Tensor:
+    """Negative log-likelihood of each next token: ids [batch, pos] -> [batch, pos - 1]."""
+    logits = model.hf(input_ids=ids.to(model.device), use_cache=False).logits[:, :-1].float()
+    return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:].to(model.device), reduction="none")
+
+
+def perplexity(
+    model,
+    corpus: Corpus,
+    *,
+    window: int = 512,
+    stride: int | None = None,
+    batch_size: int = 4,
+    config: QuantConfig | None = None,
+    label: str = "perplexity",
+) -> dict:
+    """Perplexity of ``corpus`` (protocol in the module docstring), optionally under ``config``.
+    Returns ``{"perplexity", "nll", "n_scored", "seconds", "tokens_per_second"}``."""
+    stride = stride or window
+    if stride > window:
+        raise LmscopeError(f"stride {stride} is longer than the window {window}")
+    windows = corpus.windows(window, stride)
+    total, count = 0.0, 0
+    start = time.perf_counter()
+    with (
+        torch.no_grad(),
+        quantized(model, config or QuantConfig()),
+        progress_bar(label, len(windows)) as advance,
+    ):
+        for first, batch in zip(range(0, len(windows), batch_size), windows.split(batch_size)):
+            nll = _token_nll(model, batch)
+            scored = torch.ones_like(nll, dtype=torch.bool)
+            context = window - stride - 1  # predictions of the tokens before the last `stride`
+            if context > 0:
+                scored[:, :context] = False
+            if first == 0:
+                scored[0] = True
+            total += float(nll[scored].double().sum())
+            count += int(scored.sum())
+            advance(len(batch))
+    seconds = time.perf_counter() - start
+    mean = total / count
+    return {
+        "perplexity": math.exp(mean),
+        "nll": mean,
+        "n_scored": count,
+        "seconds": seconds,
+        "tokens_per_second": windows.numel() / seconds,
+    }
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One multiple-choice item."""
+
+    context: str
+    choices: tuple[str, ...]
+    answer: int
+
+
+def load_choices(path: str | Path) -> list[Choice]:
+    """Read a multiple-choice JSONL file; errors name the file and line."""
+    items = []
+    for where, obj in read_jsonl(path):
+        if not isinstance(obj, dict):
+            raise LmscopeError(f"{where}: expected a JSON object")
+        context, choices, answer = obj.get("context"), obj.get("choices"), obj.get("answer")
+        if not isinstance(context, str) or not context:
+            raise LmscopeError(f"{where}: 'context' must be a non-empty string")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise LmscopeError(f"{where}: 'choices' must be a list of at least two non-empty strings")
+        if not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise LmscopeError(f"{where}: 'answer' must be the index of a choice (0..{len(choices) - 1})")
+        items.append(Choice(context, tuple(choices), answer))
+    if not items:
+        raise LmscopeError(f"{path}: no items")
+    return items
+
+
+def choice_scores(model, item: Choice) -> Tensor:
+    """Summed log-probability of each choice's tokens after the context: [n_choices]."""
+    tok = model.tokenizer
+    context = tok(item.context, add_special_tokens=False)["input_ids"]
+    seqs = [context + tok(c, add_special_tokens=False)["input_ids"] for c in item.choices]
+    width = max(map(len, seqs))
+    pad = model._pad_id() or 0
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+    nll = _token_nll(model, ids)
+    scores = []
+    for row, seq in enumerate(seqs):
+        scores.append(-nll[row, len(context) - 1 : len(seq) - 1].double().sum())
+    return torch.stack(scores)
+
+
+def choice_accuracy(model, items: Sequence[Choice], *, config: QuantConfig | None = None) -> dict:
+    """Accuracy of log-probability scoring on ``items``, optionally under ``config``."""
+    correct = 0
+    with torch.no_grad(), quantized(model, config or QuantConfig()), progress_bar("multiple choice", len(items)) as adv:
+        for item in items:
+            correct += int(choice_scores(model, item).argmax()) == item.answer
+            adv(1)
+    return {"accuracy": correct / len(items), "n": len(items)}
+
+
+def quant_table(
+    model,
+    corpus: Corpus,
+    configs: Sequence[QuantConfig],
+    *,
+    window: int = 512,
+    batch_size: int = 4,
+    choices: Sequence[Choice] | None = None,
+    on_row: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
+    """Perplexity (and multiple-choice accuracy) of each config, one row per config, with its
+    average KV bits and the perplexity change from the first row (the baseline). ``on_row``
+    is called with the rows so far after each one (e.g. to save partial results)."""
+    rows = []
+    for config in configs:
+        result = perplexity(model, corpus, window=window, batch_size=batch_size, config=config, label=config.name)
+        k, v = zip(*(config.kv.bits(layer) for layer in range(model.n_layers)))
+        row = {
+            "config": config.name,
+            "k_bits": _mean_bits(k),
+            "v_bits": _mean_bits(v),
+            "weight_bits": config.weight_bits,
+            "act_bits": config.act_bits,
+            "perplexity": result["perplexity"],
+            "seconds": result["seconds"],
+        }
+        if choices:
+            row["accuracy"] = choice_accuracy(model, choices, config=config)["accuracy"]
+        row["delta_perplexity"] = row["perplexity"] - (rows[0] if rows else row)["perplexity"]
+        rows.append(row)
+        if on_row is not None:
+            on_row(rows)
+    return rows
+
+
+def _mean_bits(bits: Sequence[int | None]) -> float | None:
+    return None if any(b is None for b in bits) else sum(bits) / len(bits)

@@ -1,0 +1,106 @@
+"""Key/value analysis: norms and singular-value spectra of cached keys and values, and of W_k, W_v.
+
+KV-AdaQuant (Hariri et al. 2025, "Quantize What Counts: More for Keys, Less for Values")
+observes that keys have larger norms than values, in the activations and in the projection
+weights, so that keys need more bits than values at the same budget. This module measures
+both, per layer and per KV head:
+
+- activations: the keys (after the rotary embedding, as the KV cache stores them) and values
+  of every token of a corpus form a matrix K [n_tokens, d_head] per KV head; streaming its Gram
+  matrix K^T K gives the Frobenius norm sqrt(tr K^T K), the singular values sqrt(eig(K^T K))
+  and the spectral norm (the largest), in memory independent of the corpus length. Norms of
+  the whole layer use all KV heads' columns together [n_tokens, n_kv_heads * d_head].
+- weights: Frobenius and spectral norms of each KV head's rows of W_k and W_v.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lmscope.corpus import Corpus
+from lmscope.edges import head_params
+from lmscope.progress import progress_bar
+
+
+@dataclass
+class KVStats:
+    """Streaming Gram matrices of the keys and values: ``gram[t]`` is [n_layers, n_kv*d_head, n_kv*d_head]."""
+
+    gram: dict[str, Tensor]
+    n_kv_heads: int
+    d_head: int
+    n_tokens: int = 0
+
+    def update(self, layer: int, t: str, x: Tensor) -> None:
+        """Add keys or values ``x`` [batch, pos, n_kv_heads, d_head] of ``layer`` (``t`` is "k" or "v")."""
+        flat = x.detach().flatten(0, 1).flatten(1).float()
+        self.gram[t][layer] += (flat.T @ flat).double()
+
+    def norms(self, t: str) -> dict:
+        """Per layer: Frobenius and spectral norm of the whole layer's matrix and, per KV head,
+        Frobenius norm, spectral norm and singular values (descending)."""
+        gram = self.gram[t]
+        n_layers, D = gram.shape[0], self.d_head
+        heads = torch.stack([gram[:, h * D : (h + 1) * D, h * D : (h + 1) * D] for h in range(self.n_kv_heads)], 1)
+        sv_heads = _singular_values(heads)  # [L, n_kv, D]
+        sv_layer = _singular_values(gram)  # [L, n_kv * D]
+        return {
+            "frobenius": sv_layer.square().sum(-1).sqrt().tolist(),
+            "spectral": sv_layer[:, 0].tolist(),
+            "head_frobenius": sv_heads.square().sum(-1).sqrt().tolist(),
+            "head_spectral": sv_heads[..., 0].tolist(),
+            "head_singular_values": sv_heads.tolist(),
+            "n_layers": n_layers,
+        }
+
+    def summary(self) -> dict:
+        """Every number as plain JSON."""
+        return {"n_tokens": self.n_tokens, "keys": self.norms("k"), "values": self.norms("v")}
+
+
+def _singular_values(gram: Tensor) -> Tensor:
+    """Singular values (descending) of the matrices whose Gram matrices are ``gram`` [..., n, n]."""
+    return torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().flip(-1)
+
+
+def kv_stats(model, corpus: Corpus, *, window: int = 512, batch_size: int = 4) -> KVStats:
+    """Stream ``corpus`` (non-overlapping windows of ``window`` tokens) and accumulate the Gram
+    matrices of every layer's keys and values."""
+    width = model.n_kv_heads * model.d_head
+    gram = {t: torch.zeros(model.n_layers, width, width, dtype=torch.float64) for t in "kv"}
+    stats = KVStats(gram, model.n_kv_heads, model.d_head)
+    sites = [f"blocks.{layer}.attn.{t}" for layer in range(model.n_layers) for t in "kv"]
+    windows = corpus.windows(window)
+    with torch.no_grad(), progress_bar("key/value statistics", windows.numel()) as advance:
+        for batch in windows.split(batch_size):
+            run = model.run(batch.to(model.device), capture=sites)
+            for layer in range(model.n_layers):
+                for t in "kv":
+                    stats.update(layer, t, run.cache[f"blocks.{layer}.attn.{t}"])
+            stats.n_tokens += batch.numel()
+            advance(batch.numel())
+    return stats
+
+
+def weight_norms(model) -> dict:
+    """Frobenius and spectral norms of W_k and W_v: per layer (all KV heads' rows) and per KV
+    head. Keys: ``"k"``/``"v"`` -> ``frobenius`` [L], ``spectral`` [L], ``head_frobenius``
+    [L][n_kv], ``head_spectral`` [L][n_kv]."""
+    groups = model.n_heads // model.n_kv_heads
+    out = {}
+    with torch.no_grad():
+        for t in "kv":
+            per_head = torch.stack(
+                [head_params(model, layer, t)[0][::groups].float() for layer in range(model.n_layers)]
+            )  # [L, n_kv, d_head, d_model]
+            whole = per_head.flatten(1, 2)
+            out[t] = {
+                "frobenius": torch.linalg.matrix_norm(whole).tolist(),
+                "spectral": torch.linalg.matrix_norm(whole, ord=2).tolist(),
+                "head_frobenius": torch.linalg.matrix_norm(per_head).tolist(),
+                "head_spectral": torch.linalg.matrix_norm(per_head, ord=2).tolist(),
+            }
+    return out
