@@ -48,13 +48,6 @@ def test_sites_table(capsys):
     assert "blocks.2.attn.k" in out and "[1, 4, 3, 64]" in out and "blocks.3." not in out
 
 
-def test_scan_prints_card_sites_and_captures(capsys):
-    code, out, _ = _cli(capsys, "scan")
-    assert code == 0
-    for text in ("llama", "kv_heads", "blocks.{L}.attn.pattern", "resid_post", "507"):
-        assert text in out
-
-
 def test_models_lists_alias(capsys):
     code, out, _ = _cli(capsys, "models")
     assert code == 0 and "smollm2-135m" in out
@@ -149,3 +142,73 @@ def test_unwritable_output_directory(capsys, tmp_path):
     blocker.write_text("")
     code, _, err = _cli(capsys, "heads", "--out", str(blocker / "sub"))
     assert code == 2 and "cannot create output directory" in err
+
+
+def test_outliers_command(capsys, tmp_path, smollm2):
+    """Max |x| of a residual site in results.json equals a direct capture of the same tokens."""
+    from lmscope.corpus import load_corpus
+
+    out = tmp_path / "outliers"
+    code, stdout, _ = _cli(capsys, "outliers", "--tokens", "256", "--window", "128", "--out", str(out))
+    assert code == 0 and "OSP excess kurtosis" in stdout and "507" in stdout
+    payload = json.loads((out / "results.json").read_text())
+    tokens = load_corpus(smollm2, max_tokens=256).windows(128)
+    ref = smollm2.run(tokens, capture=["blocks.12.resid_post"]).cache["blocks.12.resid_post"]
+    site = payload["outliers"]["sites"]["blocks.12.resid_post"]
+    assert site["max_abs"] == pytest.approx(float(ref.abs().max()), rel=1e-5)
+    assert {"kurtosis.png", "max_abs.png", "max_abs_channels.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_kv_command(capsys, tmp_path, smollm2):
+    """|K|_F of layer 3 equals the norm of the captured keys of the same tokens."""
+    from lmscope.corpus import load_corpus
+
+    out = tmp_path / "kv"
+    code, stdout, _ = _cli(capsys, "kv", "--tokens", "256", "--window", "128", "--out", str(out))
+    assert code == 0 and "keys vs values" in stdout
+    payload = json.loads((out / "results.json").read_text())
+    tokens = load_corpus(smollm2, max_tokens=256).windows(128)
+    keys = smollm2.run(tokens, capture=["blocks.3.attn.k"]).cache["blocks.3.attn.k"]
+    assert payload["kv"]["keys"]["frobenius"][3] == pytest.approx(float(keys.double().norm()), rel=1e-4)
+    assert (out / "kv_norms.png").exists()
+
+
+def test_quant_command_keeps_rows_and_plots(capsys, tmp_path):
+    out = tmp_path / "quant"
+    argv = ["quant", "--kv", "k4v2,k2v4", "--budget", "3", "--tokens", "256", "--window", "128", "--out", str(out)]
+    code, stdout, _ = _cli(capsys, *argv)
+    assert code == 0 and "K4V2" in stdout
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    ppl = {r["config"]: r["perplexity"] for r in rows}
+    assert set(ppl) == {"fp", "K4V2", "K2V4", "alloc-weights-3b", "alloc-activations-3b"}
+    assert ppl["K4V2"] < ppl["K2V4"]
+    for row in rows:
+        if row["config"].startswith("alloc"):
+            assert (row["k_bits"] + row["v_bits"]) / 2 == pytest.approx(3.0)
+    assert (out / "quant_perplexity.png").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["quant", "--kv", "k9v2"], "KV bits must be between 1 and 8"),
+        (["quant", "--kv", "k4"], "bad KV quantisation"),
+        (["quant", "--k-axis", "diagonal"], "unknown quantisation axis"),
+        (["outliers", "--corpus", "/no/such/corpus.txt"], "corpus not found"),
+        (["kv", "--tokens", "10", "--window", "512"], "fewer than one window"),
+    ],
+)
+def test_quant_commands_bad_input_keep_earlier_results(capsys, tmp_path, argv, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"earlier": true}')
+    code, _, err = _cli(capsys, *argv, "--out", str(out))
+    assert code == 2 and message in err and err.strip().count("\n") == 0
+    assert json.loads((out / "results.json").read_text()) == {"earlier": True}
+
+
+def test_quant_malformed_choices(capsys, tmp_path):
+    bad = tmp_path / "mc.jsonl"
+    bad.write_text('{"context": "a", "choices": ["b", "c"], "answer": 0}\n{oops\n')
+    code, _, err = _cli(capsys, "quant", "--choices", str(bad), "--out", str(tmp_path / "out"))
+    assert code == 2 and f"{bad}:2: malformed JSON" in err

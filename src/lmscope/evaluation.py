@@ -101,7 +101,7 @@ def load_choices(path: str | Path) -> list[Choice]:
             raise LmscopeError(f"{where}: 'context' must be a non-empty string")
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
             raise LmscopeError(f"{where}: 'choices' must be a list of at least two non-empty strings")
-        if not isinstance(answer, int) or not 0 <= answer < len(choices):
+        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
             raise LmscopeError(f"{where}: 'answer' must be the index of a choice (0..{len(choices) - 1})")
         items.append(Choice(context, tuple(choices), answer))
     if not items:

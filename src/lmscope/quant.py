@@ -15,10 +15,12 @@ and values of every layer, through the attention replacement of :class:`~lmscope
 Per token (``axis="token"``), each token's channels form groups of ``group_size`` (KIVI's
 value quantisation; a group of 64 is one head of SmolLM2); per channel (``axis="channel"``),
 each channel is quantised over groups of ``group_size`` consecutive tokens (KIVI's key
-quantisation, Liu et al. 2024). With ``window = w > 0`` each query attends to the ``w`` most
-recent keys and values (itself included) in full precision and to older ones quantised, as a
-cache with a full-precision residual window does; this is exact, by attending over the
-concatenation [quantised; full precision] with a mask that picks one copy of each key.
+quantisation, Liu et al. 2024), and a query sees the tokens of a group that is not complete
+yet in full precision, as KIVI's cache holds them (so no statistic sees a later token). With
+``window = w > 0`` each query attends to the ``w`` most recent keys and values (itself
+included) in full precision and to older ones quantised, as a cache with a full-precision
+residual window does. Both are exact: attention runs over the concatenation [quantised; full
+precision] of the keys and values with a mask that picks one copy of each.
 
 Weights: every linear layer inside the transformer blocks (not embeddings, not the
 unembedding). Activations: the inputs of those layers, per token, asymmetric.
@@ -149,26 +151,32 @@ def _quant_kv(x: Tensor, bits: int | None, axis: str, group_size: int | None) ->
 def kv_attention(config: KVQuant):
     """An attention replacement (for :meth:`Model.hooks`) that attends to fake-quantised keys
     and values as ``config`` describes."""
+    channel = "channel" in (config.k_axis, config.v_axis)
 
     def attention(module, base, query, key, value, attention_mask, **kwargs):
         k_bits, v_bits = config.bits(module.layer_idx)
         qk = _quant_kv(key, k_bits, config.k_axis, config.group_size)
         qv = _quant_kv(value, v_bits, config.v_axis, config.group_size)
-        if config.window == 0 or (k_bits is None and v_bits is None):
+        if (config.window == 0 and not channel) or (k_bits is None and v_bits is None):
             return base(module, query, qk, qv, attention_mask, **kwargs)
-        mask = _window_mask(attention_mask, query.shape[2], key.shape[2], config.window, query.device)
+        group = (config.group_size or key.shape[2]) if channel else None
+        mask = _recent_mask(attention_mask, query.shape[2], key.shape[2], config.window, group, query.device)
         return base(module, query, torch.cat([qk, key], 2), torch.cat([qv, value], 2), mask, **kwargs)
 
     return attention
 
 
-def _window_mask(mask: Tensor | None, n_q: int, n_k: int, window: int, device) -> Tensor:
-    """Mask over [quantised keys; full-precision keys] [batch|1, 1, n_q, 2 n_k]: a query sees the
-    quantised copy of keys older than ``window`` positions and the full-precision copy of the
-    others, among the keys the model's own ``mask`` allows (causal if None)."""
+def _recent_mask(mask: Tensor | None, n_q: int, n_k: int, window: int, group: int | None, device) -> Tensor:
+    """Mask over [quantised keys; full-precision keys] [batch|1, 1, n_q, 2 n_k]: query i sees the
+    full-precision copy of key j when j is among the ``window`` most recent (i - j < window) or,
+    with per-channel groups of ``group`` tokens, when j's group is not complete at i (KIVI keeps
+    such tokens in full precision, and a group's statistics must not see tokens after i); else
+    the quantised copy. Only keys the model's own ``mask`` allows (causal if None) are seen."""
     i = torch.arange(n_q, device=device)[:, None] + (n_k - n_q)
     j = torch.arange(n_k, device=device)[None, :]
     recent = (i - j) < window
+    if group is not None:
+        recent = recent | (j >= (i + 1) // group * group)
     if mask is None:
         allowed = (j <= i)[None, None]
     elif mask.dtype == torch.bool:

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
 from lmscope.reports.html import Report, bars, heatmap, lines, plotly_js
+from tests.browser import HOVER_JS, PLOT_BOXES_JS, artifacts_dir, open_report, require_chromium
 
-CHROMIUM = Path("/usr/bin/chromium")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 KNOWN = 0.777  # z[2][3] of the test heatmap
 
 
@@ -118,75 +114,32 @@ def test_heatmap_validates_shape():
 # --- real browser -----------------------------------------------------------------------------
 
 
-def _require_chromium() -> None:
-    if CHROMIUM.exists():
-        return
-    reason = f"{CHROMIUM} is missing (run `make browser`: apt-get install chromium)"
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
 def test_missing_chromium_fails_in_ci_and_skips_elsewhere(monkeypatch, tmp_path):
-    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", tmp_path / "no-chromium")
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception):
-        _require_chromium()
+        require_chromium(tmp_path / "no-chromium")
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception):
-        _require_chromium()
-
-
-HOVER_JS = """
-([id, x, y]) => {
-  const div = document.getElementById(id);
-  Plotly.Fx.hover(div, {xval: x, yval: y});
-  return div.querySelector('.hoverlayer').textContent;
-}
-"""
+        require_chromium(tmp_path / "no-chromium")
 
 
 @pytest.mark.browser
 def test_report_renders_in_chromium(tmp_path):
-    _require_chromium()
-    if os.environ.get("CI"):
-        from playwright import sync_api  # in CI a missing Playwright is a failure, not a skip
-    else:
-        sync_api = pytest.importorskip("playwright.sync_api")
     path = _report().write(tmp_path / "report.html")
-    artifacts = REPO_ROOT / os.environ.get("LMSCOPE_ARTIFACTS", "artifacts")
-    artifacts.mkdir(parents=True, exist_ok=True)
-    errors: list[str] = []
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
-            page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
-            page.goto(path.as_uri())
-            page.wait_for_function("document.body.dataset.plotsRendered !== undefined", timeout=30_000)
-            assert page.evaluate("document.body.dataset.plotsRendered") == "3", errors
-            assert errors == []
+    with open_report(path, timeout_ms=30_000) as (page, errors):
+        assert page.evaluate("document.body.dataset.plotsRendered") == "3", errors
+        assert errors == []
+        boxes = page.evaluate(PLOT_BOXES_JS)
+        assert len(boxes) == 3
+        for box in boxes:
+            assert box["width"] > 0 and box["height"] > 0 and box["drawn"] > 0, box
+        assert page.locator("#plot-1 g.hm image").count() == 1  # the heatmap layer is drawn
+        assert page.locator("#plot-2 .scatterlayer .trace").count() == 2
+        assert page.locator("#plot-3 .barlayer .point").count() == 6
 
-            boxes = page.evaluate(
-                """() => Array.from(document.querySelectorAll('.plot')).map(div => {
-                     const svg = div.querySelector('svg.main-svg');
-                     const r = svg ? svg.getBoundingClientRect() : {width: 0, height: 0};
-                     return {id: div.id, width: r.width, height: r.height};
-                   })"""
-            )
-            assert len(boxes) == 3
-            for box in boxes:
-                assert box["width"] > 0 and box["height"] > 0, box
-            assert page.locator("#plot-1 g.hm image").count() == 1  # the heatmap layer is drawn
-            assert page.locator("#plot-2 .scatterlayer .trace").count() == 2
-            assert page.locator("#plot-3 .barlayer .point").count() == 6
+        hover = page.evaluate(HOVER_JS, ["plot-1", 3, 2])
+        assert "0.777" in hover and "layer 2" in hover and "head 3" in hover, hover
 
-            hover = page.evaluate(HOVER_JS, ["plot-1", 3, 2])
-            assert "0.777" in hover and "layer 2" in hover and "head 3" in hover, hover
-
-            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
-            page.screenshot(path=str(artifacts / "report_screenshot_test.png"), full_page=True)
-            assert errors == []
-        finally:
-            browser.close()
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        page.screenshot(path=str(artifacts_dir() / "report_screenshot_test.png"), full_page=True)
+        assert errors == []

@@ -1,0 +1,129 @@
+"""`lmscope scan`: the quick scan of SmolLM2 end to end, its report in real headless Chromium,
+partial results after an interruption, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import lmscope.scan as scan_module
+from lmscope.cli import main
+from lmscope.reports.html import format_value
+from lmscope.scan import ScanSettings, scan
+from tests.browser import HOVER_JS, PLOT_BOXES_JS, artifacts_dir, open_report
+
+PARTS = ["model", "outliers", "kv", "heads", "circuit"]
+TINY = ScanSettings(
+    stats_tokens=256, kv_tokens=256, ppl_tokens=256, window=128, kv_configs=("fp", "k4v2"), head_batch=2, ioi_pairs=2
+)
+
+
+def _cli(capsys, *argv):
+    with pytest.raises(SystemExit) as info:
+        main(list(argv))
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def quick_scan(tmp_path_factory):
+    """`lmscope scan --quick` on the default model, as the README's main job runs it."""
+    out = tmp_path_factory.mktemp("scan")
+    with pytest.raises(SystemExit) as info:
+        main(["scan", "--quick", "--out", str(out)])
+        raise SystemExit(0)
+    assert info.value.code == 0
+    return out
+
+
+@pytest.mark.slow
+def test_quick_scan_writes_every_part(quick_scan, smollm2):
+    """results.json holds every part with numbers checked against independent facts of SmolLM2."""
+    payload = json.loads((quick_scan / "results.json").read_text())
+    assert list(payload["parts"]) == PARTS and set(payload["timings"]) == set(PARTS)
+    parts = payload["parts"]
+    assert parts["model"]["layers"] == 30 and parts["model"]["kv_heads"] == 3
+    assert 507 in {row["channel"] for row in parts["outliers"]["massive"]}  # SmolLM2's massive channel
+    ppl = {row["config"]: row["perplexity"] for row in parts["kv"]["quant"]}
+    assert list(ppl) == ["fp", "K8V8", "K4V4", "K4V2", "K2V4", "K2V2"]
+    assert abs(ppl["K8V8"] / ppl["fp"] - 1) < 0.01 and ppl["K2V2"] > ppl["K4V4"] > ppl["fp"]
+    assert ppl["K4V2"] < ppl["K2V4"]  # keys need more bits than values (KV-AdaQuant)
+    induction = parts["heads"]["scores"]["induction"]
+    assert len(induction) == 30 and len(induction[0]) == 9
+    scores = parts["circuit"]["scores"]
+    top = parts["circuit"]["top"][0]
+    assert scores[top["layer"]][top["head"]] == pytest.approx(top["score"])
+    for name in ("kurtosis", "max_abs", "max_abs_channels", "kv_norms", "quant_perplexity", "circuit_ioi_heads"):
+        assert (quick_scan / f"{name}.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_quick_scan_report_in_chromium(quick_scan):
+    """The report renders every plot without console errors, hovering a patching cell shows its
+    value from results.json, nothing scrolls sideways; a screenshot is saved as an artifact."""
+    payload = json.loads((quick_scan / "results.json").read_text())
+    html = (quick_scan / "report.html").read_text()
+    assert "<script src=" not in html and "<link href=" not in html  # self-contained
+    n_plots = html.count('class="plot"')
+    assert n_plots == 3 + 3 + 3 + 1  # outliers, keys/values (2 norms + quantisation), heads, circuit
+    with open_report(quick_scan / "report.html") as (page, errors):
+        assert page.evaluate("document.body.dataset.plotsRendered") == str(n_plots), errors
+        assert page.evaluate("document.body.dataset.plotErrors") in (None, "0")
+        boxes = page.evaluate(PLOT_BOXES_JS)
+        assert len(boxes) == n_plots
+        for box in boxes:
+            assert box["width"] > 100 and box["height"] > 100 and box["drawn"] > 0, box
+        circuit = next(b["id"] for b in boxes if b["title"].startswith("IOI"))
+        top = payload["parts"]["circuit"]["top"][0]
+        hover = page.evaluate(HOVER_JS, [circuit, top["head"], top["layer"]])
+        assert format_value(top["score"]) in hover, hover
+        assert f"layer {top['layer']}" in hover and f"head {top['head']}" in hover
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        page.screenshot(path=str(artifacts_dir() / "scan_report.png"), full_page=True)
+        assert errors == []
+
+
+def test_interrupted_scan_keeps_finished_parts(monkeypatch, tmp_path, smollm2):
+    """An interruption in the circuit part leaves the four finished parts in results.json and a
+    (partial) report."""
+
+    def interrupted(model, settings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scan_module, "_circuit_part", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        scan(smollm2, tmp_path, TINY)
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert list(payload["parts"]) == PARTS[:4]
+    assert all(math.isfinite(row["perplexity"]) for row in payload["parts"]["kv"]["quant"])
+    assert "partial: 4 of 5 parts" in (tmp_path / "report.html").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["scan", "no-such-model"], "not in the local Hugging Face cache"),
+        (["scan", "/no/such/model.gguf"], "no such model file"),
+    ],
+)
+def test_scan_bad_model_one_line_exit_2(capsys, tmp_path, argv, message):
+    code, _, err = _cli(capsys, *argv, "--out", str(tmp_path / "out"))
+    assert code == 2 and message in err and err.strip().count("\n") == 0 and "Traceback" not in err
+
+
+def test_scan_corrupt_model_file(capsys, tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00 not really a model")
+    code, _, err = _cli(capsys, "scan", str(bad), "--out", str(tmp_path / "out"))
+    assert code == 2 and err.startswith("error:") and err.strip().count("\n") == 0
+
+
+def test_scan_unwritable_output(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, _, err = _cli(capsys, "scan", "--out", str(blocker / "sub"))
+    assert code == 2 and "cannot create output directory" in err
