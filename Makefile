@@ -33,6 +33,7 @@ bench: setup
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python bench/bench_capture.py
 	$(BIN)/python bench/bench_patching.py
+	$(BIN)/python bench/bench_quant.py
 	$(BIN)/python bench/method_agreement.py
 
 lint: setup

@@ -261,3 +261,16 @@ def test_smollm2_massive_activation_channel_507(smollm2):
     token = row["tokens"][0]
     assert token["id"] == int(corpus.tokens[token["index"]])
     assert token["text"] == smollm2.tokenizer.decode([token["id"]])
+
+
+def test_capture_without_unembedding_equals_full_run(any_model):
+    """The base-model forward used for statistics gives the same hidden states as the full run."""
+    from lmscope.outliers import capture, residual_sites
+    from tests.tiny import random_ids
+
+    ids = random_ids(any_model, batch=2, pos=7)
+    sites = residual_sites(any_model.n_layers) + ["blocks.1.attn.k"]
+    fast = capture(any_model, ids, sites)
+    full = any_model.run(ids, capture=sites).cache
+    for site in sites:
+        assert torch.equal(fast[site], full[site]), site

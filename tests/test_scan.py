@@ -13,19 +13,12 @@ from lmscope.cli import main
 from lmscope.reports.html import format_value
 from lmscope.scan import ScanSettings, scan
 from tests.browser import HOVER_JS, PLOT_BOXES_JS, artifacts_dir, open_report
+from tests.test_cli import _cli
 
 PARTS = ["model", "outliers", "kv", "heads", "circuit"]
 TINY = ScanSettings(
     stats_tokens=256, kv_tokens=256, ppl_tokens=256, window=128, kv_configs=("fp", "k4v2"), head_batch=2, ioi_pairs=2
 )
-
-
-def _cli(capsys, *argv):
-    with pytest.raises(SystemExit) as info:
-        main(list(argv))
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

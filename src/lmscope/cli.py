@@ -465,6 +465,7 @@ def quant(
     wa = {"weight_bits": weights, "weight_group": weight_group, "act_bits": acts}
     configs = [QuantConfig(), *([QuantConfig(**wa)] if weights or acts else [])]
     configs += [QuantConfig(kv, **wa) for kv in kv_configs]
+    configs = list({c.name: c for c in reversed(configs)}.values())[::-1]  # once each, first place kept
     settings = {"corpus": corpus, "tokens": len(text), "window": window, "kv": options, "budget": budget, **wa}
     payload = _header("quant", model, m, settings)
     if budget is not None:

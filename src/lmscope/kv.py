@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lmscope.corpus import Corpus
 from lmscope.edges import head_params
+from lmscope.outliers import capture
 from lmscope.progress import progress_bar
 
 
@@ -76,10 +77,10 @@ def kv_stats(model, corpus: Corpus, *, window: int = 512, batch_size: int = 4) -
     windows = corpus.windows(window)
     with torch.no_grad(), progress_bar("key/value statistics", windows.numel()) as advance:
         for batch in windows.split(batch_size):
-            run = model.run(batch.to(model.device), capture=sites)
+            cache = capture(model, batch, sites)
             for layer in range(model.n_layers):
                 for t in "kv":
-                    stats.update(layer, t, run.cache[f"blocks.{layer}.attn.{t}"])
+                    stats.update(layer, t, cache[f"blocks.{layer}.attn.{t}"])
             stats.n_tokens += batch.numel()
             advance(batch.numel())
     return stats

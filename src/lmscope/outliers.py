@@ -311,13 +311,24 @@ def activation_stats(
     with torch.no_grad(), progress_bar(f"activation statistics ({protocol})", ids.numel()) as advance:
         for batch in batches:
             inputs = batch if protocol == "in-context" else batch.unsqueeze(1)
-            run = model.run(inputs.to(model.device), capture=names)
+            cache = capture(model, inputs, names)
             tokens = torch.arange(start, start + batch.numel())
             for name in names:
-                x = run.cache[name].flatten(0, 1).flatten(1)
+                x = cache[name].flatten(0, 1).flatten(1)
                 if name not in stats:
                     stats[name] = SiteStats(x.shape[-1], top_k)
                 stats[name].update(x.cpu(), tokens)
             start += batch.numel()
             advance(batch.numel())
     return OutlierStats(stats, protocol, model.n_layers, start, ids.clone())
+
+
+def capture(model, ids: Tensor, sites: list[str]) -> dict[str, Tensor]:
+    """Capture ``sites`` for a batch of token ids [batch, pos]. Unless the logits are asked for,
+    only the base model runs (Hugging Face's ``base_model``, without the unembedding, which
+    costs a fifth of SmolLM2's forward and is not needed for hidden-state statistics)."""
+    if "logits" in sites:
+        return model.run(ids.to(model.device), capture=sites).cache
+    with torch.no_grad(), model.hooks(sites) as session:
+        model.hf.base_model(input_ids=ids.to(model.device), use_cache=False)
+    return session.cache

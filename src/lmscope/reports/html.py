@@ -181,6 +181,17 @@ def heatmap(
     return {"data": [trace], "layout": layout}
 
 
+def _series(series: Mapping[str, Sequence[float]], n: int) -> list[tuple[str, list]]:
+    """``(name, JSON-ready values)`` of each series, checked to have ``n`` values."""
+    out = []
+    for name, values in series.items():
+        values = _plain(list(values))
+        if len(values) != n:
+            raise ValueError(f"series {name!r} has {len(values)} values for {n} x values")
+        out.append((name, values))
+    return out
+
+
 def lines(
     x: Sequence[Any],
     series: Mapping[str, Sequence[float]],
@@ -193,20 +204,11 @@ def lines(
     """Line chart: one line per ``series`` entry over the shared ``x``; NaN values are gaps."""
     x_values = _plain(list(x))
     markers = len(x_values) <= 60
-    data = []
-    for name, values in series.items():
-        values = _plain(list(values))
-        if len(values) != len(x_values):
-            raise ValueError(f"series {name!r} has {len(values)} values for {len(x_values)} x values")
-        data.append(
-            {
-                "type": "scatter",
-                "mode": "lines+markers" if markers else "lines",
-                "name": _label(name),
-                "x": x_values,
-                "y": values,
-            }
-        )
+    mode = "lines+markers" if markers else "lines"
+    data = [
+        {"type": "scatter", "mode": mode, "name": _label(name), "x": x_values, "y": values}
+        for name, values in _series(series, len(x_values))
+    ]
     layout = _layout(title, xlabel, ylabel, height=420, hovermode="x unified", showlegend=len(data) > 1)
     if log_y:
         layout["yaxis"]["type"] = "log"
@@ -224,12 +226,9 @@ def bars(
 ) -> dict:
     """Grouped bar chart: one bar per category for each ``series`` entry."""
     cats = [str(c) for c in categories]
-    data = []
-    for name, values in series.items():
-        values = _plain(list(values))
-        if len(values) != len(cats):
-            raise ValueError(f"series {name!r} has {len(values)} values for {len(cats)} categories")
-        data.append({"type": "bar", "name": _label(name), "x": cats, "y": values})
+    data = [
+        {"type": "bar", "name": _label(name), "x": cats, "y": values} for name, values in _series(series, len(cats))
+    ]
     layout = _layout(title, xlabel, ylabel, height=420, barmode="group", hovermode="closest", showlegend=len(data) > 1)
     layout["xaxis"]["type"] = "category"
     if log_y:
