@@ -149,13 +149,15 @@ def test_outliers_command(capsys, tmp_path, smollm2):
     from lmscope.corpus import load_corpus
 
     out = tmp_path / "outliers"
-    code, stdout, _ = _cli(capsys, "outliers", "--tokens", "256", "--window", "128", "--out", str(out))
+    argv = ["outliers", "--tokens", "256", "--window", "128", "--site", "blocks.3.mlp.post", "--out", str(out)]
+    code, stdout, _ = _cli(capsys, *argv)
     assert code == 0 and "OSP excess kurtosis" in stdout and "507" in stdout
     payload = json.loads((out / "results.json").read_text())
     tokens = load_corpus(smollm2, max_tokens=256).windows(128)
-    ref = smollm2.run(tokens, capture=["blocks.12.resid_post"]).cache["blocks.12.resid_post"]
-    site = payload["outliers"]["sites"]["blocks.12.resid_post"]
-    assert site["max_abs"] == pytest.approx(float(ref.abs().max()), rel=1e-5)
+    ref = smollm2.run(tokens, capture=["blocks.12.resid_post", "blocks.3.mlp.post"]).cache
+    for name in ("blocks.12.resid_post", "blocks.3.mlp.post"):
+        site = payload["outliers"]["sites"][name]
+        assert site["max_abs"] == pytest.approx(float(ref[name].abs().max()), rel=1e-5)
     assert {"kurtosis.png", "max_abs.png", "max_abs_channels.png"} <= {p.name for p in out.iterdir()}
 
 

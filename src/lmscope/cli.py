@@ -351,31 +351,37 @@ def outliers(
     tokens: Annotated[int, typer.Option(help="number of corpus tokens")] = 4096,
     window: WindowOpt = 512,
     osp_protocol: Annotated[bool, typer.Option(help="OSP's protocol: every token as its own sequence")] = False,
+    site: Annotated[list[str], typer.Option("--site", help="another site to measure (repeatable)")] = [],  # noqa: B006
     out: Annotated[Path, typer.Option(help="output directory")] = Path("out/outliers"),
 ) -> None:
     """Activation outliers: OSP excess kurtosis per hidden state, max |x|, massive activations."""
     from lmscope.corpus import load_corpus
-    from lmscope.outliers import activation_stats
+    from lmscope.outliers import activation_stats, residual_sites
     from lmscope.reports.results import output_dir
     from lmscope.reports.sections import outlier_figures, site_label
 
+    for name in site:
+        parse_site(name)  # a misspelt site fails before the model loads
     out = output_dir(out)
     m = load(model)
+    for name in site:
+        m.site(name)
     text = load_corpus(m, corpus, max_tokens=tokens)
     protocol = "osp" if osp_protocol else "in-context"
-    stats = activation_stats(m, text, protocol=protocol, window=window)
+    sites = residual_sites(m.n_layers) + [s for s in site if s not in residual_sites(m.n_layers)]
+    stats = activation_stats(m, text, sites=sites, protocol=protocol, window=window)
     summary = stats.summary(m.tokenizer)
     payload = _header("outliers", model, m, {"corpus": corpus, "tokens": len(text), "window": window})
     payload["outliers"] = summary
     _save(out, payload, outlier_figures(summary))
     table = Table("hidden state", "OSP kurtosis", "max |x|", "channel", "median |x|", title=f"{m.name}: outliers")
-    for name, site in summary["sites"].items():
+    for name, row in summary["sites"].items():
         table.add_row(
             site_label(name),
-            f"{site['osp_kurtosis']:.2f}",
-            f"{site['max_abs']:.4g}",
-            str(site["max_abs_channel"]),
-            f"{site['median_abs']:.3g}",
+            f"{row['osp_kurtosis']:.2f}",
+            f"{row['max_abs']:.4g}",
+            str(row["max_abs_channel"]),
+            f"{row['median_abs']:.3g}",
         )
     console.print(table)
     channels = sorted({row["channel"] for row in summary["massive"]})
@@ -443,6 +449,7 @@ def quant(
     corpus: CorpusOpt = "wikitext2",
     tokens: Annotated[int, typer.Option(help="number of corpus tokens")] = 4096,
     window: WindowOpt = 512,
+    stride: Annotated[int | None, typer.Option(help="perplexity window stride (default: the window)")] = None,
     choices: Annotated[Path | None, typer.Option(help="multiple-choice JSONL: context, choices, answer")] = None,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("out/quant"),
 ) -> None:
@@ -466,7 +473,8 @@ def quant(
     configs = [QuantConfig(), *([QuantConfig(**wa)] if weights or acts else [])]
     configs += [QuantConfig(kv, **wa) for kv in kv_configs]
     configs = list({c.name: c for c in reversed(configs)}.values())[::-1]  # once each, first place kept
-    settings = {"corpus": corpus, "tokens": len(text), "window": window, "kv": options, "budget": budget, **wa}
+    settings = {"corpus": corpus, "tokens": len(text), "window": window, "stride": stride, "kv": options}
+    settings.update(budget=budget, **wa)
     payload = _header("quant", model, m, settings)
     if budget is not None:
         payload["allocations"] = {c.name: {str(k): v for k, v in c.layers.items()} for c in kv_configs if c.layers}
@@ -475,7 +483,7 @@ def quant(
         payload["rows"] = rows
         _save(out, payload, quant_figures(rows) if len(rows) == len(configs) else [])
 
-    rows = quant_table(m, text, configs, window=window, choices=items, on_row=save)
+    rows = quant_table(m, text, configs, window=window, stride=stride, choices=items, on_row=save)
     table = Table("config", "K bits", "V bits", "perplexity", "change", title=f"{m.name}: simulated quantisation")
     if items:
         table.add_column("accuracy")

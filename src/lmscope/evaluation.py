@@ -140,6 +140,7 @@ def quant_table(
     configs: Sequence[QuantConfig],
     *,
     window: int = 512,
+    stride: int | None = None,
     batch_size: int = 4,
     choices: Sequence[Choice] | None = None,
     on_row: Callable[[list[dict]], None] | None = None,
@@ -149,7 +150,9 @@ def quant_table(
     is called with the rows so far after each one (e.g. to save partial results)."""
     rows = []
     for config in configs:
-        result = perplexity(model, corpus, window=window, batch_size=batch_size, config=config, label=config.name)
+        result = perplexity(
+            model, corpus, window=window, stride=stride, batch_size=batch_size, config=config, label=config.name
+        )
         k, v = zip(*(config.kv.bits(layer) for layer in range(model.n_layers)))
         row = {
             "config": config.name,

@@ -19,8 +19,9 @@ def site_label(name: str) -> str:
 
 
 def outlier_figures(summary: dict) -> list[Figure]:
-    """Per-site OSP kurtosis curve, max and median |x| per site, and max |x| per site and channel."""
-    sites = summary["sites"]
+    """Per-site OSP kurtosis curve, max and median |x| per site, and max |x| per site and channel,
+    over the residual stream (other measured sites are in the summary's tables only)."""
+    sites = {name: s for name, s in summary["sites"].items() if site_label(name) != name}
     labels = [site_label(name) for name in sites]
     xlabel = "hidden state (emb = embedding output, L = output of layer L, norm = final norm)"
     return [
