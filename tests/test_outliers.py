@@ -265,12 +265,18 @@ def test_smollm2_massive_activation_channel_507(smollm2):
 
 def test_capture_without_unembedding_equals_full_run(any_model):
     """The base-model forward used for statistics gives the same hidden states as the full run."""
-    from lmscope.outliers import capture, residual_sites
+    from lmscope.outliers import residual_sites
     from tests.tiny import random_ids
 
     ids = random_ids(any_model, batch=2, pos=7)
     sites = residual_sites(any_model.n_layers) + ["blocks.1.attn.k"]
-    fast = capture(any_model, ids, sites)
+    fast = any_model.run(ids, capture=sites, logits=False).cache
     full = any_model.run(ids, capture=sites).cache
     for site in sites:
         assert torch.equal(fast[site], full[site]), site
+
+
+def test_run_without_unembedding_rejects_the_logits_site(tiny_models):
+    model = tiny_models["llama"]
+    with pytest.raises(lmscope.LmscopeError, match="logits"):
+        model.run(torch.tensor([[3, 4, 5]]), capture=["logits"], logits=False)

@@ -152,14 +152,13 @@ def patch(
     """Find where a behaviour lives: patch or attribute every head, layer or position."""
     from lmscope.discovery import locate
     from lmscope.reports.plots import heatmap
-    from lmscope.reports.results import output_dir, versions, write_json
+    from lmscope.reports.results import output_dir, write_json
 
     out = output_dir(out)
     m = load(model)
     pairs = _pairs(m, data, task, n)
     results = locate(m, pairs, method, level, metric, steps, direction, align)
     settings = {
-        "model": model,
         "data": str(data) if data else None,
         "task": task,
         "n_pairs": len(pairs),
@@ -171,10 +170,7 @@ def patch(
         "align": align,
     }
     payload = {
-        "command": "patch",
-        "settings": settings,
-        "versions": versions(),
-        "model": m.card(),
+        **_header("patch", model, m, settings),
         "metric": {"name": metric, "clean": results[0].clean, "corrupt": results[0].corrupt},
         "results": [
             {
@@ -243,7 +239,7 @@ def circuit(
     """EAP-IG edge scores, a pruned circuit, its faithfulness and CRS, as JSON and a drawing."""
     from lmscope.circuits import draw, faithfulness, select
     from lmscope.edges import edge_attribution
-    from lmscope.reports.results import output_dir, versions, write_json
+    from lmscope.reports.results import output_dir, write_json
 
     if (top is None) == (threshold is None):
         raise LmscopeError("give exactly one of --top N or --threshold X")
@@ -254,7 +250,6 @@ def circuit(
     chosen = select(scores, top=top, threshold=threshold)
     faith = faithfulness(m, pairs, chosen, metric, align)
     settings = {
-        "model": model,
         "data": str(data) if data else None,
         "task": task,
         "n_pairs": len(pairs),
@@ -269,10 +264,7 @@ def circuit(
     write_json(
         out / "results.json",
         {
-            "command": "circuit",
-            "settings": settings,
-            "versions": versions(),
-            "model": m.card(),
+            **_header("circuit", model, m, settings),
             "metric": {"name": metric, "clean": scores.clean, "corrupt": scores.corrupt},
             "faithfulness": vars(faith),
             "circuit": graph,
@@ -301,17 +293,14 @@ def heads(
     """Induction, previous-token and duplicate-token scores of every head."""
     from lmscope.head_roles import ROLES, head_roles, repeated_loss
     from lmscope.reports.plots import heatmap
-    from lmscope.reports.results import output_dir, versions, write_json
+    from lmscope.reports.results import output_dir, write_json
 
     out = output_dir(out)
     m = load(model)
     roles = head_roles(m, batch=batch, length=length)
     first, second = repeated_loss(m, batch=batch, length=length)
     payload = {
-        "command": "heads",
-        "settings": {"model": model, "length": length, "batch": batch},
-        "versions": versions(),
-        "model": m.card(),
+        **_header("heads", model, m, {"length": length, "batch": batch}),
         "repeated_loss": {"first_half": first, "second_half": second},
         "rows": roles.rows(),
     }
@@ -472,7 +461,10 @@ def quant(
     wa = {"weight_bits": weights, "weight_group": weight_group, "act_bits": acts}
     configs = [QuantConfig(), *([QuantConfig(**wa)] if weights or acts else [])]
     configs += [QuantConfig(kv, **wa) for kv in kv_configs]
-    configs = list({c.name: c for c in reversed(configs)}.values())[::-1]  # once each, first place kept
+    unique: dict[str, QuantConfig] = {}
+    for config in configs:
+        unique.setdefault(config.name, config)  # e.g. "--kv fp --weights 4" names fp-W4 twice
+    configs = list(unique.values())
     settings = {"corpus": corpus, "tokens": len(text), "window": window, "stride": stride, "kv": options}
     settings.update(budget=budget, **wa)
     payload = _header("quant", model, m, settings)
@@ -498,10 +490,9 @@ def quant(
 
 
 def _kv_summary(m, text, window: int) -> dict:
-    from lmscope.corpus import Corpus
     from lmscope.kv import kv_stats
 
-    return kv_stats(m, Corpus(text.name, text.tokens[:2048]), window=min(window, 2048)).summary()
+    return kv_stats(m, text.head(2048), window=min(window, 2048)).summary()
 
 
 def _bits(value) -> str:

@@ -32,6 +32,10 @@ class Corpus:
     def __len__(self) -> int:
         return self.tokens.numel()
 
+    def head(self, n: int) -> Corpus:
+        """The first ``n`` tokens."""
+        return Corpus(self.name, self.tokens[:n])
+
     def windows(self, length: int, stride: int | None = None) -> Tensor:
         """Windows of ``length`` tokens starting every ``stride`` tokens (default: ``length``,
         no overlap), dropping a last window shorter than ``length``: [n_windows, length]."""

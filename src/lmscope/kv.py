@@ -22,7 +22,6 @@ from torch import Tensor
 
 from lmscope.corpus import Corpus
 from lmscope.edges import head_params
-from lmscope.outliers import capture
 from lmscope.progress import progress_bar
 
 
@@ -77,7 +76,7 @@ def kv_stats(model, corpus: Corpus, *, window: int = 512, batch_size: int = 4) -
     windows = corpus.windows(window)
     with torch.no_grad(), progress_bar("key/value statistics", windows.numel()) as advance:
         for batch in windows.split(batch_size):
-            cache = capture(model, batch, sites)
+            cache = model.run(batch.to(model.device), capture=sites, logits=False).cache
             for layer in range(model.n_layers):
                 for t in "kv":
                     stats.update(layer, t, cache[f"blocks.{layer}.attn.{t}"])

@@ -22,7 +22,7 @@ Inputs = str | Sequence[str] | Tensor | Mapping[str, Tensor]
 class RunResult:
     """What :meth:`Model.run` returns.
 
-    logits: [batch, pos, vocab] (``None`` when the run stopped early);
+    logits: [batch, pos, vocab] (``None`` when the run stopped early or ran without them);
     cache: captured sites; input_ids, attention_mask: [batch, pos].
     """
 
@@ -203,19 +203,25 @@ class Model:
         grad: bool = False,
         stop_after: int | None = None,
         padding_side: str = "right",
+        logits: bool = True,
     ) -> RunResult:
         """One forward pass over a batch, capturing sites and applying interventions.
 
         With left padding, position ids count real tokens only (as ``generate`` does),
-        so a left-padded prompt sees the same positions as alone.
+        so a left-padded prompt sees the same positions as alone. ``logits=False`` runs only
+        Hugging Face's ``base_model`` (no unembedding, a fifth of SmolLM2's forward) when the
+        caller needs captured activations only; the ``logits`` site then cannot be captured.
         """
         ids, mask = self.tokenize(inputs, padding_side)
         session = self.hooks(capture, interventions, to_cpu=to_cpu, grad=grad, stop_after=stop_after)
-        logits = None
+        if not logits and any(self.site(s).kind == "logits" for s in [*capture, *(iv.site for iv in interventions)]):
+            raise LmscopeError("the logits site does not exist in a run without the unembedding (logits=False)")
+        forward = self.hf if logits else self.hf.base_model
+        result = None
         with torch.set_grad_enabled(grad), session:
-            out = self.hf(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=False)
-            logits = out.logits
-        return RunResult(logits, session.cache, ids, mask)
+            out = forward(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=False)
+            result = out.logits if logits else None
+        return RunResult(result, session.cache, ids, mask)
 
     def generate(
         self,

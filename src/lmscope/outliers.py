@@ -299,6 +299,7 @@ def activation_stats(
     ``batch_size`` at a time; ``protocol="osp"`` runs every token as its own length-1
     sequence (OSP's script), ``window * batch_size`` tokens per forward. Sites default to
     :func:`residual_sites`; multi-axis sites (e.g. ``attn.k``) are flattened to channels.
+    The unembedding is skipped unless ``logits`` is among the sites.
     """
     if protocol not in PROTOCOLS:
         raise LmscopeError(f"unknown protocol {protocol!r} (choose from {', '.join(PROTOCOLS)})")
@@ -311,7 +312,7 @@ def activation_stats(
     with torch.no_grad(), progress_bar(f"activation statistics ({protocol})", ids.numel()) as advance:
         for batch in batches:
             inputs = batch if protocol == "in-context" else batch.unsqueeze(1)
-            cache = capture(model, inputs, names)
+            cache = model.run(inputs.to(model.device), capture=names, logits="logits" in names).cache
             tokens = torch.arange(start, start + batch.numel())
             for name in names:
                 x = cache[name].flatten(0, 1).flatten(1)
@@ -321,14 +322,3 @@ def activation_stats(
             start += batch.numel()
             advance(batch.numel())
     return OutlierStats(stats, protocol, model.n_layers, start, ids.clone())
-
-
-def capture(model, ids: Tensor, sites: list[str]) -> dict[str, Tensor]:
-    """Capture ``sites`` for a batch of token ids [batch, pos]. Unless the logits are asked for,
-    only the base model runs (Hugging Face's ``base_model``, without the unembedding, which
-    costs a fifth of SmolLM2's forward and is not needed for hidden-state statistics)."""
-    if "logits" in sites:
-        return model.run(ids.to(model.device), capture=sites).cache
-    with torch.no_grad(), model.hooks(sites) as session:
-        model.hf.base_model(input_ids=ids.to(model.device), use_cache=False)
-    return session.cache

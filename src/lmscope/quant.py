@@ -299,11 +299,6 @@ def allocate_kv_bits(
     return list(zip(bits[:n], bits[n:]))
 
 
-def error_model(k_scales: list[float], v_scales: list[float], allocation: list[tuple[int, int]]) -> float:
-    """``sum_l k_l^2 2^(-2 kb_l) + v_l^2 2^(-2 vb_l)`` for an allocation."""
-    return sum(k * k * 4.0 ** (-kb) + v * v * 4.0 ** (-vb) for k, v, (kb, vb) in zip(k_scales, v_scales, allocation))
-
-
 def budget_kv(
     model, budget: float, source: str = "weights", kv_summary: dict | None = None, min_bits: int = 2, **options
 ) -> KVQuant:

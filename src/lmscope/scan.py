@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lmscope.corpus import load_corpus
@@ -114,7 +114,7 @@ def _kv_part(model, settings: ScanSettings) -> tuple[dict, list]:
     from lmscope.quant import QuantConfig, parse_kv
 
     corpus = load_corpus(model, "wikitext2", max_tokens=max(settings.kv_tokens, settings.ppl_tokens))
-    small = replace(corpus, tokens=corpus.tokens[: settings.kv_tokens])
+    small = corpus.head(settings.kv_tokens)
     window = min(settings.window, len(small))
     norms = kv_stats(model, small, window=window).summary()
     weights = weight_norms(model)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-KINDS = ("heatmap", "lines", "bars")
 _DIVERGING = [[0.0, "#2166ac"], [0.5, "#f7f7f7"], [1.0, "#b2182b"]]  # blue, white, red (RdBu_r)
 
 

@@ -63,7 +63,7 @@ def write_report(result, path: str | Path) -> Path:
 
 def _subtitle(payload: dict) -> str:
     done = len(payload["parts"])
-    status = "complete" if done == 5 else f"partial: {done} of 5 parts finished"
+    status = "complete" if done == len(_PARTS) else f"partial: {done} of {len(_PARTS)} parts finished"
     return f"{status}; lmscope {payload['versions'].get('lmscope', '')}"
 
 
