@@ -49,7 +49,7 @@ from torch import Tensor
 
 import lmscope
 from lmscope import tasks
-from lmscope.patching import PatchResult, activation_patching
+from lmscope.circuits.patching import PatchResult, activation_patching
 
 CLEAN = "When Mary and John went to the store, John gave milk to"
 CORRUPT = "When Mary and John went to the store, Mary gave milk to"

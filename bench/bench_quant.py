@@ -29,10 +29,10 @@ os.environ.setdefault("LMSCOPE_QUIET", "1")
 import torch
 
 import lmscope
-from lmscope.corpus import load_corpus
-from lmscope.evaluation import perplexity
-from lmscope.outliers import activation_stats
-from lmscope.quant import QuantConfig, parse_kv
+from lmscope.quant.corpus import load_corpus
+from lmscope.quant.evaluation import perplexity
+from lmscope.quant.outliers import activation_stats
+from lmscope.quant.fake import QuantConfig, parse_kv
 
 WINDOW, BATCH = 512, 4
 

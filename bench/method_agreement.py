@@ -20,8 +20,8 @@ os.environ.setdefault("LMSCOPE_QUIET", "1")
 
 import lmscope
 from lmscope import tasks
-from lmscope.attribution import attribute
-from lmscope.patching import activation_patching
+from lmscope.circuits.attribution import attribute
+from lmscope.circuits.patching import activation_patching
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

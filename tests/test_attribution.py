@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import lmscope
-from lmscope.attribution import attribute
-from lmscope.patching import activation_patching
+from lmscope.circuits.attribution import attribute
+from lmscope.circuits.patching import activation_patching
 from tests.test_patching import token_pair
 from tests.tiny import tiny_model
 
@@ -69,8 +69,8 @@ def test_eap_ig_with_one_step_equals_attribution_patching(tiny_models):
 def test_eap_ig_completeness_on_the_input(tiny_models):
     """Integrated gradients are complete (Sundararajan et al. 2017): summed over the input
     embedding, the attribution equals M(clean) - M(corrupt) as steps grow."""
-    from lmscope.attribution import integrated_gradients
-    from lmscope.metrics import get_metric
+    from lmscope.circuits.attribution import integrated_gradients
+    from lmscope.circuits.metrics import get_metric
 
     model = tiny_models["qwen2"]
     pair = token_pair(model, pos=6, differ=(1, 4))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lmscope.attribution import attribute
-from lmscope.edges import edge_attribution, graph_nodes
+from lmscope.circuits.attribution import attribute
+from lmscope.circuits.edges import edge_attribution, graph_nodes
 from tests.test_attribution import planted_model
 from tests.test_patching import token_pair
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import lmscope
-from lmscope.corpus import Corpus, load_corpus
-from lmscope.evaluation import Choice, choice_accuracy, choice_scores, load_choices, perplexity
-from lmscope.quant import KVQuant, QuantConfig
+from lmscope.quant.corpus import Corpus, load_corpus
+from lmscope.quant.evaluation import Choice, choice_accuracy, choice_scores, load_choices, perplexity
+from lmscope.quant.fake import KVQuant, QuantConfig
 from tests.test_quant import _logits, _reference_interventions
 
 

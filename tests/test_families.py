@@ -6,7 +6,7 @@ import pytest
 import transformers as T
 
 import lmscope
-from lmscope.families import FAMILIES, family_for
+from lmscope.core.families import FAMILIES, family_for
 from tests.conftest import FAMILY_NAMES
 
 

@@ -9,9 +9,9 @@ import torch
 
 import lmscope
 from lmscope import tasks
-from lmscope.attribution import attribute
-from lmscope.head_roles import head_roles, repeated_loss, repeated_tokens
-from lmscope.patching import activation_patching
+from lmscope.circuits.attribution import attribute
+from lmscope.circuits.head_roles import head_roles, repeated_loss, repeated_tokens
+from lmscope.circuits.patching import activation_patching
 from tests.tiny import train_induction_model
 
 

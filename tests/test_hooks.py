@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lmscope
-from lmscope.sites import LAYER_KINDS
+from lmscope.core.sites import LAYER_KINDS
 from tests.reference import hand_qkv
 from tests.tiny import random_ids
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmscope.corpus import Corpus, load_corpus
-from lmscope.kv import kv_stats, weight_norms
+from lmscope.quant.corpus import Corpus, load_corpus
+from lmscope.quant.kv import kv_stats, weight_norms
 
 
 def _direct_norms(matrices):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import lmscope
-from lmscope.corpus import Corpus, load_corpus
-from lmscope.outliers import OutlierStats, SiteStats, activation_stats, hidden_state_sites, osp_token_kurtosis
+from lmscope.quant.corpus import Corpus, load_corpus
+from lmscope.quant.outliers import OutlierStats, SiteStats, activation_stats, hidden_state_sites, osp_token_kurtosis
 
 BATCHES = [1, 37, 250, 412, 300]  # uneven, including a single row
 OFFSET_CHANNEL = 3
@@ -265,7 +265,7 @@ def test_smollm2_massive_activation_channel_507(smollm2):
 
 def test_capture_without_unembedding_equals_full_run(any_model):
     """The base-model forward used for statistics gives the same hidden states as the full run."""
-    from lmscope.outliers import residual_sites
+    from lmscope.quant.outliers import residual_sites
     from tests.tiny import random_ids
 
     ids = random_ids(any_model, batch=2, pos=7)

@@ -9,9 +9,9 @@ import torch
 
 import lmscope
 from lmscope import tasks
-from lmscope.metrics import get_metric
-from lmscope.patching import COMPONENTS, activation_patching
-from lmscope.tasks import TokenPair
+from lmscope.circuits.metrics import get_metric
+from lmscope.circuits.patching import COMPONENTS, activation_patching
+from lmscope.circuits.tasks import TokenPair
 
 
 def token_pair(model, pos: int = 9, differ: tuple[int, ...] = (4,), seed: int = 0) -> TokenPair:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 import lmscope
-from lmscope.quant import (
+from lmscope.quant.fake import (
     KVQuant,
     QuantConfig,
     allocate_kv_bits,

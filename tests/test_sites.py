@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lmscope.errors import LmscopeError
-from lmscope.sites import HEAD_KINDS, LAYER_KINDS, Site, all_sites, parse_site
+from lmscope.core.errors import LmscopeError
+from lmscope.core.sites import HEAD_KINDS, LAYER_KINDS, Site, all_sites, parse_site
 
 
 def test_parse_examples():

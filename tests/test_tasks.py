@@ -9,7 +9,7 @@ import torch
 
 import lmscope
 from lmscope import tasks
-from lmscope.head_roles import repeated_loss
+from lmscope.circuits.head_roles import repeated_loss
 
 
 def _write(tmp_path, lines):

@@ -83,7 +83,7 @@ def train_induction_model(steps: int = 1500, heads: int = 2, seed: int = 0) -> l
     """A 2-layer attention-only transformer (Llama blocks with the MLP zeroed and frozen) trained
     on repeated random token sequences ``R R`` with the period varying from 5 to 15 tokens (so
     no fixed positional offset solves it), loss on the second half: it learns to copy in context."""
-    from lmscope.head_roles import repeated_tokens
+    from lmscope.circuits.head_roles import repeated_tokens
 
     torch.manual_seed(seed)
     rng = random.Random(seed)

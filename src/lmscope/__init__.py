@@ -4,18 +4,44 @@
 >>> model = lmscope.load()                      # SmolLM2-135M, offline
 >>> run = model.run("The capital of France is", capture=["blocks.10.attn.z"])
 >>> run.cache["blocks.10.attn.z"].shape         # [batch, pos, n_heads, d_head]
+
+The package is layered (enforced by import-linter, see ``.importlinter``):
+
+- :mod:`lmscope.core`: loading, the family and hook-point tables, sites, hooks,
+  interventions, the :class:`Model` and its anatomy;
+- :mod:`lmscope.circuits` (where a behaviour lives) and :mod:`lmscope.quant`
+  (quantisation-readiness), which import only ``core`` and ``reports``;
+- :mod:`lmscope.reports`: results files, figures, HTML;
+- :mod:`lmscope.scan` and :mod:`lmscope.cli` on top.
+
+The flat module names of earlier releases (``lmscope.patching``, ``lmscope.kv``, ...) keep
+working: :data:`_MOVED` maps each to its module in the subpackages, imported on first use.
 """
 
 from __future__ import annotations
 
-import torch
+import importlib
+import importlib.abc
+import importlib.util
+import sys
 
-from lmscope.cache import ActivationCache
-from lmscope.errors import LmscopeError
-from lmscope.interventions import Intervention, add, apply, mean, patch, zero
-from lmscope.loading import DEFAULT_MODEL
-from lmscope.model import GenerateResult, Model, RunResult
-from lmscope.sites import Site, parse_site
+from lmscope.core import (
+    DEFAULT_MODEL,
+    ActivationCache,
+    GenerateResult,
+    Intervention,
+    LmscopeError,
+    Model,
+    RunResult,
+    Site,
+    add,
+    apply,
+    load,
+    mean,
+    parse_site,
+    patch,
+    zero,
+)
 
 __version__ = "0.1.0"
 
@@ -37,21 +63,34 @@ __all__ = [
     "zero",
 ]
 
+# Flat names of earlier releases -> where the module lives now.
+_MOVED = {
+    **{name: f"lmscope.core.{name}" for name in ("errors", "loading", "families", "sites", "hooks", "model")},
+    **{name: f"lmscope.core.{name}" for name in ("interventions", "cache", "progress", "jsonl")},
+    **{name: f"lmscope.circuits.{name}" for name in ("metrics", "tasks", "patching", "attribution", "edges")},
+    "head_roles": "lmscope.circuits.head_roles",
+    "discovery": "lmscope.circuits.locate",
+    **{name: f"lmscope.quant.{name}" for name in ("corpus", "outliers", "kv", "evaluation")},
+}
 
-def load(
-    spec: str = DEFAULT_MODEL,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | str | None = None,
-    device_map=None,
-) -> Model:
-    """Load a causal LM with no network access.
 
-    ``spec`` is a built-in alias (``smollm2-135m``, the default), a local Hugging Face
-    model directory, a ``.gguf`` file (dequantised once, then cached), or a hub id
-    already in the local Hugging Face cache. ``dtype`` defaults to float32.
-    """
-    from lmscope.loading import load_hf
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports ``lmscope.<old name>`` as the module it moved to (the same module object)."""
 
-    hf, tokenizer, source = load_hf(spec, device=device, dtype=dtype, device_map=device_map)
-    return Model(hf, tokenizer, source=source, name=spec)
+    def find_spec(self, fullname, path=None, target=None):
+        prefix, _, name = fullname.partition(".")
+        if prefix != "lmscope" or name not in _MOVED:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec):
+        module = importlib.import_module(_MOVED[spec.name.partition(".")[2]])
+        spec.loader_state = module.__spec__  # the import system stamps the alias's spec on it next
+        return module
+
+    def exec_module(self, module):
+        module.__spec__ = module.__spec__.loader_state
+
+
+if not any(isinstance(finder, _MovedModules) for finder in sys.meta_path):
+    sys.meta_path.append(_MovedModules())

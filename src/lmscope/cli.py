@@ -1,6 +1,6 @@
 """The ``lmscope`` command: a thin shell over the Python API.
 
-Bad input raises :class:`~lmscope.errors.LmscopeError`, which becomes a one-line
+Bad input raises :class:`~lmscope.core.errors.LmscopeError`, which becomes a one-line
 ``error: ...`` on stderr and exit code 2 (``--debug`` shows the traceback instead).
 """
 
@@ -15,10 +15,10 @@ from rich.console import Console
 from rich.table import Table
 
 from lmscope import load
-from lmscope.errors import LmscopeError
-from lmscope.loading import ALIASES, DEFAULT_MODEL, cached_conversions
+from lmscope.core.errors import LmscopeError
+from lmscope.core.loading import ALIASES, DEFAULT_MODEL, cached_conversions
 from lmscope.reports.results import output_dir
-from lmscope.sites import parse_site
+from lmscope.core.sites import parse_site
 
 app = typer.Typer(
     add_completion=False,
@@ -150,7 +150,7 @@ def patch(
     top: Annotated[int, typer.Option(help="rows to print")] = 10,
 ) -> None:
     """Find where a behaviour lives: patch or attribute every head, layer or position."""
-    from lmscope.discovery import locate
+    from lmscope.circuits.locate import locate
     from lmscope.reports.plots import heatmap
     from lmscope.reports.results import output_dir, write_json
 
@@ -237,8 +237,8 @@ def circuit(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("out/circuit"),
 ) -> None:
     """EAP-IG edge scores, a pruned circuit, its faithfulness and CRS, as JSON and a drawing."""
-    from lmscope.circuits import draw, faithfulness, select
-    from lmscope.edges import edge_attribution
+    from lmscope.circuits.faithfulness import draw, faithfulness, select
+    from lmscope.circuits.edges import edge_attribution
     from lmscope.reports.results import output_dir, write_json
 
     if (top is None) == (threshold is None):
@@ -291,7 +291,7 @@ def heads(
     batch: Annotated[int, typer.Option(help="number of sequences")] = 8,
 ) -> None:
     """Induction, previous-token and duplicate-token scores of every head."""
-    from lmscope.head_roles import ROLES, head_roles, repeated_loss
+    from lmscope.circuits.head_roles import ROLES, head_roles, repeated_loss
     from lmscope.reports.plots import heatmap
     from lmscope.reports.results import output_dir, write_json
 
@@ -344,8 +344,8 @@ def outliers(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("out/outliers"),
 ) -> None:
     """Activation outliers: OSP excess kurtosis per hidden state, max |x|, massive activations."""
-    from lmscope.corpus import load_corpus
-    from lmscope.outliers import activation_stats, residual_sites
+    from lmscope.quant.corpus import load_corpus
+    from lmscope.quant.outliers import activation_stats, residual_sites
     from lmscope.reports.results import output_dir
     from lmscope.reports.sections import outlier_figures, site_label
 
@@ -388,8 +388,8 @@ def kv(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("out/kv"),
 ) -> None:
     """Key vs value norms and singular-value spectra per layer and KV head, and W_k / W_v norms."""
-    from lmscope.corpus import load_corpus
-    from lmscope.kv import kv_stats, weight_norms
+    from lmscope.quant.corpus import load_corpus
+    from lmscope.quant.kv import kv_stats, weight_norms
     from lmscope.reports.results import output_dir
     from lmscope.reports.sections import kv_figures
 
@@ -443,9 +443,9 @@ def quant(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("out/quant"),
 ) -> None:
     """Perplexity (and multiple-choice accuracy) under simulated KV / weight / activation quantisation."""
-    from lmscope.corpus import load_corpus
-    from lmscope.evaluation import load_choices, quant_table
-    from lmscope.quant import QuantConfig, budget_kv, parse_kv
+    from lmscope.quant.corpus import load_corpus
+    from lmscope.quant.evaluation import load_choices, quant_table
+    from lmscope.quant.fake import QuantConfig, budget_kv, parse_kv
     from lmscope.reports.results import output_dir
     from lmscope.reports.sections import quant_figures
 
@@ -490,7 +490,7 @@ def quant(
 
 
 def _kv_summary(m, text, window: int) -> dict:
-    from lmscope.kv import kv_stats
+    from lmscope.quant.kv import kv_stats
 
     return kv_stats(m, text.head(2048), window=min(window, 2048)).summary()
 

@@ -11,17 +11,17 @@ import os
 import platform
 from pathlib import Path
 
-from lmscope.errors import LmscopeError
+from lmscope.core.errors import LmscopeError
 
 
 def versions() -> dict:
+    from importlib.metadata import version
+
     import torch
     import transformers
 
-    from lmscope import __version__
-
     return {
-        "lmscope": __version__,
+        "lmscope": version("lmscope"),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),

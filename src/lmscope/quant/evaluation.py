@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmscope.corpus import Corpus
-from lmscope.errors import LmscopeError
-from lmscope.jsonl import read_jsonl
-from lmscope.progress import progress_bar
-from lmscope.quant import QuantConfig, quantized
+from lmscope.quant.corpus import Corpus
+from lmscope.core.errors import LmscopeError
+from lmscope.core.jsonl import read_jsonl
+from lmscope.core.progress import progress_bar
+from lmscope.quant.fake import QuantConfig, quantized
 
 
 def _token_nll(model, ids: Tensor) -> Tensor:

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lmscope.cache import ActivationCache
-from lmscope.errors import LmscopeError
-from lmscope.families import Family, family_for
-from lmscope.hooks import HookSession
-from lmscope.interventions import Intervention
-from lmscope.sites import Site, all_sites, parse_site
+from lmscope.core.cache import ActivationCache
+from lmscope.core.errors import LmscopeError
+from lmscope.core.families import Family, family_for
+from lmscope.core.hooks import HookSession
+from lmscope.core.interventions import Intervention
+from lmscope.core.sites import Site, all_sites, parse_site
 
 Inputs = str | Sequence[str] | Tensor | Mapping[str, Tensor]
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from lmscope.errors import LmscopeError
-from lmscope.progress import note, progress_bar
+from lmscope.core.errors import LmscopeError
+from lmscope.core.progress import note, progress_bar
 
 DEFAULT_MODEL = "smollm2-135m"
 GGUF_MAGIC = b"GGUF"
@@ -195,7 +195,7 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 @contextlib.contextmanager
 def _quiet(hf_logging):
     """Silence transformers' info/warning chatter during loading (errors still raise)."""
-    from lmscope.progress import enabled
+    from lmscope.core.progress import enabled
 
     previous = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()

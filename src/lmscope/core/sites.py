@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from lmscope.errors import LmscopeError
+from lmscope.core.errors import LmscopeError
 
 GLOBAL_KINDS = ("embed", "final_norm", "logits")
 LAYER_KINDS = (

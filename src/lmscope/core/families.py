@@ -154,7 +154,7 @@ ALIASES = {"gemma3": "gemma3_text"}
 
 def family_for(model_type: str) -> Family:
     """The table entry for a ``config.model_type``; a clear error if it has none."""
-    from lmscope.errors import LmscopeError
+    from lmscope.core.errors import LmscopeError
 
     key = ALIASES.get(model_type, model_type)
     if key not in FAMILIES:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lmscope.edges import (
+from lmscope.circuits.edges import (
     QKV,
     EdgeScores,
     graph_nodes,
@@ -35,11 +35,11 @@ from lmscope.edges import (
     mlp_contributions,
     per_query_heads,
 )
-from lmscope.errors import LmscopeError
-from lmscope.interventions import Intervention, Site, _take
-from lmscope.metrics import Metric, get_metric
-from lmscope.patching import as_token_pairs
-from lmscope.tasks import PromptPair, TokenPair
+from lmscope.core.errors import LmscopeError
+from lmscope.core.interventions import Intervention, Site, _take
+from lmscope.circuits.metrics import Metric, get_metric
+from lmscope.circuits.patching import as_token_pairs
+from lmscope.circuits.tasks import PromptPair, TokenPair
 
 
 def node_of(name: str) -> str:

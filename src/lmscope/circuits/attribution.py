@@ -10,7 +10,7 @@
   e_corrupt)`` for ``k = 0 .. steps-1`` (the EAP-IG code's schedule); "Temporal Heads" used
   100 steps.
 
-Scores use the same normalisation and shapes as :mod:`lmscope.patching` (the corrupted run
+Scores use the same normalisation and shapes as :mod:`lmscope.circuits.patching` (the corrupted run
 is 0, the clean run 1), so they can be compared cell by cell with exact patching.
 """
 
@@ -21,12 +21,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lmscope.errors import LmscopeError
-from lmscope.interventions import apply
-from lmscope.metrics import Metric, get_metric
-from lmscope.patching import COMPONENTS, PatchResult, as_token_pairs
-from lmscope.progress import progress_bar
-from lmscope.tasks import PromptPair, TokenPair
+from lmscope.core.errors import LmscopeError
+from lmscope.core.interventions import apply
+from lmscope.circuits.metrics import Metric, get_metric
+from lmscope.circuits.patching import COMPONENTS, PatchResult, as_token_pairs
+from lmscope.core.progress import progress_bar
+from lmscope.circuits.tasks import PromptPair, TokenPair
 
 METHODS = ("attribution", "eap-ig")
 
@@ -95,7 +95,7 @@ def attribute(
 ) -> PatchResult:
     """Node scores by attribution patching or EAP-IG (denoising direction).
 
-    Returns :class:`~lmscope.patching.PatchResult` with scores ``[n_layers, n_positions or 1,
+    Returns :class:`~lmscope.circuits.patching.PatchResult` with scores ``[n_layers, n_positions or 1,
     n_heads or 1]``: per head the product is summed over ``d_head`` (and over positions when
     not ``per_position``), per layer component over ``d_model``.
     """

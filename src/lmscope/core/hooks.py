@@ -3,7 +3,7 @@
 A :class:`HookSession` is a context manager that installs the fewest PyTorch hooks
 needed for the requested sites, and removes every one of them on exit, also when
 the forward raised. Sites map to modules through the family table
-(:mod:`lmscope.families`):
+(:mod:`lmscope.core.families`):
 
 - module inputs/outputs (residual stream, ``attn.z``/``out``, MLP, norms, logits) use
   forward hooks and pre-hooks;
@@ -14,7 +14,7 @@ the forward raised. Sites map to modules through the family table
 - ``resid_mid`` is ``resid_pre`` plus the layer's attention contribution (exactly the sum
   the layer computes); an intervention on it rewrites the contribution.
 
-Tensor layouts follow :mod:`lmscope.sites` (positions on axis 1, heads on axis 2).
+Tensor layouts follow :mod:`lmscope.core.sites` (positions on axis 1, heads on axis 2).
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from lmscope.cache import ActivationCache
-from lmscope.errors import LmscopeError
-from lmscope.interventions import Intervention
-from lmscope.sites import ATTN_INTERFACE_KINDS, Site
+from lmscope.core.cache import ActivationCache
+from lmscope.core.errors import LmscopeError
+from lmscope.core.interventions import Intervention
+from lmscope.core.sites import ATTN_INTERFACE_KINDS, Site
 
 
 class _StopForward(Exception):

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lmscope.errors import LmscopeError
-from lmscope.sites import Site, parse_site
+from lmscope.core.errors import LmscopeError
+from lmscope.core.sites import Site, parse_site
 
 # (selected values, absolute positions as a slice or LongTensor) -> new values
 Replace = Callable[[Tensor, "slice | Tensor"], Tensor]

@@ -11,12 +11,12 @@ summed over positions, where ``dM/d in_v`` is the gradient with respect to v's o
 residual stream (as with TransformerLens's split q/k/v inputs in the EAP-IG code): the
 gradient at v's projection output, through v's rows of the projection weight and the
 norm's Jacobian. EAP-IG averages that gradient over inputs interpolated from corrupted to
-clean (as :func:`lmscope.attribution.integrated_gradients`). With grouped-query attention
+clean (as :func:`lmscope.circuits.attribution.integrated_gradients`). With grouped-query attention
 each query head reads its own copy of the shared key/value heads (keys and values are
 expanded per query head while the gradients are taken), so k/v edges are per query head.
 
 By the chain rule, the scores of all edges leaving a node sum to that node's attribution
-score (:func:`lmscope.attribution.attribute`), which the tests check.
+score (:func:`lmscope.circuits.attribution.attribute`), which the tests check.
 
 In Gemma 2/3 and OLMo 2 a post-norm scales the attention output before it joins the
 residual stream; a head's contribution is its share ``z_h W_O[h]`` times that norm's scale,
@@ -35,12 +35,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lmscope.attribution import _final_metric, _inputs, interpolations
-from lmscope.errors import LmscopeError
-from lmscope.metrics import Metric, get_metric
-from lmscope.patching import as_token_pairs
-from lmscope.progress import progress_bar
-from lmscope.tasks import PromptPair, TokenPair
+from lmscope.circuits.attribution import _final_metric, _inputs, interpolations
+from lmscope.core.errors import LmscopeError
+from lmscope.circuits.metrics import Metric, get_metric
+from lmscope.circuits.patching import as_token_pairs
+from lmscope.core.progress import progress_bar
+from lmscope.circuits.tasks import PromptPair, TokenPair
 
 QKV = ("q", "k", "v")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lmscope.tasks import _bos, _plain_token_range
+from lmscope.circuits.tasks import _bos, _plain_token_range
 
 ROLES = ("induction", "previous_token", "duplicate_token")
 

@@ -5,12 +5,12 @@ interrupted scan leaves the finished parts readable):
 
 1. ``model``    the model card;
 2. ``outliers`` OSP excess kurtosis per hidden state, max |x|, massive activations
-                (:mod:`lmscope.outliers`, in-context protocol on WikiText-2);
-3. ``kv``       key vs value norms per layer (:mod:`lmscope.kv`) and the KV quantisation
-                table with perplexity on WikiText-2 (:mod:`lmscope.evaluation`);
-4. ``heads``    induction, previous-token and duplicate-token scores (:mod:`lmscope.head_roles`);
+                (:mod:`lmscope.quant.outliers`, in-context protocol on WikiText-2);
+3. ``kv``       key vs value norms per layer (:mod:`lmscope.quant.kv`) and the KV quantisation
+                table with perplexity on WikiText-2 (:mod:`lmscope.quant.evaluation`);
+4. ``heads``    induction, previous-token and duplicate-token scores (:mod:`lmscope.circuits.head_roles`);
 5. ``circuit``  exact activation patching of every head on the built-in IOI task
-                (:mod:`lmscope.patching`).
+                (:mod:`lmscope.circuits.patching`).
 
 Outputs in ``out``: ``results.json``, ``report.html`` (self-contained, interactive) and every
 plot as PNG.
@@ -23,9 +23,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lmscope.corpus import load_corpus
-from lmscope.errors import LmscopeError
-from lmscope.progress import note
+from lmscope.quant.corpus import load_corpus
+from lmscope.core.errors import LmscopeError
+from lmscope.core.progress import note
 from lmscope.reports import sections
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import output_dir, versions, write_json
@@ -101,7 +101,7 @@ def _model_part(model, settings: ScanSettings) -> tuple[dict, list]:
 
 
 def _outliers_part(model, settings: ScanSettings) -> tuple[dict, list]:
-    from lmscope.outliers import activation_stats
+    from lmscope.quant.outliers import activation_stats
 
     corpus = load_corpus(model, "wikitext2", max_tokens=settings.stats_tokens)
     summary = activation_stats(model, corpus, window=min(settings.window, len(corpus))).summary(model.tokenizer)
@@ -109,9 +109,9 @@ def _outliers_part(model, settings: ScanSettings) -> tuple[dict, list]:
 
 
 def _kv_part(model, settings: ScanSettings) -> tuple[dict, list]:
-    from lmscope.evaluation import quant_table
-    from lmscope.kv import kv_stats, weight_norms
-    from lmscope.quant import QuantConfig, parse_kv
+    from lmscope.quant.evaluation import quant_table
+    from lmscope.quant.kv import kv_stats, weight_norms
+    from lmscope.quant.fake import QuantConfig, parse_kv
 
     corpus = load_corpus(model, "wikitext2", max_tokens=max(settings.kv_tokens, settings.ppl_tokens))
     small = corpus.head(settings.kv_tokens)
@@ -131,7 +131,7 @@ _QUANT_PROTOCOL = (
 
 
 def _heads_part(model, settings: ScanSettings) -> tuple[dict, list]:
-    from lmscope.head_roles import head_roles, repeated_loss
+    from lmscope.circuits.head_roles import head_roles, repeated_loss
 
     roles = head_roles(model, batch=settings.head_batch, length=settings.head_length)
     first, second = repeated_loss(model, batch=settings.head_batch, length=settings.head_length)
@@ -144,8 +144,8 @@ def _heads_part(model, settings: ScanSettings) -> tuple[dict, list]:
 
 
 def _circuit_part(model, settings: ScanSettings) -> tuple[dict, list]:
-    from lmscope.patching import activation_patching
-    from lmscope.tasks import ioi
+    from lmscope.circuits.patching import activation_patching
+    from lmscope.circuits.tasks import ioi
 
     if model.tokenizer is None:
         raise LmscopeError("the IOI circuit part needs a tokenizer")

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lmscope.attribution import attribute
-from lmscope.errors import LmscopeError
-from lmscope.metrics import Metric
-from lmscope.patching import PatchResult, activation_patching, as_token_pairs
-from lmscope.tasks import PromptPair, TokenPair
+from lmscope.circuits.attribution import attribute
+from lmscope.core.errors import LmscopeError
+from lmscope.circuits.metrics import Metric
+from lmscope.circuits.patching import PatchResult, activation_patching, as_token_pairs
+from lmscope.circuits.tasks import PromptPair, TokenPair
 
 METHODS = ("exact", "attribution", "eap-ig")
 # level -> (component, per_position) runs

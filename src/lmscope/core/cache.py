@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmscope.errors import LmscopeError
+from lmscope.core.errors import LmscopeError
 
 
 class ActivationCache(dict):

@@ -11,7 +11,7 @@ normal forward pass shows what the quantised model would compute:
   ``w' = q * scale``.
 
 The KV cache is simulated on the keys (after the rotary embedding, as the cache stores them)
-and values of every layer, through the attention replacement of :class:`~lmscope.hooks.HookSession`.
+and values of every layer, through the attention replacement of :class:`~lmscope.core.hooks.HookSession`.
 Per token (``axis="token"``), each token's channels form groups of ``group_size`` (KIVI's
 value quantisation; a group of 64 is one head of SmolLM2); per channel (``axis="channel"``),
 each channel is quantised over groups of ``group_size`` consecutive tokens (KIVI's key
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lmscope.errors import LmscopeError
+from lmscope.core.errors import LmscopeError
 
 AXES = ("token", "channel")
 
@@ -304,8 +304,8 @@ def budget_kv(
 ) -> KVQuant:
     """A per-layer KV configuration from :func:`allocate_kv_bits` for an average of ``budget``
     bits (at least ``min_bits`` per tensor: 1-bit keys or values break most models), with scales the Frobenius norms of W_k/W_v (``source="weights"``) or of the measured
-    keys/values (``source="activations"``, from :meth:`lmscope.kv.KVStats.summary`)."""
-    from lmscope.kv import weight_norms
+    keys/values (``source="activations"``, from :meth:`lmscope.quant.kv.KVStats.summary`)."""
+    from lmscope.quant.kv import weight_norms
 
     if source == "weights":
         norms = weight_norms(model)

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lmscope.errors import LmscopeError
-from lmscope.jsonl import read_jsonl
+from lmscope.core.errors import LmscopeError
+from lmscope.core.jsonl import read_jsonl
 
 BUNDLED = {"wikitext2": "wikitext-2/test.txt"}
 

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmscope.errors import LmscopeError
+from lmscope.core.errors import LmscopeError
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:

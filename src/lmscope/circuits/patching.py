@@ -38,11 +38,11 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from lmscope.errors import LmscopeError
-from lmscope.metrics import Metric, get_metric, restricted
-from lmscope.model import position_ids
-from lmscope.progress import progress_bar
-from lmscope.tasks import PromptPair, TokenPair, tokenize_pairs
+from lmscope.core.errors import LmscopeError
+from lmscope.circuits.metrics import Metric, get_metric, restricted
+from lmscope.core.model import position_ids
+from lmscope.core.progress import progress_bar
+from lmscope.circuits.tasks import PromptPair, TokenPair, tokenize_pairs
 
 COMPONENTS = {"head": "attn.z", "attn": "attn.out", "mlp": "mlp.out", "resid": "resid_pre"}
 
