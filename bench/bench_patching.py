@@ -49,7 +49,8 @@ from torch import Tensor
 
 import lmscope
 from lmscope import tasks
-from lmscope.circuits.patching import PatchResult, activation_patching
+from lmscope.circuits.patching import activation_patching
+from lmscope.circuits.scores import PatchResult
 
 CLEAN = "When Mary and John went to the store, John gave milk to"
 CORRUPT = "When Mary and John went to the store, Mary gave milk to"

@@ -31,8 +31,8 @@ import torch
 import lmscope
 from lmscope.quant.corpus import load_corpus
 from lmscope.quant.evaluation import perplexity
-from lmscope.quant.outliers import activation_stats
 from lmscope.quant.fake import QuantConfig, parse_kv
+from lmscope.quant.outliers import activation_stats
 
 WINDOW, BATCH = 512, 4
 

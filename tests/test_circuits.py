@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from lmscope.circuits.faithfulness import Circuit, crs, draw, faithfulness, prune, select
 from lmscope.circuits.edges import edge_attribution
+from lmscope.circuits.faithfulness import Circuit, crs, draw, faithfulness, prune, select
 from tests.test_attribution import planted_model
 from tests.test_patching import token_pair
 from tests.tiny import CONFIGS

@@ -17,8 +17,8 @@ from rich.table import Table
 from lmscope import load
 from lmscope.core.errors import LmscopeError
 from lmscope.core.loading import ALIASES, DEFAULT_MODEL, cached_conversions
-from lmscope.reports.results import output_dir
 from lmscope.core.sites import parse_site
+from lmscope.reports.results import output_dir
 
 app = typer.Typer(
     add_completion=False,
@@ -237,8 +237,8 @@ def circuit(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("out/circuit"),
 ) -> None:
     """EAP-IG edge scores, a pruned circuit, its faithfulness and CRS, as JSON and a drawing."""
-    from lmscope.circuits.faithfulness import draw, faithfulness, select
     from lmscope.circuits.edges import edge_attribution
+    from lmscope.circuits.faithfulness import draw, faithfulness, select
     from lmscope.reports.results import output_dir, write_json
 
     if (top is None) == (threshold is None):

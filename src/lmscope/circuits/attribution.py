@@ -21,12 +21,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lmscope.circuits.metrics import Metric, get_metric
+from lmscope.circuits.patching import COMPONENTS, as_token_pairs
+from lmscope.circuits.scores import PatchResult
+from lmscope.circuits.tasks import PromptPair, TokenPair
 from lmscope.core.errors import LmscopeError
 from lmscope.core.interventions import apply
-from lmscope.circuits.metrics import Metric, get_metric
-from lmscope.circuits.patching import COMPONENTS, PatchResult, as_token_pairs
 from lmscope.core.progress import progress_bar
-from lmscope.circuits.tasks import PromptPair, TokenPair
 
 METHODS = ("attribution", "eap-ig")
 

@@ -36,11 +36,11 @@ import torch
 from torch import Tensor
 
 from lmscope.circuits.attribution import _final_metric, _inputs, interpolations
-from lmscope.core.errors import LmscopeError
 from lmscope.circuits.metrics import Metric, get_metric
 from lmscope.circuits.patching import as_token_pairs
-from lmscope.core.progress import progress_bar
 from lmscope.circuits.tasks import PromptPair, TokenPair
+from lmscope.core.errors import LmscopeError
+from lmscope.core.progress import progress_bar
 
 QKV = ("q", "k", "v")
 

@@ -35,11 +35,11 @@ from lmscope.circuits.edges import (
     mlp_contributions,
     per_query_heads,
 )
-from lmscope.core.errors import LmscopeError
-from lmscope.core.interventions import Intervention, Site, _take
 from lmscope.circuits.metrics import Metric, get_metric
 from lmscope.circuits.patching import as_token_pairs
 from lmscope.circuits.tasks import PromptPair, TokenPair
+from lmscope.core.errors import LmscopeError
+from lmscope.core.interventions import Intervention, Site, _take
 
 
 def node_of(name: str) -> str:

@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lmscope.circuits.attribution import attribute
-from lmscope.core.errors import LmscopeError
 from lmscope.circuits.metrics import Metric
-from lmscope.circuits.patching import PatchResult, activation_patching, as_token_pairs
+from lmscope.circuits.patching import activation_patching, as_token_pairs
+from lmscope.circuits.scores import PatchResult
 from lmscope.circuits.tasks import PromptPair, TokenPair
+from lmscope.core.errors import LmscopeError
 
 METHODS = ("exact", "attribution", "eap-ig")
 # level -> (component, per_position) runs

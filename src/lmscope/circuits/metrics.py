@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lmscope.core.errors import LmscopeError
 from lmscope.circuits.tasks import TokenPair
+from lmscope.core.errors import LmscopeError
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmscope.quant.corpus import Corpus
 from lmscope.core.errors import LmscopeError
 from lmscope.core.jsonl import read_jsonl
 from lmscope.core.progress import progress_bar
+from lmscope.quant.corpus import Corpus
 from lmscope.quant.fake import QuantConfig, quantized
 
 

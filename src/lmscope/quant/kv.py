@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lmscope.quant.corpus import Corpus
 from lmscope.circuits.edges import head_params
 from lmscope.core.progress import progress_bar
+from lmscope.quant.corpus import Corpus
 
 
 @dataclass

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lmscope.quant.corpus import Corpus
 from lmscope.core.errors import LmscopeError
 from lmscope.core.progress import progress_bar
+from lmscope.quant.corpus import Corpus
 
 PROTOCOLS = ("in-context", "osp")
 # |x| histogram binned by the top 12 bits of the float32 (exponent and 4 mantissa bits):

@@ -23,9 +23,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lmscope.quant.corpus import load_corpus
 from lmscope.core.errors import LmscopeError
 from lmscope.core.progress import note
+from lmscope.quant.corpus import load_corpus
 from lmscope.reports import sections
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import output_dir, versions, write_json
@@ -110,8 +110,8 @@ def _outliers_part(model, settings: ScanSettings) -> tuple[dict, list]:
 
 def _kv_part(model, settings: ScanSettings) -> tuple[dict, list]:
     from lmscope.quant.evaluation import quant_table
-    from lmscope.quant.kv import kv_stats, weight_norms
     from lmscope.quant.fake import QuantConfig, parse_kv
+    from lmscope.quant.kv import kv_stats, weight_norms
 
     corpus = load_corpus(model, "wikitext2", max_tokens=max(settings.kv_tokens, settings.ppl_tokens))
     small = corpus.head(settings.kv_tokens)
