@@ -10,8 +10,8 @@ import torch
 import lmscope
 from lmscope import tasks
 from lmscope.circuits.metrics import get_metric
+from lmscope.circuits.pairs import TokenPair
 from lmscope.circuits.patching import COMPONENTS, activation_patching
-from lmscope.circuits.tasks import TokenPair
 
 
 def token_pair(model, pos: int = 9, differ: tuple[int, ...] = (4,), seed: int = 0) -> TokenPair:

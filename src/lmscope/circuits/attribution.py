@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 
 from lmscope.circuits.metrics import Metric, get_metric
+from lmscope.circuits.pairs import PromptPair, TokenPair
 from lmscope.circuits.patching import COMPONENTS, as_token_pairs
 from lmscope.circuits.scores import PatchResult
-from lmscope.circuits.tasks import PromptPair, TokenPair
 from lmscope.core.errors import LmscopeError
 from lmscope.core.interventions import apply
 from lmscope.core.progress import progress_bar

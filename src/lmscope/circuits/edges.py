@@ -37,8 +37,8 @@ from torch import Tensor
 
 from lmscope.circuits.attribution import _final_metric, _inputs, interpolations
 from lmscope.circuits.metrics import Metric, get_metric
+from lmscope.circuits.pairs import PromptPair, TokenPair
 from lmscope.circuits.patching import as_token_pairs
-from lmscope.circuits.tasks import PromptPair, TokenPair
 from lmscope.core.errors import LmscopeError
 from lmscope.core.progress import progress_bar
 

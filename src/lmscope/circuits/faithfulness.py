@@ -36,8 +36,8 @@ from lmscope.circuits.edges import (
     per_query_heads,
 )
 from lmscope.circuits.metrics import Metric, get_metric
+from lmscope.circuits.pairs import PromptPair, TokenPair
 from lmscope.circuits.patching import as_token_pairs
-from lmscope.circuits.tasks import PromptPair, TokenPair
 from lmscope.core.errors import LmscopeError
 from lmscope.core.interventions import Intervention, Site, _take
 

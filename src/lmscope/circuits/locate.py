@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 from lmscope.circuits.attribution import attribute
 from lmscope.circuits.metrics import Metric
+from lmscope.circuits.pairs import PromptPair, TokenPair
 from lmscope.circuits.patching import activation_patching, as_token_pairs
 from lmscope.circuits.scores import PatchResult
-from lmscope.circuits.tasks import PromptPair, TokenPair
 from lmscope.core.errors import LmscopeError
 
 METHODS = ("exact", "attribution", "eap-ig")

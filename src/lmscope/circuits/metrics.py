@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lmscope.circuits.tasks import TokenPair
+from lmscope.circuits.pairs import TokenPair
 from lmscope.core.errors import LmscopeError
 
 

@@ -39,8 +39,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 from lmscope.circuits.metrics import Metric, get_metric, restricted
+from lmscope.circuits.pairs import PromptPair, TokenPair, tokenize_pairs
 from lmscope.circuits.scores import PatchResult
-from lmscope.circuits.tasks import PromptPair, TokenPair, tokenize_pairs
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import position_ids
 from lmscope.core.progress import progress_bar

@@ -10,121 +10,19 @@ a wrong answer (the corrupted prompt's answer, usually). JSONL, one object per l
 ``answer`` and ``wrong_answer`` may be lists of candidates; a prompt may also be a list of
 token ids. Answers are scored by their first token.
 
-Generators: :func:`ioi` (indirect object identification, Wang et al. 2022), :func:`induction`
+Reading and tokenising pairs is :mod:`lmscope.circuits.pairs` (``load_pairs``, ``tokenize_pairs``
+and the pair types are re-exported here). Generators: :func:`ioi` (indirect object identification, Wang et al. 2022), :func:`induction`
 (repeated random tokens, Olsson et al. 2022), :func:`capitals` (factual recall).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from torch import Tensor
 
+from lmscope.circuits.pairs import PromptPair, TokenPair, load_pairs, tokenize_pairs
 from lmscope.core.errors import LmscopeError
-from lmscope.core.jsonl import read_jsonl
-
-Prompt = str | list[int]
-
-
-@dataclass(frozen=True)
-class PromptPair:
-    clean: Prompt
-    corrupt: Prompt
-    answer: tuple[str | int, ...]
-    wrong_answer: tuple[str | int, ...]
-
-
-@dataclass
-class TokenPair:
-    """A tokenised pair: clean/corrupt ids [pos] (equal length) with attention masks, and
-    candidate answer / wrong-answer token ids."""
-
-    clean: Tensor
-    corrupt: Tensor
-    answer: Tensor
-    wrong: Tensor
-    clean_mask: Tensor
-    corrupt_mask: Tensor
-
-
-def _candidates(value, what: str, where: str) -> tuple:
-    values = value if isinstance(value, list) else [value]
-    if not values or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in values):
-        raise LmscopeError(f"{where}: '{what}' must be a string or a list of strings")
-    return tuple(values)
-
-
-def _prompt(value, what: str, where: str) -> Prompt:
-    if isinstance(value, str) and value:
-        return value
-    if isinstance(value, list) and value and all(isinstance(t, int) for t in value):
-        return value
-    raise LmscopeError(f"{where}: '{what}' must be a non-empty string or a list of token ids")
-
-
-def pair_from_dict(obj: dict, where: str = "pair") -> PromptPair:
-    """Validate one JSON object as a :class:`PromptPair`."""
-    if not isinstance(obj, dict):
-        raise LmscopeError(f"{where}: expected a JSON object")
-    missing = [k for k in ("clean", "corrupt", "answer", "wrong_answer") if k not in obj]
-    if missing:
-        raise LmscopeError(f"{where}: missing {', '.join(missing)}")
-    return PromptPair(
-        clean=_prompt(obj["clean"], "clean", where),
-        corrupt=_prompt(obj["corrupt"], "corrupt", where),
-        answer=_candidates(obj["answer"], "answer", where),
-        wrong_answer=_candidates(obj["wrong_answer"], "wrong_answer", where),
-    )
-
-
-def load_pairs(path: str | Path) -> list[PromptPair]:
-    """Read a prompt-pair JSONL file; errors name the file and line."""
-    pairs = [pair_from_dict(obj, where) for where, obj in read_jsonl(path)]
-    if not pairs:
-        raise LmscopeError(f"{path}: no prompt pairs")
-    return pairs
-
-
-def _ids(tokenizer, prompt: Prompt) -> list[int]:
-    return list(prompt) if isinstance(prompt, list) else tokenizer(prompt)["input_ids"]
-
-
-def _answer_ids(tokenizer, answers: tuple) -> Tensor:
-    ids = []
-    for a in answers:
-        ids.append(a if isinstance(a, int) else tokenizer(a, add_special_tokens=False)["input_ids"][0])
-    return torch.tensor(ids)
-
-
-def tokenize_pairs(model, pairs: list[PromptPair], align: str = "strict") -> list[TokenPair]:
-    """Tokenise pairs. Clean and corrupt prompts must have the same number of tokens, unless
-    ``align="final"``: then the shorter one is left-padded so the final positions align."""
-    if align not in ("strict", "final"):
-        raise LmscopeError(f"align must be 'strict' or 'final', not '{align}'")
-    tok = model.tokenizer
-    out = []
-    for i, p in enumerate(pairs):
-        clean, corrupt = _ids(tok, p.clean), _ids(tok, p.corrupt)
-        if len(clean) != len(corrupt) and align == "strict":
-            raise LmscopeError(
-                f"pair {i}: clean and corrupt prompts tokenise to {len(clean)} and {len(corrupt)} tokens; "
-                "make them the same length or align on the final position (align='final', --align final)"
-            )
-        n = max(len(clean), len(corrupt))
-        pad = model._pad_id() or 0
-        (c, cm), (k, km) = _left_pad(clean, n, pad), _left_pad(corrupt, n, pad)
-        out.append(TokenPair(c, k, _answer_ids(tok, p.answer), _answer_ids(tok, p.wrong_answer), cm, km))
-    return out
-
-
-def _left_pad(ids: list[int], n: int, pad: int) -> tuple[Tensor, Tensor]:
-    """``ids`` left-padded to ``n`` tokens, and its attention mask."""
-    missing = n - len(ids)
-    return torch.tensor([pad] * missing + ids), torch.tensor([0] * missing + [1] * len(ids))
-
 
 # -- generators ----------------------------------------------------------------------------
 
@@ -200,8 +98,8 @@ def induction(model, n: int = 10, length: int = 20, seed: int = 0) -> list[Promp
     half by other random tokens (nothing to copy); the wrong answer is the corrupted first
     half's last token."""
     rng = torch.Generator().manual_seed(seed)
-    low, high = _plain_token_range(model)
-    bos = _bos(model)
+    low, high = plain_token_range(model)
+    bos = model.bos_ids()
     pairs = []
     for _ in range(n):
         r = torch.randint(low, high, (length,), generator=rng).tolist()
@@ -210,12 +108,7 @@ def induction(model, n: int = 10, length: int = 20, seed: int = 0) -> list[Promp
     return pairs
 
 
-def _bos(model) -> list[int]:
-    bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None
-    return [] if bos is None else [bos]
-
-
-def _plain_token_range(model) -> tuple[int, int]:
+def plain_token_range(model) -> tuple[int, int]:
     """Token ids to draw random sequences from: skip the first 1000 (special and byte tokens)."""
     return min(1000, model.d_vocab // 4), model.d_vocab
 
@@ -266,3 +159,17 @@ def builtin(model, name: str) -> list[PromptPair]:
     if name not in GENERATORS:
         raise LmscopeError(f"unknown task '{name}' (built-in: {', '.join(GENERATORS)})")
     return GENERATORS[name](model)
+
+
+__all__ = [
+    "GENERATORS",
+    "PromptPair",
+    "TokenPair",
+    "builtin",
+    "capitals",
+    "induction",
+    "ioi",
+    "load_pairs",
+    "plain_token_range",
+    "tokenize_pairs",
+]

@@ -34,6 +34,11 @@ parallel_residual
 mlp_contrib
     The module whose output the layer adds to the residual stream after the MLP (the MLP, or
     a post-feedforward norm).
+k_norm
+    The key norm inside attention, where the model has one (a path the model may lack).
+
+Where a tensor is read or written on these modules is the other table,
+:mod:`lmscope.core.hookpoints`.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ class Family:
     conv1d: bool = False
     parallel_residual: str | None = None
     mlp_contrib: str = "mlp"
+    k_norm: str | None = None
 
 
 LLAMA = Family(
@@ -79,6 +85,7 @@ LLAMA = Family(
     q_proj="self_attn.q_proj",
     k_proj="self_attn.k_proj",
     v_proj="self_attn.v_proj",
+    k_norm="self_attn.k_norm",  # present in Qwen 3, Gemma 3, OLMo 2
 )
 
 # Gemma 2/3 normalise the attention output before adding it to the residual, and the

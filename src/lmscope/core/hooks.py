@@ -1,16 +1,17 @@
-"""Hook sessions: capture and intervene on canonical sites of a Hugging Face model.
+"""Hooks: the one primitive that registers PyTorch hooks, and hook sessions built on it.
 
-A :class:`HookSession` is a context manager that installs the fewest PyTorch hooks
-needed for the requested sites, and removes every one of them on exit, also when
-the forward raised. Sites map to modules through the family table
-(:mod:`lmscope.core.families`):
+:func:`hooked` registers callbacks on hook points (:mod:`lmscope.core.hookpoints`) and removes
+every one of them on exit, also when the forward raised. It is the only place in lmscope that
+calls ``register_forward_hook`` / ``register_forward_pre_hook``; every algorithm hooks through it.
 
-- module inputs/outputs (residual stream, ``attn.z``/``out``, MLP, norms, logits) use
-  forward hooks and pre-hooks;
+A :class:`HookSession` captures and intervenes on canonical sites (:mod:`lmscope.core.sites`):
+
+- module inputs/outputs (residual stream, ``attn.z``/``out``, MLP, norms, logits) are the hook
+  points of the same names;
 - ``attn.q/k/v/pattern`` are read inside the attention interface: while such a site is
-  requested, the model's ``config._attn_implementation`` is switched to an lmscope
-  wrapper of the same implementation (``lmscope_sdpa`` wraps SDPA), and to the eager
-  implementation only while a pattern is requested (SDPA never materialises it);
+  requested, :func:`attention_wrapper` puts an lmscope wrapper of the model's attention
+  implementation in place (``lmscope_sdpa`` wraps SDPA), and the eager implementation only while
+  a pattern is requested (SDPA never materialises it); the model's setting is restored on exit;
 - ``resid_mid`` is ``resid_pre`` plus the layer's attention contribution (exactly the sum
   the layer computes); an intervention on it rewrites the contribution.
 
@@ -19,10 +20,12 @@ Tensor layouts follow :mod:`lmscope.core.sites` (positions on axis 1, heads on a
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
-from typing import Self
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Self
 
 import torch
 from torch import Tensor, nn
@@ -32,13 +35,95 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from lmscope.core.cache import ActivationCache
 from lmscope.core.errors import LmscopeError
+from lmscope.core.hookpoints import hook_point, point_modules
 from lmscope.core.interventions import Intervention
 from lmscope.core.sites import ATTN_INTERFACE_KINDS, Site
 
+if TYPE_CHECKING:
+    from lmscope.core.model import Model
 
-class _StopForward(Exception):
-    """Raised by the hook after ``stop_after``'s layer to end the forward early."""
+# -- the primitive ------------------------------------------------------------------------------
 
+
+@dataclass(frozen=True)
+class Hook:
+    """A callback on hook point ``point`` of ``layer`` (None for global points).
+
+    For ``main``/``logits`` points, ``fn(x)`` gets the tensor (split into heads for ``heads``
+    points) and returns None to leave it, or the tensor to use instead (returning ``x`` itself
+    writes it back, which keeps a split-heads view in the autograd graph). For ``call`` points,
+    ``fn(args, kwargs)`` observes the call. ``modules`` overrides where the point lives (e.g. one
+    module of a ``linears`` point)."""
+
+    point: str
+    layer: int | None
+    fn: Callable
+    modules: tuple[nn.Module, ...] | None = None
+
+
+@contextlib.contextmanager
+def hooked(model: Model, hooks: Iterable[Hook]) -> Iterator[None]:
+    """Register ``hooks`` for the duration of the block; all are removed on exit, also on error."""
+    handles: list = []
+    try:
+        for hook in hooks:
+            point = hook_point(hook.point)
+            modules = hook.modules if hook.modules is not None else point_modules(model, hook.point, hook.layer)
+            if not modules:
+                raise LmscopeError(f"this model has no hook point '{hook.point}'")
+            wrapped = _wrap(point, hook.fn, (model.n_heads, model.d_head))
+            for module in modules:
+                if point.when == "pre":
+                    handles.append(module.register_forward_pre_hook(wrapped, with_kwargs=True))
+                else:
+                    handles.append(module.register_forward_hook(wrapped))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _wrap(point, fn: Callable, heads: tuple[int, int]) -> Callable:
+    """The PyTorch hook that reads the point's tensor, calls ``fn`` and writes its result."""
+    if point.tensor == "call":
+
+        def observe(module, args, kwargs):
+            fn(args, kwargs)
+
+        return observe
+    if point.when == "pre":
+
+        def pre(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            new = fn(x.unflatten(-1, heads) if point.heads else x)
+            if new is None:
+                return None
+            new = new.flatten(-2) if point.heads else new
+            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+        return pre
+    if point.tensor == "logits":
+
+        def logits(module, args, out):
+            new = fn(out.logits)
+            if new is not None:
+                out.logits = new
+            return out
+
+        return logits
+
+    def post(module, args, out):
+        x = out[0] if isinstance(out, tuple) else out
+        new = fn(x.unflatten(-1, heads) if point.heads else x)
+        if new is None:
+            return None
+        new = new.flatten(-2) if point.heads else new
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    return post
+
+
+# -- the attention interface -------------------------------------------------------------------
 
 def _base_attention(module: nn.Module, impl: str):
     if impl == "eager":
@@ -53,85 +138,68 @@ def _wrapped_impl(impl: str) -> str:
 
         def attention(module, query, key, value, attention_mask, **kwargs):
             base = _base_attention(module, impl)
-            session = getattr(module, "_lmscope_session", None)
-            if session is None:
+            replace = module.__dict__.get("_lmscope_attention")
+            if replace is None:
                 return base(module, query, key, value, attention_mask, **kwargs)
-            return session._attention(module, base, query, key, value, attention_mask, **kwargs)
+            return replace(module, base, query, key, value, attention_mask, **kwargs)
 
         AttentionInterface.register(name, attention)
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
     return name
 
 
-def _first_tensor(args: tuple, kwargs: dict) -> Tensor:
-    return args[0] if args else kwargs["hidden_states"]
+@contextlib.contextmanager
+def attention_wrapper(model: Model, modules: Sequence[nn.Module], replace: Callable, eager: bool) -> Iterator[None]:
+    """While the block runs, the attention of ``modules`` calls ``replace(module, base, query, key,
+    value, attention_mask, **kwargs)`` (``base``: the model's own attention function; tensors
+    [batch, heads, pos, d_head]); ``eager`` switches to eager attention (for patterns). The
+    model's attention setting is restored on exit."""
+    config = model.hf.config
+    saved = config._attn_implementation
+    if saved.startswith("lmscope_"):
+        raise LmscopeError("hook sessions on one model cannot be nested")
+    try:
+        config._attn_implementation = _wrapped_impl("eager" if eager else saved)
+        for m in modules:
+            m._lmscope_attention = replace
+        yield
+    finally:
+        for m in modules:
+            m.__dict__.pop("_lmscope_attention", None)
+        config._attn_implementation = saved
 
 
-def _with_first_tensor(args: tuple, kwargs: dict, x: Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (x, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": x}
+# -- hook sessions ------------------------------------------------------------------------------
 
 
-def _main_output(out):
-    return out[0] if isinstance(out, tuple) else out
+class _StopForward(Exception):
+    """Raised by the hook after ``stop_after``'s layer to end the forward early."""
 
 
-def _with_main_output(out, x: Tensor):
-    return (x, *out[1:]) if isinstance(out, tuple) else x
+class _Sites:
+    """The capture and intervention work of one session, per (kind, layer): interventions in
+    order, then captures into ``cache``."""
 
-
-class HookSession:
-    """Capture ``capture`` sites and apply ``interventions`` during forwards of ``model``.
-
-    Use as a context manager around any forward or ``generate`` call of ``model.hf``;
-    the captured tensors are in :attr:`cache` (keys are site names, with a head suffix
-    for single-head captures). ``to_cpu`` moves them to the CPU as they are produced,
-    ``grad`` keeps them in the autograd graph (with ``retain_grad``) for attribution
-    methods, and ``stop_after`` ends the forward after that layer. ``attention``, if given,
-    replaces every layer's attention computation: it is called as
-    ``attention(module, base, query, key, value, attention_mask, **kwargs)`` with ``base``
-    the model's own attention function (e.g. to attend to quantised keys, :mod:`lmscope.quant`).
-    """
-
-    def __init__(
-        self,
-        model,
-        capture: Sequence[Site] = (),
-        interventions: Sequence[Intervention] = (),
-        *,
-        to_cpu: bool = False,
-        grad: bool = False,
-        stop_after: int | None = None,
-        attention=None,
-    ):
-        self.model = model
-        self.attention = attention
+    def __init__(self, capture: Sequence[Site], interventions: Sequence[Intervention], to_cpu: bool, grad: bool):
         self.cache = ActivationCache()
-        self.to_cpu = to_cpu
-        self.grad = grad
-        self.stop_after = stop_after
-        self._captures: dict[tuple[str, int | None], list[Site]] = defaultdict(list)
-        self._edits: dict[tuple[str, int | None], list[Intervention]] = defaultdict(list)
+        self.to_cpu, self.grad = to_cpu, grad
+        self.captures: dict[tuple[str, int | None], list[Site]] = defaultdict(list)
+        self.edits: dict[tuple[str, int | None], list[Intervention]] = defaultdict(list)
         for site in capture:
-            self._captures[site.kind, site.layer].append(site)
+            self.captures[site.kind, site.layer].append(site)
         for iv in interventions:
-            self._edits[iv.site.kind, iv.site.layer].append(iv)
-        self._handles: list = []
-        self._attn_modules: list[nn.Module] = []
-        self._saved_impl: str | None = None
-        self._offset = 0
-        self._resid_pre: dict[int, Tensor] = {}
+            self.edits[iv.site.kind, iv.site.layer].append(iv)
 
-    # -- processing ---------------------------------------------------------------
+    def keys(self) -> set[tuple[str, int | None]]:
+        return set(self.captures) | set(self.edits)
 
-    def _wants(self, kind: str, layer: int | None) -> bool:
-        return (kind, layer) in self._captures or (kind, layer) in self._edits
+    def wants(self, kind: str, layer: int | None) -> bool:
+        return (kind, layer) in self.captures or (kind, layer) in self.edits
 
-    def _process(self, kind: str, layer: int | None, x: Tensor, offset: int) -> Tensor:
-        for iv in self._edits.get((kind, layer), ()):
+    def process(self, kind: str, layer: int | None, x: Tensor, offset: int) -> Tensor:
+        for iv in self.edits.get((kind, layer), ()):
             x = iv(x, offset)
-        for site in self._captures.get((kind, layer), ()):
+        for site in self.captures.get((kind, layer), ()):
             self._store(site, x, offset)
         return x
 
@@ -153,78 +221,144 @@ class HookSession:
             value = torch.cat([previous, value], dim=site.pos_axis)
         self.cache[key] = value
 
-    # -- hooks ------------------------------------------------------------------------
 
-    def _pre_hook(self, module: nn.Module, kind: str, layer: int | None, reshape=None) -> None:
-        def hook(mod, args, kwargs):
-            x = _first_tensor(args, kwargs)
-            view = x if reshape is None else x.unflatten(-1, reshape)
-            new = self._process(kind, layer, view, self._offset)
-            if kind == "resid_pre":
-                self._resid_pre[layer] = new
-            if new is view and not (self.grad and reshape is not None):
-                return None  # with grad, the model must use the captured view so its .grad fills
-            return _with_first_tensor(args, kwargs, new if reshape is None else new.flatten(-2))
+class HookSession:
+    """Capture ``capture`` sites and apply ``interventions`` during forwards of ``model``.
 
-        self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    Use as a context manager around any forward or ``generate`` call of ``model.hf``;
+    the captured tensors are in :attr:`cache` (keys are site names, with a head suffix
+    for single-head captures). Options: ``to_cpu`` moves captures to the CPU as they are
+    produced; ``grad`` keeps them in the autograd graph (with ``retain_grad``) for attribution
+    methods; ``stop_after`` ends the forward after that layer; ``attention``, if given, replaces
+    every layer's attention computation: it is called as ``attention(module, base, query, key,
+    value, attention_mask, **kwargs)`` with ``base`` the model's own attention function (e.g. to
+    attend to quantised keys, :func:`lmscope.quant.fake.kv_attention`).
+    """
 
-    def _post_hook(self, module: nn.Module, kind: str, layer: int | None) -> None:
-        def hook(mod, args, out):
-            x = _main_output(out)
-            new = self._process(kind, layer, x, self._offset)
-            return None if new is x else _with_main_output(out, new)
+    def __init__(
+        self,
+        model: Model,
+        capture: Sequence[Site] = (),
+        interventions: Sequence[Intervention] = (),
+        *,
+        to_cpu: bool = False,
+        grad: bool = False,
+        stop_after: int | None = None,
+        attention: Callable | None = None,
+    ):
+        self.model = model
+        self.attention = attention
+        self.stop_after = stop_after
+        self.sites = _Sites(capture, interventions, to_cpu, grad)
+        self._stack: contextlib.ExitStack | None = None
+        self._offset = 0
+        self._resid_pre: dict[int, Tensor] = {}
 
-        self._handles.append(module.register_forward_hook(hook))
+    @property
+    def cache(self) -> ActivationCache:
+        return self.sites.cache
 
-    def _mid_hook(self, module: nn.Module, layer: int) -> None:
-        def hook(mod, args, out):
-            contrib = _main_output(out)
+    def __enter__(self) -> Self:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(hooked(self.model, self._hooks()))
+            stack.enter_context(self._attention_context())
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        stack, self._stack = self._stack, None
+        self._resid_pre.clear()
+        if stack is not None:
+            stack.close()
+        return exc_type is _StopForward
+
+    # -- which hooks ----------------------------------------------------------------------
+
+    def _hooks(self) -> list[Hook]:
+        keys = self.sites.keys()
+        hooks = [Hook("model.call", None, self._on_call)]
+        for kind in ("embed", "final_norm", "logits"):
+            if (kind, None) in keys:
+                hooks.append(Hook(kind, None, self._site_hook(kind, None)))
+        for layer in sorted({layer for _, layer in keys if layer is not None}):
+            hooks += self._layer_hooks(layer, {k for k, lay in keys if lay == layer})
+        if self.stop_after is not None:
+            hooks.append(Hook("resid_post", self.stop_after, _stop))
+        return hooks
+
+    def _layer_hooks(self, layer: int, kinds: set[str]) -> list[Hook]:
+        hooks = []
+        if "resid_pre" in kinds or "resid_mid" in kinds:
+            hooks.append(Hook("resid_pre", layer, self._resid_pre_hook(layer)))
+        if "resid_mid" in kinds:
+            if self.model.parallel_residual:
+                raise LmscopeError("resid_mid does not exist in this model: attention and MLP run in parallel")
+            hooks.append(Hook("attn.contrib", layer, self._resid_mid_hook(layer)))
+        for kind in ("attn.z", "attn.out", "mlp.in", "mlp.post", "mlp.out", "resid_post"):
+            if kind in kinds:
+                hooks.append(Hook(kind, layer, self._site_hook(kind, layer)))
+        return hooks
+
+    def _attention_context(self) -> contextlib.AbstractContextManager:
+        keys = self.sites.keys()
+        layers = {layer for kind, layer in keys if kind in ATTN_INTERFACE_KINDS}
+        if self.attention is not None:
+            layers = set(range(self.model.n_layers))
+        if not layers:
+            return contextlib.nullcontext()
+        modules = [self.model.layer_module(layer, self.model.family.attn) for layer in sorted(layers)]
+        eager = any(kind == "attn.pattern" for kind, _ in keys)
+        return attention_wrapper(self.model, modules, self._attention, eager)
+
+    # -- callbacks ------------------------------------------------------------------------
+
+    def _on_call(self, args, kwargs) -> None:
+        past = kwargs.get("past_key_values")
+        self._offset = past.get_seq_length() if past is not None else 0
+        self._resid_pre.clear()
+
+    def _site_hook(self, kind: str, layer: int | None) -> Callable:
+        heads = hook_point(kind).heads
+
+        def fn(x: Tensor) -> Tensor | None:
+            new = self.sites.process(kind, layer, x, self._offset)
+            # with grad, a split-heads view is written back so its captured .grad fills
+            return new if new is not x or (heads and self.sites.grad) else None
+
+        return fn
+
+    def _resid_pre_hook(self, layer: int) -> Callable:
+        def fn(x: Tensor) -> Tensor | None:
+            new = self.sites.process("resid_pre", layer, x, self._offset)
+            self._resid_pre[layer] = new
+            return new if new is not x else None
+
+        return fn
+
+    def _resid_mid_hook(self, layer: int) -> Callable:
+        def fn(contrib: Tensor) -> Tensor | None:
             pre = self._resid_pre[layer]
             mid = pre + contrib
-            new = self._process("resid_mid", layer, mid, self._offset)
-            return None if new is mid else _with_main_output(out, new - pre)
+            new = self.sites.process("resid_mid", layer, mid, self._offset)
+            return None if new is mid else new - pre
 
-        self._handles.append(module.register_forward_hook(hook))
-
-    def _logits_hook(self) -> None:
-        def hook(mod, args, out):
-            new = self._process("logits", None, out.logits, self._offset)
-            if new is not out.logits:
-                out.logits = new
-            return out
-
-        self._handles.append(self.model.hf.register_forward_hook(hook))
-
-    def _offset_hook(self) -> None:
-        def hook(mod, args, kwargs):
-            past = kwargs.get("past_key_values")
-            self._offset = past.get_seq_length() if past is not None else 0
-            self._resid_pre.clear()
-
-        self._handles.append(self.model.hf.register_forward_pre_hook(hook, with_kwargs=True))
-
-    def _stop_hook(self, layer_module: nn.Module) -> None:
-        def hook(mod, args, out):
-            raise _StopForward
-
-        self._handles.append(layer_module.register_forward_hook(hook))
+        return fn
 
     def _attention(self, module, base, query, key, value, attention_mask, **kwargs):
         """Attention interface wrapper: q/k/v/pattern of one layer, shapes [batch, heads, pos, d_head]."""
-        layer = module.layer_idx
-        q_offset = self._offset
-        if self._wants("attn.q", layer):
-            query = self._process("attn.q", layer, query.transpose(1, 2), q_offset).transpose(1, 2)
-        if self._wants("attn.k", layer):
-            key = self._process("attn.k", layer, key.transpose(1, 2), 0).transpose(1, 2)
-        if self._wants("attn.v", layer):
-            value = self._process("attn.v", layer, value.transpose(1, 2), 0).transpose(1, 2)
+        layer, sites, q_offset = module.layer_idx, self.sites, self._offset
+        if sites.wants("attn.q", layer):
+            query = sites.process("attn.q", layer, query.transpose(1, 2), q_offset).transpose(1, 2)
+        if sites.wants("attn.k", layer):
+            key = sites.process("attn.k", layer, key.transpose(1, 2), 0).transpose(1, 2)
+        if sites.wants("attn.v", layer):
+            value = sites.process("attn.v", layer, value.transpose(1, 2), 0).transpose(1, 2)
         if self.attention is not None:
             out, weights = self.attention(module, base, query, key, value, attention_mask, **kwargs)
         else:
             out, weights = base(module, query, key, value, attention_mask, **kwargs)
-        if self._wants("attn.pattern", layer):
-            new = self._process("attn.pattern", layer, weights, q_offset)
+        if sites.wants("attn.pattern", layer):
+            new = sites.process("attn.pattern", layer, weights, q_offset)
             if new is not weights:
                 groups = query.shape[1] // value.shape[1]
                 values = value.repeat_interleave(groups, dim=1)
@@ -232,85 +366,6 @@ class HookSession:
                 weights = new
         return out, weights
 
-    # -- install / remove -------------------------------------------------------
 
-    def __enter__(self) -> Self:
-        try:
-            self._install()
-        except BaseException:
-            self._remove()
-            raise
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        self._remove()
-        return exc_type is _StopForward
-
-    def _install(self) -> None:
-        m = self.model
-        fam = m.family
-        kinds = set(self._captures) | set(self._edits)
-        self._offset_hook()
-        if ("embed", None) in kinds:
-            self._post_hook(m.module(fam.embed), "embed", None)
-        if ("final_norm", None) in kinds:
-            self._post_hook(m.module(fam.final_norm), "final_norm", None)
-        if ("logits", None) in kinds:
-            self._logits_hook()
-        layers = {lay for _, lay in kinds if lay is not None}
-        if self.attention is not None:
-            layers = range(m.n_layers)
-        for layer in sorted(layers):
-            self._install_layer(layer, {k for k, lay in kinds if lay == layer})
-        if self.stop_after is not None:
-            self._stop_hook(m.layer_module(self.stop_after, ""))
-
-    def _install_layer(self, layer: int, kinds: set[str]) -> None:
-        m = self.model
-        fam = m.family
-        at = lambda path: m.layer_module(layer, path)
-        if "resid_pre" in kinds or "resid_mid" in kinds:
-            self._pre_hook(at(""), "resid_pre", layer)
-        if "resid_mid" in kinds:
-            if fam.parallel_residual and getattr(m.hf.config, fam.parallel_residual, False):
-                raise LmscopeError("resid_mid does not exist in this model: attention and MLP run in parallel")
-            self._mid_hook(at(fam.attn_contrib), layer)
-        if kinds & set(ATTN_INTERFACE_KINDS) or self.attention is not None:
-            attn = at(fam.attn)
-            attn._lmscope_session = self
-            self._attn_modules.append(attn)
-            self._use_attention_wrapper(eager="attn.pattern" in kinds)
-        if "attn.z" in kinds:
-            self._pre_hook(at(fam.o_proj), "attn.z", layer, reshape=(m.n_heads, m.d_head))
-        if "attn.out" in kinds:
-            self._post_hook(at(fam.o_proj), "attn.out", layer)
-        if "mlp.in" in kinds:
-            self._pre_hook(at(fam.mlp), "mlp.in", layer)
-        if "mlp.post" in kinds:
-            self._pre_hook(at(fam.mlp_down), "mlp.post", layer)
-        if "mlp.out" in kinds:
-            self._post_hook(at(fam.mlp), "mlp.out", layer)
-        if "resid_post" in kinds:
-            self._post_hook(at(""), "resid_post", layer)
-
-    def _use_attention_wrapper(self, eager: bool) -> None:
-        config = self.model.hf.config
-        if self._saved_impl is None:
-            self._saved_impl = config._attn_implementation
-        impl = "eager" if eager else self._saved_impl
-        if impl.startswith("lmscope_"):
-            raise LmscopeError("hook sessions on one model cannot be nested")
-        if eager or not config._attn_implementation.startswith("lmscope_eager"):
-            config._attn_implementation = _wrapped_impl(impl)
-
-    def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for attn in self._attn_modules:
-            attn.__dict__.pop("_lmscope_session", None)
-        self._attn_modules.clear()
-        if self._saved_impl is not None:
-            self.model.hf.config._attn_implementation = self._saved_impl
-            self._saved_impl = None
-        self._resid_pre.clear()
+def _stop(x: Tensor) -> None:
+    raise _StopForward

@@ -119,9 +119,13 @@ class Model:
         return [(str(site), d[site.kind]) for site in sites if self._has(site.kind)]
 
     def _has(self, kind: str) -> bool:
-        if kind != "resid_mid" or not self.family.parallel_residual:
-            return True
-        return not getattr(self.hf.config, self.family.parallel_residual, False)
+        return kind != "resid_mid" or not self.parallel_residual
+
+    @property
+    def parallel_residual(self) -> bool:
+        """Whether attention and MLP read the same residual stream (no ``resid_mid``)."""
+        flag = self.family.parallel_residual
+        return bool(flag and getattr(self.hf.config, flag, False))
 
     def card(self) -> dict:
         """A summary of the model: family, size, dimensions, dtype, source."""
@@ -159,39 +163,30 @@ class Model:
             texts = [inputs] if isinstance(inputs, str) else list(inputs)
             if not texts:
                 raise LmscopeError("no input text")
-            self.tokenizer.padding_side = padding_side
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True)
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side=padding_side)
             ids, mask = enc["input_ids"], enc["attention_mask"]
         return ids.to(self.device), mask.to(self.device)
 
     def hooks(
-        self,
-        capture: Sequence[str | Site] = (),
-        interventions: Sequence[Intervention] = (),
-        *,
-        to_cpu: bool = False,
-        grad: bool = False,
-        stop_after: int | None = None,
-        attention=None,
+        self, capture: Sequence[str | Site] = (), interventions: Sequence[Intervention] = (), **options
     ) -> HookSession:
         """A context manager capturing/intervening during any forward of ``self.hf``.
 
         ``with model.hooks(["blocks.3.attn.z"], [zero("blocks.2.attn.z.1")]) as s:``
-        ``model.hf(ids)``; then ``s.cache["blocks.3.attn.z"]``. ``attention`` replaces the
-        attention computation of every layer (see :class:`HookSession`).
+        ``model.hf(ids)``; then ``s.cache["blocks.3.attn.z"]``. ``options`` (``to_cpu``, ``grad``,
+        ``stop_after``, ``attention``) are :class:`~lmscope.core.hooks.HookSession`'s.
         """
         sites = [self.site(s) for s in capture]
         for iv in interventions:
             self.site(iv.site)
+        stop_after = options.get("stop_after")
         if stop_after is not None:
             if not 0 <= stop_after < self.n_layers:
                 raise LmscopeError(f"stop_after={stop_after} out of range (model has {self.n_layers} layers)")
             late = [str(s) for s in sites if s.layer is None and s.kind != "embed" or (s.layer or 0) > stop_after]
             if late:
                 raise LmscopeError(f"cannot capture {', '.join(late)}: the run stops after layer {stop_after}")
-        return HookSession(
-            self, sites, interventions, to_cpu=to_cpu, grad=grad, stop_after=stop_after, attention=attention
-        )
+        return HookSession(self, sites, interventions, **options)
 
     def run(
         self,
@@ -199,11 +194,9 @@ class Model:
         capture: Sequence[str | Site] = (),
         interventions: Sequence[Intervention] = (),
         *,
-        to_cpu: bool = False,
-        grad: bool = False,
-        stop_after: int | None = None,
         padding_side: str = "right",
         logits: bool = True,
+        **options,
     ) -> RunResult:
         """One forward pass over a batch, capturing sites and applying interventions.
 
@@ -211,14 +204,16 @@ class Model:
         so a left-padded prompt sees the same positions as alone. ``logits=False`` runs only
         Hugging Face's ``base_model`` (no unembedding, a fifth of SmolLM2's forward) when the
         caller needs captured activations only; the ``logits`` site then cannot be captured.
+        ``options`` (``to_cpu``, ``grad``, ``stop_after``) are :class:`~lmscope.core.hooks.HookSession`'s;
+        with ``grad`` the forward records gradients.
         """
         ids, mask = self.tokenize(inputs, padding_side)
-        session = self.hooks(capture, interventions, to_cpu=to_cpu, grad=grad, stop_after=stop_after)
+        session = self.hooks(capture, interventions, **options)
         if not logits and any(self.site(s).kind == "logits" for s in [*capture, *(iv.site for iv in interventions)]):
             raise LmscopeError("the logits site does not exist in a run without the unembedding (logits=False)")
         forward = self.hf if logits else self.hf.base_model
         result = None
-        with torch.set_grad_enabled(grad), session:
+        with torch.set_grad_enabled(options.get("grad", False)), session:
             out = forward(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=False)
             result = out.logits if logits else None
         return RunResult(result, session.cache, ids, mask)
@@ -246,7 +241,7 @@ class Model:
                 attention_mask=mask,
                 max_new_tokens=max_new_tokens,
                 do_sample=do_sample,
-                pad_token_id=self._pad_id(),
+                pad_token_id=self.pad_id,
                 **kwargs,
             )
         new = out[:, ids.shape[1] :]
@@ -267,10 +262,17 @@ class Model:
         cap = getattr(self.hf.config, "final_logit_softcapping", None)
         return logits if not cap else torch.tanh(logits / cap) * cap
 
-    def _pad_id(self) -> int | None:
+    @property
+    def pad_id(self) -> int | None:
+        """The padding token id (the tokenizer's, else the config's)."""
         if self.tokenizer is not None:
             return self.tokenizer.pad_token_id
         return self.hf.config.pad_token_id
+
+    def bos_ids(self) -> list[int]:
+        """``[bos_token_id]``, or ``[]`` when the tokenizer has no BOS token."""
+        bos = self.tokenizer.bos_token_id if self.tokenizer is not None else None
+        return [] if bos is None else [bos]
 
 
 def position_ids(mask: Tensor) -> Tensor:
