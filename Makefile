@@ -26,7 +26,9 @@ browser:
 scan: setup
 	$(BIN)/lmscope scan
 
+# The architecture contracts (.importlinter: layers, only reports draw), then the tests.
 test: setup browser
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 bench: setup
@@ -38,3 +40,4 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports

@@ -71,13 +71,14 @@ def test_eap_ig_completeness_on_the_input(tiny_models):
     embedding, the attribution equals M(clean) - M(corrupt) as steps grow."""
     from lmscope.circuits.attribution import integrated_gradients
     from lmscope.circuits.metrics import get_metric
+    from lmscope.circuits.pairs import bind
 
     model = tiny_models["qwen2"]
     pair = token_pair(model, pos=6, differ=(1, 4))
     metric = get_metric("logit_diff")
     clean = model.run(pair.clean[None], capture=["embed"])
     corrupt = model.run(pair.corrupt[None], capture=["embed"])
-    grads = integrated_gradients(model, pair, ["embed"], metric, steps=200, clean_logprobs=None)
+    grads = integrated_gradients(model, bind(metric, pair, clean.logits[0, -1]), ["embed"], steps=200)
     total = float(((clean.cache["embed"][0] - corrupt.cache["embed"][0]) * grads["embed"]).sum())
     m = lambda logits: float(metric(logits[:, -1], pair)[0])
     assert abs(total - (m(clean.logits) - m(corrupt.logits))) < 0.02 * abs(m(clean.logits) - m(corrupt.logits)) + 1e-3

@@ -8,7 +8,8 @@ import math
 import pytest
 
 from lmscope.circuits.edges import edge_attribution
-from lmscope.circuits.faithfulness import Circuit, crs, draw, faithfulness, prune, select
+from lmscope.circuits.faithfulness import crs, faithfulness
+from lmscope.circuits.graph import Circuit, draw, prune, select
 from tests.test_attribution import planted_model
 from tests.test_patching import token_pair
 from tests.tiny import CONFIGS
@@ -49,6 +50,7 @@ def test_planted_circuit_is_found_and_faithful(tmp_path):
     assert f"a{layer}.h{head}" in circuit.nodes and "logits" in circuit.nodes
     f = faithfulness(model, [pair], circuit)
     assert abs(f.normalised - 1.0) < 1e-4 and f.crs > 99.9
+    assert json.loads(json.dumps(f.to_json())) == vars(f)
     nodes = faithfulness(model, [pair], circuit.nodes)  # node-level: all other heads and MLPs ablated
     assert abs(nodes.normalised - 1.0) < 1e-4
     empty = faithfulness(model, [pair], ["input", "logits"])  # everything ablated: the corrupted run
@@ -66,6 +68,7 @@ def test_edge_ablation_with_all_or_no_edges_reproduces_clean_or_corrupt_run(tiny
     model = tiny_models[name]
     pair = token_pair(model, pos=8, differ=(2, 5))
     scores = edge_attribution(model, [pair], steps=1)
+    assert len(json.loads(json.dumps(scores.to_json()))["edges"]) == int(scores.valid.sum())
     everything = faithfulness(model, [pair], Circuit(scores.edges()))
     nothing = faithfulness(model, [pair], Circuit([]))
     assert abs(everything.circuit - everything.baseline) < 1e-4

@@ -27,9 +27,9 @@ def test_kv_stats_equal_direct_svd(tiny_models, name):
     sites = [f"blocks.{layer}.attn.{t}" for layer in range(model.n_layers) for t in "kv"]
     cache = model.run(windows, capture=sites).cache
     summary = stats.summary()
-    assert summary["n_tokens"] == 80
+    assert summary.n_tokens == 80
     for t, key in (("k", "keys"), ("v", "values")):
-        got = summary[key]
+        got = getattr(summary, key)
         assert got["n_layers"] == model.n_layers
         for layer in range(model.n_layers):
             x = cache[f"blocks.{layer}.attn.{t}"]  # [5, 16, n_kv, d_head]
@@ -85,5 +85,5 @@ def test_smollm2_keys_have_larger_norms_than_values(smollm2):
     """Known property of SmolLM2 (KV-AdaQuant): layer 10's key norm is several times its value norm."""
     corpus = load_corpus(smollm2, "wikitext2", max_tokens=2048)
     summary = kv_stats(smollm2, corpus, window=512).summary()
-    k, v = summary["keys"]["frobenius"][10], summary["values"]["frobenius"][10]
-    assert summary["n_tokens"] == 2048 and k > 3 * v
+    k, v = summary.keys["frobenius"][10], summary.values["frobenius"][10]
+    assert summary.n_tokens == 2048 and k > 3 * v

@@ -110,6 +110,8 @@ def test_unequal_lengths_rejected_unless_aligned(smollm2):
     )
     with pytest.raises(lmscope.LmscopeError, match="align on the final position"):
         tasks.tokenize_pairs(smollm2, [pair])
+    with pytest.raises(lmscope.LmscopeError, match="align on the final position"):
+        activation_patching(smollm2, [pair], "mlp")  # prompt pairs are aligned at the boundary only
     (tp,) = tasks.tokenize_pairs(smollm2, [pair], align="final")
     assert len(tp.clean) == len(tp.corrupt) and tp.clean_mask[0] == 0 and tp.clean[-1] == tp.corrupt[-1]
     result = activation_patching(smollm2, [tp], "mlp")

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
-import lmscope.scan as scan_module
 from lmscope.cli import main
 from lmscope.reports.html import format_value
+from lmscope.scan import PARTS as SCAN_PARTS
 from lmscope.scan import ScanSettings, scan
 from tests.browser import HOVER_JS, PLOT_BOXES_JS, artifacts_dir, open_report
 from tests.test_cli import _cli
@@ -80,16 +81,17 @@ def test_quick_scan_report_in_chromium(quick_scan):
         assert errors == []
 
 
-def test_interrupted_scan_keeps_finished_parts(monkeypatch, tmp_path, smollm2):
+def test_interrupted_scan_keeps_finished_parts(tmp_path, smollm2):
     """An interruption in the circuit part leaves the four finished parts in results.json and a
     (partial) report."""
 
     def interrupted(model, settings):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(scan_module, "_circuit_part", interrupted)
+    assert [part.name for part in SCAN_PARTS] == PARTS
+    parts = [*SCAN_PARTS[:4], replace(SCAN_PARTS[4], run=interrupted)]
     with pytest.raises(KeyboardInterrupt):
-        scan(smollm2, tmp_path, TINY)
+        scan(smollm2, tmp_path, TINY, parts=parts)
     payload = json.loads((tmp_path / "results.json").read_text())
     assert list(payload["parts"]) == PARTS[:4]
     assert all(math.isfinite(row["perplexity"]) for row in payload["parts"]["kv"]["quant"])

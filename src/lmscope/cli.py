@@ -7,6 +7,7 @@ Bad input raises :class:`~lmscope.core.errors.LmscopeError`, which becomes a one
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +19,7 @@ from lmscope import load
 from lmscope.core.errors import LmscopeError
 from lmscope.core.loading import ALIASES, DEFAULT_MODEL, cached_conversions
 from lmscope.core.sites import parse_site
-from lmscope.reports.results import output_dir
+from lmscope.reports.results import header, output_dir, save, write_json
 
 app = typer.Typer(
     add_completion=False,
@@ -118,22 +119,6 @@ def scan(
     console.print(f"wrote {out / 'report.html'}, {out / 'results.json'} and PNG plots")
 
 
-def _pairs(m, data: Path | None, task: str | None, n: int | None):
-    from lmscope import tasks
-
-    if (data is None) == (task is None):
-        raise LmscopeError("give exactly one of --data pairs.jsonl or --task ioi|induction|capitals")
-    if data is not None:
-        pairs = tasks.load_pairs(data)
-    elif n is not None:
-        if task not in tasks.GENERATORS:
-            tasks.builtin(m, task)  # raises the unknown-task error
-        pairs = tasks.GENERATORS[task](m, n=n)
-    else:
-        pairs = tasks.builtin(m, task)
-    return pairs
-
-
 @app.command()
 def patch(
     model: ModelArg = DEFAULT_MODEL,
@@ -151,13 +136,13 @@ def patch(
 ) -> None:
     """Find where a behaviour lives: patch or attribute every head, layer or position."""
     from lmscope.circuits.locate import locate
-    from lmscope.reports.plots import heatmap
-    from lmscope.reports.results import output_dir, write_json
+    from lmscope.circuits.pairs import tokenize_pairs
+    from lmscope.circuits.sources import pairs_for
 
     out = output_dir(out)
     m = load(model)
-    pairs = _pairs(m, data, task, n)
-    results = locate(m, pairs, method, level, metric, steps, direction, align)
+    pairs = tokenize_pairs(m, pairs_for(m, data, task, n), align)
+    results = locate(m, pairs, method, level, metric, steps, direction)
     settings = {
         "data": str(data) if data else None,
         "task": task,
@@ -170,36 +155,11 @@ def patch(
         "align": align,
     }
     payload = {
-        **_header("patch", model, m, settings),
+        **header("patch", model, m, settings),
         "metric": {"name": metric, "clean": results[0].clean, "corrupt": results[0].corrupt},
-        "results": [
-            {
-                "component": r.component,
-                "per_position": r.per_position,
-                "method": r.method,
-                "tokens": r.tokens,
-                "rows": r.rows(),
-            }
-            for r in results
-        ],
+        "results": [r.to_json() for r in results],
     }
-    write_json(out / "results.json", payload)
-    for r in results:
-        scores = r.scores
-        if r.per_position:
-            grid, xlabel, xticks = scores[:, :, 0], "position", r.tokens or None
-        elif r.component == "head":
-            grid, xlabel, xticks = scores[:, 0, :], "head", None
-        else:
-            grid, xlabel, xticks = scores[:, 0, :], r.component, [r.component]
-        heatmap(
-            grid,
-            out / f"{r.component}.png",
-            f"{method} {r.component} ({metric}, {r.direction})",
-            xlabel,
-            "layer",
-            xticks=xticks,
-        )
+    save(out, payload, [figure for r in results for figure in r.figures()])
     table = Table(
         "component",
         "layer",
@@ -237,18 +197,18 @@ def circuit(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("out/circuit"),
 ) -> None:
     """EAP-IG edge scores, a pruned circuit, its faithfulness and CRS, as JSON and a drawing."""
-    from lmscope.circuits.edges import edge_attribution
-    from lmscope.circuits.faithfulness import draw, faithfulness, select
-    from lmscope.reports.results import output_dir, write_json
+    from lmscope.circuits import draw, edge_attribution, faithfulness, select
+    from lmscope.circuits.pairs import tokenize_pairs
+    from lmscope.circuits.sources import pairs_for
 
     if (top is None) == (threshold is None):
         raise LmscopeError("give exactly one of --top N or --threshold X")
     out = output_dir(out)
     m = load(model)
-    pairs = _pairs(m, data, task, n)
-    scores = edge_attribution(m, pairs, metric, steps, align)
+    pairs = tokenize_pairs(m, pairs_for(m, data, task, n), align)
+    scores = edge_attribution(m, pairs, metric, steps)
     chosen = select(scores, top=top, threshold=threshold)
-    faith = faithfulness(m, pairs, chosen, metric, align)
+    faith = faithfulness(m, pairs, chosen, metric)
     settings = {
         "data": str(data) if data else None,
         "task": task,
@@ -259,18 +219,16 @@ def circuit(
         "steps": steps,
         "align": align,
     }
-    graph = {**chosen.to_json(), "metric": metric, "faithfulness": vars(faith)}
+    graph = {**chosen.to_json(), "metric": metric, "faithfulness": faith.to_json()}
     write_json(out / "graph.json", graph)
-    write_json(
-        out / "results.json",
-        {
-            **_header("circuit", model, m, settings),
-            "metric": {"name": metric, "clean": scores.clean, "corrupt": scores.corrupt},
-            "faithfulness": vars(faith),
-            "circuit": graph,
-            "edges": [{"from": u, "to": v, "score": s} for u, v, s in scores.edges()],
-        },
-    )
+    payload = {
+        **header("circuit", model, m, settings),
+        "metric": {"name": metric, "clean": scores.clean, "corrupt": scores.corrupt},
+        "faithfulness": faith.to_json(),
+        "circuit": graph,
+        "edges": [{"from": u, "to": v, "score": s} for u, v, s in scores.edges()],
+    }
+    save(out, payload)
     draw(chosen, out / "circuit.png", f"{m.name}: {len(chosen.edges)} edges, CRS {faith.crs:.1f}")
     table = Table("from", "to", "score", title=f"circuit: {len(chosen.edges)} edges, {len(chosen.nodes)} nodes")
     for u, v, score in sorted(chosen.edges, key=lambda e: -abs(e[2]))[:15]:
@@ -291,46 +249,25 @@ def heads(
     batch: Annotated[int, typer.Option(help="number of sequences")] = 8,
 ) -> None:
     """Induction, previous-token and duplicate-token scores of every head."""
-    from lmscope.circuits.head_roles import ROLES, head_roles, repeated_loss
-    from lmscope.reports.plots import heatmap
-    from lmscope.reports.results import output_dir, write_json
+    from lmscope.circuits.head_roles import ROLES, head_roles
 
     out = output_dir(out)
     m = load(model)
-    roles = head_roles(m, batch=batch, length=length)
-    first, second = repeated_loss(m, batch=batch, length=length)
-    payload = {
-        **_header("heads", model, m, {"length": length, "batch": batch}),
-        "repeated_loss": {"first_half": first, "second_half": second},
-        "rows": roles.rows(),
-    }
-    write_json(out / "results.json", payload)
+    roles = head_roles(m, batch=batch, length=length, loss=True)
+    payload = {**header("heads", model, m, {"length": length, "batch": batch}), **roles.to_json()}
+    # the PNGs keep this command's names: induction.png, ... (the scan's are heads_induction.png, ...)
+    save(out, payload, [replace(f, name=f.name.removeprefix("heads_")) for f in roles.figures()])
     table = Table("role", "top heads (layer.head: score)", title=f"{m.name}: head roles")
     for role in ROLES:
-        heatmap(getattr(roles, role), out / f"{role}.png", f"{role} score", "head", "layer", diverging=False)
         table.add_row(role, ", ".join(f"{layer}.{head}: {score:.2f}" for layer, head, score in roles.top(role)))
     console.print(table)
+    first, second = roles.repeated_loss
     console.print(f"repeated random tokens: loss {first:.2f} on the first half, {second:.2f} on the second")
     console.print(f"wrote {out / 'results.json'} and plots")
 
 
 CorpusOpt = Annotated[str, typer.Option(help="text or JSONL file, or the bundled 'wikitext2' (test split)")]
 WindowOpt = Annotated[int, typer.Option(help="tokens per window")]
-
-
-def _save(out: Path, payload: dict, figures) -> None:
-    """results.json, then one PNG per figure."""
-    from lmscope.reports.results import write_json
-
-    write_json(out / "results.json", payload)
-    for figure in figures:
-        figure.png(out)
-
-
-def _header(command: str, model: str, m, settings: dict) -> dict:
-    from lmscope.reports.results import versions
-
-    return {"command": command, "settings": {"model": model, **settings}, "versions": versions(), "model": m.card()}
 
 
 @app.command()
@@ -345,9 +282,7 @@ def outliers(
 ) -> None:
     """Activation outliers: OSP excess kurtosis per hidden state, max |x|, massive activations."""
     from lmscope.quant.corpus import load_corpus
-    from lmscope.quant.outliers import activation_stats, residual_sites
-    from lmscope.reports.results import output_dir
-    from lmscope.reports.sections import outlier_figures, site_label
+    from lmscope.quant.outliers import activation_stats, residual_sites, site_label
 
     for name in site:
         parse_site(name)  # a misspelt site fails before the model loads
@@ -358,13 +293,12 @@ def outliers(
     text = load_corpus(m, corpus, max_tokens=tokens)
     protocol = "osp" if osp_protocol else "in-context"
     sites = residual_sites(m.n_layers) + [s for s in site if s not in residual_sites(m.n_layers)]
-    stats = activation_stats(m, text, sites=sites, protocol=protocol, window=window)
-    summary = stats.summary(m.tokenizer)
-    payload = _header("outliers", model, m, {"corpus": corpus, "tokens": len(text), "window": window})
-    payload["outliers"] = summary
-    _save(out, payload, outlier_figures(summary))
+    summary = activation_stats(m, text, sites=sites, protocol=protocol, window=window).summary(m.tokenizer)
+    payload = header("outliers", model, m, {"corpus": corpus, "tokens": len(text), "window": window})
+    payload["outliers"] = summary.to_json()
+    save(out, payload, summary.figures())
     table = Table("hidden state", "OSP kurtosis", "max |x|", "channel", "median |x|", title=f"{m.name}: outliers")
-    for name, row in summary["sites"].items():
+    for name, row in summary.sites.items():
         table.add_row(
             site_label(name),
             f"{row['osp_kurtosis']:.2f}",
@@ -373,8 +307,8 @@ def outliers(
             f"{row['median_abs']:.3g}",
         )
     console.print(table)
-    channels = sorted({row["channel"] for row in summary["massive"]})
-    console.print(f"OSP excess kurtosis ({protocol}, {len(text)} tokens): {summary['osp_kurtosis']:.2f}")
+    channels = sorted({row["channel"] for row in summary.massive})
+    console.print(f"OSP excess kurtosis ({protocol}, {len(text)} tokens): {summary.osp_kurtosis:.2f}")
     console.print(f"massive activations (|x| > 100 and > 1000 x median): channels {channels or 'none'}")
     console.print(f"wrote {out / 'results.json'} and plots")
 
@@ -389,34 +323,21 @@ def kv(
 ) -> None:
     """Key vs value norms and singular-value spectra per layer and KV head, and W_k / W_v norms."""
     from lmscope.quant.corpus import load_corpus
-    from lmscope.quant.kv import kv_stats, weight_norms
-    from lmscope.reports.results import output_dir
-    from lmscope.reports.sections import kv_figures
+    from lmscope.quant.kv import kv_norms
 
     out = output_dir(out)
     m = load(model)
     text = load_corpus(m, corpus, max_tokens=tokens)
-    summary = kv_stats(m, text, window=window).summary()
-    weights = weight_norms(m)
-    payload = _header("kv", model, m, {"corpus": corpus, "tokens": len(text), "window": window})
-    payload.update(kv=summary, weights=weights)
-    _save(out, payload, kv_figures(summary, weights))
-    keys, values = summary["keys"], summary["values"]
+    norms = kv_norms(m, text, window=window)
+    payload = {**header("kv", model, m, {"corpus": corpus, "tokens": len(text), "window": window}), **norms.to_json()}
+    save(out, payload, norms.figures())
     table = Table(
         "layer", "|K|_F", "|V|_F", "K/V", "|K|_2", "|V|_2", "|W_k|_F", "|W_v|_F", title=f"{m.name}: keys vs values"
     )
-    for layer in range(m.n_layers):
-        k, v = keys["frobenius"][layer], values["frobenius"][layer]
-        table.add_row(
-            str(layer),
-            f"{k:.4g}",
-            f"{v:.4g}",
-            f"{k / v:.2f}" if v else "-",
-            f"{keys['spectral'][layer]:.4g}",
-            f"{values['spectral'][layer]:.4g}",
-            f"{weights['k']['frobenius'][layer]:.4g}",
-            f"{weights['v']['frobenius'][layer]:.4g}",
-        )
+    for row in norms.tables()[0].rows:
+        cells = [f"{row[c]:.4g}" for c in ("|K|_F", "|V|_F", "|K|_2", "|V|_2", "|W_k|_F", "|W_v|_F")]
+        ratio = f"{row['K/V']:.2f}" if row["K/V"] is not None else "-"
+        table.add_row(str(row["layer"]), *cells[:2], ratio, *cells[2:])
     console.print(table)
     console.print(f"wrote {out / 'results.json'} and plots")
 
@@ -443,43 +364,32 @@ def quant(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("out/quant"),
 ) -> None:
     """Perplexity (and multiple-choice accuracy) under simulated KV / weight / activation quantisation."""
+    from lmscope.quant.configs import parse_kv_specs, quant_configs
     from lmscope.quant.corpus import load_corpus
-    from lmscope.quant.evaluation import load_choices, quant_table
-    from lmscope.quant.fake import QuantConfig, budget_kv, parse_kv
-    from lmscope.reports.results import output_dir
-    from lmscope.reports.sections import quant_figures
+    from lmscope.quant.evaluation import QuantTable, load_choices, quant_table
 
     options = {"group_size": group, "k_axis": k_axis, "v_axis": v_axis, "window": kv_window}
-    kv_configs = [parse_kv(spec, **options) for spec in kv_specs.split(",") if spec.strip()]
+    kv_configs = parse_kv_specs(kv_specs, **options)  # bad specs fail before the model loads
     items = load_choices(choices) if choices is not None else None
     out = output_dir(out)
     m = load(model)
     text = load_corpus(m, corpus, max_tokens=tokens)
-    if budget is not None:
-        kv_configs.append(budget_kv(m, budget, "weights", **options))
-        kv_configs.append(budget_kv(m, budget, "activations", _kv_summary(m, text, window), **options))
     wa = {"weight_bits": weights, "weight_group": weight_group, "act_bits": acts}
-    configs = [QuantConfig(), *([QuantConfig(**wa)] if weights or acts else [])]
-    configs += [QuantConfig(kv, **wa) for kv in kv_configs]
-    unique: dict[str, QuantConfig] = {}
-    for config in configs:
-        unique.setdefault(config.name, config)  # e.g. "--kv fp --weights 4" names fp-W4 twice
-    configs = list(unique.values())
+    kv_options = {"group_size": group, "k_axis": k_axis, "v_axis": v_axis, "kv_window": kv_window}
+    plan = quant_configs(m, kv_configs, **wa, budget=budget, corpus=text, window=window, **kv_options)
     settings = {"corpus": corpus, "tokens": len(text), "window": window, "stride": stride, "kv": options}
     settings.update(budget=budget, **wa)
-    payload = _header("quant", model, m, settings)
-    if budget is not None:
-        payload["allocations"] = {c.name: {str(k): v for k, v in c.layers.items()} for c in kv_configs if c.layers}
+    payload = {**header("quant", model, m, settings), **plan.to_json()}
 
-    def save(rows: list[dict]) -> None:
-        payload["rows"] = rows
-        _save(out, payload, quant_figures(rows) if len(rows) == len(configs) else [])
+    def on_row(partial: QuantTable) -> None:  # results.json after every row, the plot once all are done
+        complete = len(partial.rows) == len(plan.configs)
+        save(out, {**payload, **partial.to_json()}, partial.figures() if complete else [])
 
-    rows = quant_table(m, text, configs, window=window, stride=stride, choices=items, on_row=save)
+    result = quant_table(m, text, plan.configs, window=window, stride=stride, choices=items, on_row=on_row)
     table = Table("config", "K bits", "V bits", "perplexity", "change", title=f"{m.name}: simulated quantisation")
     if items:
         table.add_column("accuracy")
-    for row in rows:
+    for row in result.rows:
         cells = [row["config"], _bits(row["k_bits"]), _bits(row["v_bits"]), f"{row['perplexity']:.3f}"]
         cells.append(f"{row['delta_perplexity']:+.3f}")
         if items:
@@ -487,12 +397,6 @@ def quant(
         table.add_row(*cells)
     console.print(table)
     console.print(f"wrote {out / 'results.json'} and plots")
-
-
-def _kv_summary(m, text, window: int) -> dict:
-    from lmscope.quant.kv import kv_stats
-
-    return kv_stats(m, text.head(2048), window=min(window, 2048)).summary()
 
 
 def _bits(value) -> str:

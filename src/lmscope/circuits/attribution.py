@@ -10,44 +10,40 @@
   e_corrupt)`` for ``k = 0 .. steps-1`` (the EAP-IG code's schedule); "Temporal Heads" used
   100 steps.
 
-Scores use the same normalisation and shapes as :mod:`lmscope.circuits.patching` (the corrupted run
-is 0, the clean run 1), so they can be compared cell by cell with exact patching.
+Scores follow the pair protocol (:mod:`lmscope.circuits.pairs`) and have the shapes of
+:mod:`lmscope.circuits.patching` (the corrupted run is 0, the clean run 1), so they can be
+compared cell by cell with exact patching.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from lmscope.circuits.metrics import Metric, get_metric
-from lmscope.circuits.pairs import PromptPair, TokenPair
-from lmscope.circuits.patching import COMPONENTS, as_token_pairs
+from lmscope.circuits.pairs import Baselines, BoundMetric, PromptPair, TokenPair, as_token_pairs, bind
+from lmscope.circuits.patching import COMPONENTS
 from lmscope.circuits.scores import PatchResult
 from lmscope.core.errors import LmscopeError
-from lmscope.core.interventions import apply
+from lmscope.core.interventions import Intervention, apply
+from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
 
-METHODS = ("attribution", "eap-ig")
+GRADIENT_METHODS = ("attribution", "eap-ig")
 
 
-def _inputs(ids: Tensor, mask: Tensor) -> dict:
-    return {"input_ids": ids[None], "attention_mask": mask[None]}
-
-
-def _final_metric(metric: Metric, logits: Tensor, pair: TokenPair, clean_logprobs: Tensor) -> Tensor:
-    return metric(logits[:, -1], pair, clean_logprobs)
-
-
-def interpolations(model, pair: TokenPair, steps: int, batch: int = 16, embeds: tuple[Tensor, Tensor] | None = None):
+def interpolations(
+    model: Model, pair: TokenPair, steps: int, batch: int = 16, embeds: tuple[Tensor, Tensor] | None = None
+) -> Iterator[tuple[dict[str, Tensor], Intervention]]:
     """Inputs whose embeddings go from corrupted to clean, ``e_corrupt + (k / steps)(e_clean -
-    e_corrupt)`` for k = 0 .. steps-1, in batches: yields ``(inputs, intervention)`` for
+    e_corrupt)`` for k = 0 .. steps-1 (integrated gradients' straight path, Sundararajan et al.
+    2017, with the EAP-IG code's schedule), in batches: yields ``(inputs, intervention)`` for
     :meth:`Model.run`. ``embeds``: the (clean, corrupted) ``embed`` captures, if already run."""
     if embeds is None:
         embeds = tuple(
-            model.run(_inputs(i, m), capture=["embed"]).cache["embed"]
-            for i, m in ((pair.clean, pair.clean_mask), (pair.corrupt, pair.corrupt_mask))
+            model.run(pair.inputs(which), capture=["embed"]).cache["embed"] for which in ("clean", "corrupt")
         )
     clean_emb, corrupt_emb = embeds
     delta = clean_emb - corrupt_emb
@@ -62,21 +58,21 @@ def interpolations(model, pair: TokenPair, steps: int, batch: int = 16, embeds: 
 
 
 def integrated_gradients(
-    model,
-    pair: TokenPair,
+    model: Model,
+    metric: BoundMetric,
     sites: list[str],
-    metric: Metric,
     steps: int,
-    clean_logprobs: Tensor,
     embeds: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """Mean over ``steps`` interpolated inputs of dM/d(site), each ``[pos, ...]``.
+    """Integrated gradients (Sundararajan et al. 2017) of a pair's bound metric at ``sites``: the
+    mean over ``steps`` interpolated inputs (:func:`interpolations`) of dM/d(site), each
+    ``[pos, ...]``.
 
     ``steps=1`` is the plain gradient at the corrupted input (attribution patching)."""
     grads: dict[str, Tensor] = {}
-    for inputs, interpolate in interpolations(model, pair, steps, embeds=embeds):
+    for inputs, interpolate in interpolations(model, metric.pair, steps, embeds=embeds):
         run = model.run(inputs, capture=sites, interventions=[interpolate], grad=True)
-        _final_metric(metric, run.logits, pair, clean_logprobs).sum().backward()
+        metric(run.logits[:, -1]).sum().backward()
         for site in sites:
             g = run.cache[site].grad.sum(0)
             grads[site] = g if site not in grads else grads[site] + g
@@ -85,29 +81,33 @@ def integrated_gradients(
 
 
 def attribute(
-    model,
+    model: Model,
     pairs: Sequence[PromptPair] | Sequence[TokenPair],
     method: str = "attribution",
     component: str = "head",
     per_position: bool = False,
     metric: str | Metric = "logit_diff",
     steps: int = 100,
-    align: str = "strict",
 ) -> PatchResult:
-    """Node scores by attribution patching or EAP-IG (denoising direction).
+    """Node scores by attribution patching (Nanda 2023) or EAP-IG (Hanna et al. 2024), denoising
+    direction: per pair, ``(a_clean - a_corrupt) . dM/da`` with the gradient at the corrupted
+    input (``attribution``) or averaged over ``steps`` interpolations (``eap-ig``).
 
-    Returns :class:`~lmscope.circuits.patching.PatchResult` with scores ``[n_layers, n_positions or 1,
+    ``pairs``: token pairs, or prompt pairs of equal length (tokenise pairs of different lengths
+    with :func:`~lmscope.circuits.pairs.tokenize_pairs` and ``align="final"`` first).
+    Returns :class:`~lmscope.circuits.scores.PatchResult` with scores ``[n_layers, n_positions or 1,
     n_heads or 1]``: per head the product is summed over ``d_head`` (and over positions when
-    not ``per_position``), per layer component over ``d_model``.
+    not ``per_position``), per layer component over ``d_model``; averaged over pairs and divided
+    by the mean M(clean) - M(corrupt) (:meth:`~lmscope.circuits.pairs.Baselines.normalise`).
     """
-    if method not in METHODS:
-        raise LmscopeError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
+    if method not in GRADIENT_METHODS:
+        raise LmscopeError(f"unknown method '{method}' (choose from {', '.join(GRADIENT_METHODS)})")
     if component not in COMPONENTS:
         raise LmscopeError(f"unknown component '{component}' (choose from {', '.join(COMPONENTS)})")
     if steps < 1:
         raise LmscopeError("steps must be at least 1")
     metric = get_metric(metric)
-    token_pairs = as_token_pairs(model, pairs, align)
+    token_pairs = as_token_pairs(model, pairs)
     lengths = {len(p.clean) for p in token_pairs}
     if per_position and len(lengths) > 1:
         raise LmscopeError(f"per-position scores need pairs of one length; got lengths {sorted(lengths)}")
@@ -115,30 +115,34 @@ def attribute(
     sites = [f"blocks.{layer}.{kind}" for layer in range(model.n_layers)]
     n_steps = 1 if method == "attribution" else steps
     totals = None
-    clean_total = corrupt_total = 0.0
+    per_pair = []
     with progress_bar(f"{method} ({component})", total=len(token_pairs)) as advance:
         for pair in token_pairs:
             with torch.no_grad():
-                clean = model.run(_inputs(pair.clean, pair.clean_mask), capture=[*sites, "embed"])
-                corrupt = model.run(_inputs(pair.corrupt, pair.corrupt_mask), capture=[*sites, "embed"])
-            clean_logprobs = clean.logits[0, -1].log_softmax(-1)
-            clean_total += float(_final_metric(metric, clean.logits, pair, clean_logprobs)[0])
-            corrupt_total += float(_final_metric(metric, corrupt.logits, pair, clean_logprobs)[0])
+                clean = model.run(pair.inputs("clean"), capture=[*sites, "embed"])
+                corrupt = model.run(pair.inputs("corrupt"), capture=[*sites, "embed"])
+            bound = bind(metric, pair, clean.logits[0, -1])
+            per_pair.append((float(bound(clean.logits[:, -1])[0]), float(bound(corrupt.logits[:, -1])[0])))
             embeds = (clean.cache["embed"], corrupt.cache["embed"])
-            grads = integrated_gradients(model, pair, sites, metric, n_steps, clean_logprobs, embeds)
+            grads = integrated_gradients(model, bound, sites, n_steps, embeds)
             scores = torch.stack(
                 [_node_scores((clean.cache[s][0] - corrupt.cache[s][0]) * grads[s], kind, per_position) for s in sites]
             )
             totals = scores if totals is None else totals + scores
             advance(1)
-    n = len(token_pairs)
-    clean_m, corrupt_m = clean_total / n, corrupt_total / n
-    if clean_m == corrupt_m:
-        raise LmscopeError(f"the metric is the same on clean and corrupted prompts ({clean_m:.4g})")
-    scores = (totals / n / (clean_m - corrupt_m)).float()
+    baselines = Baselines.mean(per_pair)
+    scores = baselines.normalise(totals / len(token_pairs), difference=True).float()
     tokens = [model.tokenizer.decode(t) for t in token_pairs[0].clean] if model.tokenizer and per_position else []
     return PatchResult(
-        scores, component, per_position, "denoising", metric.name, clean_m, corrupt_m, method=method, tokens=tokens
+        scores,
+        component,
+        per_position,
+        "denoising",
+        metric.name,
+        baselines.clean,
+        baselines.corrupt,
+        method=method,
+        tokens=tokens,
     )
 
 

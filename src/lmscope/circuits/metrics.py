@@ -3,7 +3,8 @@
 Each metric maps final-position logits ``[K, vocab]`` (K variants of one pair) to ``[K]``.
 Patching scores normalise a metric M so that the corrupted run scores 0 and the clean run 1:
 ``(M(patched) - M(corrupt)) / (M(clean) - M(corrupt))`` (as in Wang et al. 2022 and
-TransformerLens's patching demos).
+TransformerLens's patching demos; :class:`lmscope.circuits.pairs.Baselines`). A metric is bound
+to a pair and its clean run with :func:`lmscope.circuits.pairs.bind`.
 
 - ``logit_diff`` (default): mean logit of the answer candidates minus mean logit of the wrong ones;
 - ``logprob``: log of the total probability of the answer candidates;
@@ -27,7 +28,8 @@ from lmscope.core.errors import LmscopeError
 @dataclass(frozen=True)
 class Metric:
     """``fn(logits, pair, clean_logprobs)``; ``answers_only``: fn reads only the answer and wrong
-    rows, so callers may pass logits restricted to ``pair.answer`` then ``pair.wrong``."""
+    rows, so callers may pass logits restricted to ``pair.answer`` then ``pair.wrong`` (as
+    :meth:`lmscope.circuits.pairs.BoundMetric.of_residual` does)."""
 
     name: str
     fn: Callable[[Tensor, TokenPair, Tensor | None], Tensor]
@@ -71,13 +73,3 @@ def get_metric(metric: str | Metric | Callable) -> Metric:
     if metric not in METRICS:
         raise LmscopeError(f"unknown metric '{metric}' (choose from {', '.join(METRICS)})")
     return METRICS[metric]
-
-
-def restricted(pair: TokenPair) -> tuple[Tensor, TokenPair]:
-    """Tokens to unembed for an ``answers_only`` metric, and the pair re-indexed into them."""
-    tokens = torch.cat([pair.answer, pair.wrong])
-    n = len(pair.answer)
-    local = TokenPair(
-        pair.clean, pair.corrupt, torch.arange(n), torch.arange(n, len(tokens)), pair.clean_mask, pair.corrupt_mask
-    )
-    return tokens, local

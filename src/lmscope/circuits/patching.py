@@ -38,29 +38,23 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from lmscope.circuits.metrics import Metric, get_metric, restricted
-from lmscope.circuits.pairs import PromptPair, TokenPair, tokenize_pairs
+from lmscope.circuits.metrics import Metric, get_metric
+from lmscope.circuits.pairs import Baselines, BoundMetric, PromptPair, TokenPair, as_token_pairs, bind
 from lmscope.circuits.scores import PatchResult
 from lmscope.core.errors import LmscopeError
-from lmscope.core.model import position_ids
+from lmscope.core.hooks import Hook, hooked
+from lmscope.core.model import Model, position_ids
 from lmscope.core.progress import progress_bar
 
 COMPONENTS = {"head": "attn.z", "attn": "attn.out", "mlp": "mlp.out", "resid": "resid_pre"}
 
 
-def as_token_pairs(model, pairs: Sequence[PromptPair] | Sequence[TokenPair], align: str = "strict") -> list[TokenPair]:
-    if not pairs:
-        raise LmscopeError("no prompt pairs")
-    if isinstance(pairs[0], TokenPair):
-        return list(pairs)
-    return tokenize_pairs(model, list(pairs), align=align)
-
-
 @dataclass
 class _Chunk:
     """The base run's state for recomputing positions ``start..T-1``: per layer, the
-    residual entering it at those positions, the arguments the model called it with, and
-    the keys/values of positions before ``start``; and the final residual at the last position."""
+    residual entering it at those positions, the arguments the model called it with (``args``,
+    ``kwargs``; the residual among them is replaced when variants rerun the layer), and the
+    keys/values of positions before ``start``; and the final residual at the last position."""
 
     hidden: list[Tensor]
     calls: list[tuple[tuple, dict]]
@@ -84,7 +78,7 @@ class _PrefixKV:
         return torch.cat([k, key], dim=-2), torch.cat([v, value], dim=-2)
 
 
-def _prefix_cache(model, ids: Tensor, mask: Tensor, start: int) -> DynamicCache:
+def _prefix_cache(model: Model, ids: Tensor, mask: Tensor, start: int) -> DynamicCache:
     """A KV cache of the prompt's positions before ``start`` (empty if ``start`` is 0)."""
     cache = DynamicCache(config=model.hf.config)
     if start > 0:
@@ -100,7 +94,7 @@ def _prefix_cache(model, ids: Tensor, mask: Tensor, start: int) -> DynamicCache:
 
 
 def _continue(
-    model, ids: Tensor, mask: Tensor, start: int, cache: DynamicCache, capture: list[str], keep: bool = False
+    model: Model, ids: Tensor, mask: Tensor, start: int, cache: DynamicCache, capture: list[str], keep: bool = False
 ):
     """Run positions ``start..T-1`` after ``cache`` (a copy of it unless ``keep``, which lets the
     run fill it); capture ``capture`` (at those positions) and the final residual stream.
@@ -127,27 +121,26 @@ def _cropped(cache: DynamicCache, start: int) -> DynamicCache | None:
     return cropped
 
 
-def _chunk(model, ids: Tensor, mask: Tensor, start: int, cache: DynamicCache) -> _Chunk:
+def _chunk(model: Model, ids: Tensor, mask: Tensor, start: int, cache: DynamicCache) -> _Chunk:
     """Run the base prompt from ``start`` on after ``cache`` (its positions before ``start``),
     recording each layer's input and call arguments."""
     n = model.n_layers
     prefix = [(layer.keys, layer.values) if start > 0 else None for layer in cache.layers[:n]]
     prefix += [None] * (n - len(prefix))
     calls: list = [None] * n
+    hidden: list = [None] * n
 
-    def recorder(layer):
-        def hook(mod, args, kwargs):
+    def record(layer: int) -> list[Hook]:
+        def call(args, kwargs) -> None:
             calls[layer] = (args, kwargs)
 
-        return hook
+        def resid(x: Tensor) -> None:
+            hidden[layer] = x
 
-    handles = [model.layer_module(i, "").register_forward_pre_hook(recorder(i), with_kwargs=True) for i in range(n)]
-    try:
+        return [Hook("block.call", layer, call), Hook("resid_pre", layer, resid)]
+
+    with hooked(model, [hook for layer in range(n) for hook in record(layer)]):
         _, final = _continue(model, ids, mask, start, cache, [])
-    finally:
-        for h in handles:
-            h.remove()
-    hidden = [args[0] if args else kwargs["hidden_states"] for args, kwargs in calls]
     return _Chunk(hidden, calls, prefix, final[:, -1])
 
 
@@ -173,13 +166,14 @@ def _patch_rows(x: Tensor, start_row: int, variants: list[_Variant], src: Tensor
 
 
 def _run_variants(
-    model, chunk: _Chunk, kind: str, by_layer: dict[int, list[_Variant]], sources: dict[int, Tensor], pos: Tensor
+    model: Model, chunk: _Chunk, kind: str, by_layer: dict[int, list[_Variant]], sources: dict[int, Tensor], pos: Tensor
 ) -> Tensor:
     """Run every variant of one chunk as a batch that grows as variants join at their layer.
     Returns the final residual at the last position, [n_variants, d_model], in variant order
-    (sorted by layer)."""
-    fam = model.family
-    shape = (model.n_heads, model.d_head)
+    (sorted by layer).
+
+    Each layer is called with the base run's arguments; a ``resid_pre`` hook hands it the batch
+    of variants instead of the base run's residual."""
     hidden: Tensor | None = None
     for layer in range(min(by_layer), model.n_layers):
         new = by_layer.get(layer, [])
@@ -189,53 +183,38 @@ def _run_variants(
             hidden = h if hidden is None else torch.cat([hidden, h])
             if kind == "resid_pre":
                 hidden = _patch_rows(hidden, start_row, new, sources[layer], pos)
-        handles = []
-        if new and kind == "attn.z":
-
-            def z_hook(mod, args, _new=new, _row=start_row, _src=sources[layer]):
-                z = args[0].unflatten(-1, shape)
-                return (_patch_rows(z, _row, _new, _src, pos).flatten(-2), *args[1:])
-
-            handles.append(model.layer_module(layer, fam.o_proj).register_forward_pre_hook(z_hook))
-        elif new and kind in ("attn.out", "mlp.out"):
-            path = fam.o_proj if kind == "attn.out" else fam.mlp
-
-            def out_hook(mod, args, out, _new=new, _row=start_row, _src=sources[layer]):
-                main = out[0] if isinstance(out, tuple) else out
-                patched = _patch_rows(main, _row, _new, _src, pos)
-                return (patched, *out[1:]) if isinstance(out, tuple) else patched
-
-            handles.append(model.layer_module(layer, path).register_forward_hook(out_hook))
+        hooks = [Hook("resid_pre", layer, lambda x, _h=hidden: _h)]
+        if new and kind in ("attn.z", "attn.out", "mlp.out"):
+            # attn.z arrives split into heads, [batch, chunk_pos, n_heads, d_head]
+            patch = lambda x, _new=new, _row=start_row, _src=sources[layer]: _patch_rows(x, _row, _new, _src, pos)
+            hooks.append(Hook(kind, layer, patch))
+        if layer == model.n_layers - 1 and kind != "mlp.out":
+            hooks += _final_position_only(layer)
         args, kwargs = chunk.calls[layer]
         kv = _PrefixKV(chunk.prefix, hidden.shape[0])
-        rest = [kv if isinstance(a, Cache) else a for a in args[1:]]
+        args = tuple(kv if isinstance(a, Cache) else a for a in args)
         kwargs = {k: kv if isinstance(v, Cache) else v for k, v in kwargs.items()}
-        if layer == model.n_layers - 1 and kind != "mlp.out":
-            handles += _final_position_only(model.layer_module(layer, fam.mlp))
-        try:
-            out = model.layer_module(layer, "")(hidden, *rest, **kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
+        with hooked(model, hooks):
+            out = model.layer_module(layer, "")(*args, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden[:, -1]
 
 
-def _final_position_only(mlp) -> list:
-    """Hooks running ``mlp`` on the final position alone: at the last layer nothing reads the
-    other positions' outputs (they get zeros)."""
+def _final_position_only(layer: int) -> list[Hook]:
+    """Hooks running the MLP of ``layer`` on the final position alone: at the last layer nothing
+    reads the other positions' outputs (they get zeros)."""
     length = []
 
-    def pre(mod, args):
-        length.append(args[0].shape[1])
-        return (args[0][:, -1:], *args[1:])
+    def pre(x: Tensor) -> Tensor:
+        length.append(x.shape[1])
+        return x[:, -1:]
 
-    def post(mod, args, out):
+    def post(out: Tensor) -> Tensor:
         full = out.new_zeros(out.shape[0], length.pop(), *out.shape[2:])
         full[:, -1:] = out
         return full
 
-    return [mlp.register_forward_pre_hook(pre), mlp.register_forward_hook(post)]
+    return [Hook("mlp.in", layer, pre), Hook("mlp.out", layer, post)]
 
 
 def _first_difference(a: Tensor, b: Tensor, ma: Tensor, mb: Tensor) -> int:
@@ -244,20 +223,25 @@ def _first_difference(a: Tensor, b: Tensor, ma: Tensor, mb: Tensor) -> int:
 
 
 def activation_patching(
-    model,
+    model: Model,
     pairs: Sequence[PromptPair] | Sequence[TokenPair],
     component: str = "head",
     per_position: bool = False,
     direction: str = "denoising",
     metric: str | Metric = "logit_diff",
-    align: str = "strict",
     max_batch: int = 128,
 ) -> PatchResult:
-    """Exact activation patching of every ``component`` (``head``, ``attn``, ``mlp``,
-    ``resid``) of every layer, over all positions at once or per position.
+    """Exact activation patching (Vig et al. 2020; Meng et al. 2022; Wang et al. 2022) of every
+    ``component`` (``head``, ``attn``, ``mlp``, ``resid``) of every layer, over all positions at
+    once or per position, in ``direction`` (``denoising``: clean into corrupted; ``noising``:
+    corrupted into clean).
 
-    Returns :class:`PatchResult` with scores ``[n_layers, n_positions or 1, n_heads or 1]``,
-    averaged over pairs before normalising. ``max_batch`` bounds the variants run at once.
+    ``pairs``: token pairs, or prompt pairs of equal length (tokenise pairs of different lengths
+    with :func:`~lmscope.circuits.pairs.tokenize_pairs` and ``align="final"`` first).
+    Returns :class:`PatchResult` with scores ``[n_layers, n_positions or 1, n_heads or 1]``: the
+    metric of each patched run, averaged over pairs, then normalised by the pairs' mean clean and
+    corrupted baselines (:class:`~lmscope.circuits.pairs.Baselines`). ``max_batch`` bounds the
+    variants run at once.
     """
     if component not in COMPONENTS:
         raise LmscopeError(f"unknown component '{component}' (choose from {', '.join(COMPONENTS)})")
@@ -265,43 +249,45 @@ def activation_patching(
         raise LmscopeError(f"direction must be 'denoising' or 'noising', not '{direction}'")
     kind = COMPONENTS[component]
     metric = get_metric(metric)
-    token_pairs = as_token_pairs(model, pairs, align)
+    token_pairs = as_token_pairs(model, pairs)
     lengths = {len(p.clean) for p in token_pairs}
     if per_position and len(lengths) > 1:
         raise LmscopeError(f"per-position patching needs pairs of one length; got lengths {sorted(lengths)}")
     n_layers, n_heads = model.n_layers, (model.n_heads if component == "head" else 1)
     n_pos = max(lengths) if per_position else 1
     totals = torch.zeros(n_layers, n_pos, n_heads, dtype=torch.float64)
-    clean_total = corrupt_total = 0.0
+    per_pair = []
     work = sum(n_layers * (len(p.clean) if per_position else 1) for p in token_pairs)
     with torch.no_grad(), progress_bar(f"patching {component}s ({direction})", total=work) as advance:
         for pair in token_pairs:
-            values, clean_m, corrupt_m = _patch_pair(
+            values, clean_corrupt = _patch_pair(
                 model, pair, kind, per_position, direction, metric, n_heads, max_batch, advance
             )
             totals += values
-            clean_total += clean_m
-            corrupt_total += corrupt_m
-    n = len(token_pairs)
-    clean, corrupt = clean_total / n, corrupt_total / n
-    if clean == corrupt:
-        raise LmscopeError(f"the metric is the same on clean and corrupted prompts ({clean:.4g}): nothing to patch")
-    scores = ((totals / n - corrupt) / (clean - corrupt)).float()
+            per_pair.append(clean_corrupt)
+    baselines = Baselines.mean(per_pair)
+    scores = baselines.normalise(totals / len(token_pairs)).float()
     tokens = []
     if model.tokenizer is not None and per_position:
         tokens = [model.tokenizer.decode(t) for t in token_pairs[0].clean]
-    return PatchResult(scores, component, per_position, direction, metric.name, clean, corrupt, tokens=tokens)
+    return PatchResult(
+        scores, component, per_position, direction, metric.name, baselines.clean, baselines.corrupt, tokens=tokens
+    )
 
 
-def _final_metric(model, metric: Metric, pair: TokenPair, resid_last: Tensor, clean_logprobs: Tensor) -> Tensor:
-    if metric.answers_only:
-        tokens, local = restricted(pair)
-        return metric(model.unembed(resid_last, tokens), local, None)
-    return metric(model.unembed(resid_last), pair, clean_logprobs)
-
-
-def _patch_pair(model, pair, kind, per_position, direction, metric, n_heads, max_batch, advance):
-    """Metric values [n_layers, n_pos, n_heads] of every variant for one pair, and baselines.
+def _patch_pair(
+    model: Model,
+    pair: TokenPair,
+    kind: str,
+    per_position: bool,
+    direction: str,
+    metric: Metric,
+    n_heads: int,
+    max_batch: int,
+    advance,
+) -> tuple[Tensor, tuple[float, float]]:
+    """Metric values [n_layers, n_pos, n_heads] of every variant for one pair, and the pair's
+    (clean, corrupted) metric values.
 
     Positions before the first token where the prompts differ are shared: one prefix run fills
     their keys and values, then the source and base runs continue from it."""
@@ -318,9 +304,8 @@ def _patch_pair(model, pair, kind, per_position, direction, metric, n_heads, max
     src_logits = model.unembed(src_final[:, -1])
     base_logits = model.unembed(chunk.final)
     clean_logits, corrupt_logits = (src_logits, base_logits) if direction == "denoising" else (base_logits, src_logits)
-    clean_logprobs = clean_logits[0].log_softmax(-1)
-    clean_m = float(metric(clean_logits, pair, clean_logprobs)[0])
-    corrupt_m = float(metric(corrupt_logits, pair, clean_logprobs)[0])
+    bound: BoundMetric = bind(metric, pair, clean_logits)
+    clean_m, corrupt_m = float(bound(clean_logits)[0]), float(bound(corrupt_logits)[0])
     base_m = corrupt_m if direction == "denoising" else clean_m
 
     n_pos = T if per_position else 1
@@ -346,10 +331,10 @@ def _patch_pair(model, pair, kind, per_position, direction, metric, n_heads, max
             for v in group:
                 by_layer.setdefault(v.layer, []).append(v)
             resid = _run_variants(model, chunk, kind, by_layer, sources, pos)
-            m = _final_metric(model, metric, pair, resid, clean_logprobs).double()
+            m = bound.of_residual(model, resid).double()
             for v, value in zip(group, m):
                 values[v.layer, start if per_position else 0, v.head or 0] = value
         advance(model.n_layers)
     if not per_position:
         advance(model.n_layers)
-    return values, clean_m, corrupt_m
+    return values, (clean_m, corrupt_m)

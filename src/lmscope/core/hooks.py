@@ -125,6 +125,7 @@ def _wrap(point, fn: Callable, heads: tuple[int, int]) -> Callable:
 
 # -- the attention interface -------------------------------------------------------------------
 
+
 def _base_attention(module: nn.Module, impl: str):
     if impl == "eager":
         return sys.modules[type(module).__module__].eager_attention_forward

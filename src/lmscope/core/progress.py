@@ -1,6 +1,6 @@
 """Progress bars and status lines for long steps (rich, on stderr).
 
-Set ``LMSCOPE_QUIET=1`` (or call :func:`set_enabled`) to turn them off.
+Set ``LMSCOPE_QUIET=1`` to turn them off (read at each step, so no switch needs resetting).
 """
 
 from __future__ import annotations
@@ -15,18 +15,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 T = TypeVar("T")
 console = Console(stderr=True)
-_enabled = os.environ.get("LMSCOPE_QUIET", "") in ("", "0")
-
-
-def set_enabled(value: bool) -> None:
-    """Turn progress output on or off for this process."""
-    global _enabled
-    _enabled = value
 
 
 def enabled() -> bool:
-    """Whether progress output is on."""
-    return _enabled
+    """Whether progress output is on: unless ``LMSCOPE_QUIET`` is set (to anything but 0)."""
+    return os.environ.get("LMSCOPE_QUIET", "") in ("", "0")
 
 
 def _progress() -> Progress:
@@ -44,7 +37,7 @@ def _progress() -> Progress:
 @contextlib.contextmanager
 def progress_bar(description: str, total: float) -> Iterator[Callable[[float], None]]:
     """A bar for ``total`` units of work; yields ``advance(n)``."""
-    if not _enabled:
+    if not enabled():
         yield lambda n: None
         return
     with _progress() as p:
@@ -54,5 +47,5 @@ def progress_bar(description: str, total: float) -> Iterator[Callable[[float], N
 
 def note(message: str) -> None:
     """One status line on stderr before a step that shows its own progress (e.g. transformers')."""
-    if _enabled:
+    if enabled():
         console.print(f"[dim]{message}[/dim]")

@@ -25,19 +25,22 @@ from torch import Tensor
 
 from lmscope.core.errors import LmscopeError
 from lmscope.core.jsonl import read_jsonl
+from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
 from lmscope.quant.corpus import Corpus
 from lmscope.quant.fake import QuantConfig, quantized
+from lmscope.reports.figures import Figure
+from lmscope.reports.results import Result, Table
 
 
-def _token_nll(model, ids: Tensor) -> Tensor:
+def _token_nll(model: Model, ids: Tensor) -> Tensor:
     """Negative log-likelihood of each next token: ids [batch, pos] -> [batch, pos - 1]."""
     logits = model.hf(input_ids=ids.to(model.device), use_cache=False).logits[:, :-1].float()
     return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:].to(model.device), reduction="none")
 
 
 def perplexity(
-    model,
+    model: Model,
     corpus: Corpus,
     *,
     window: int = 512,
@@ -109,13 +112,13 @@ def load_choices(path: str | Path) -> list[Choice]:
     return items
 
 
-def choice_scores(model, item: Choice) -> Tensor:
+def choice_scores(model: Model, item: Choice) -> Tensor:
     """Summed log-probability of each choice's tokens after the context: [n_choices]."""
     tok = model.tokenizer
     context = tok(item.context, add_special_tokens=False)["input_ids"]
     seqs = [context + tok(c, add_special_tokens=False)["input_ids"] for c in item.choices]
     width = max(map(len, seqs))
-    pad = model._pad_id() or 0
+    pad = model.pad_id or 0
     ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
     nll = _token_nll(model, ids)
     scores = []
@@ -124,7 +127,7 @@ def choice_scores(model, item: Choice) -> Tensor:
     return torch.stack(scores)
 
 
-def choice_accuracy(model, items: Sequence[Choice], *, config: QuantConfig | None = None) -> dict:
+def choice_accuracy(model: Model, items: Sequence[Choice], *, config: QuantConfig | None = None) -> dict:
     """Accuracy of log-probability scoring on ``items``, optionally under ``config``."""
     correct = 0
     with torch.no_grad(), quantized(model, config or QuantConfig()), progress_bar("multiple choice", len(items)) as adv:
@@ -134,8 +137,58 @@ def choice_accuracy(model, items: Sequence[Choice], *, config: QuantConfig | Non
     return {"accuracy": correct / len(items), "n": len(items)}
 
 
+@dataclass
+class QuantTable(Result):
+    """One row per quantisation config: ``config`` (its name), ``k_bits``/``v_bits`` (mean over
+    layers, None = full precision), ``weight_bits``, ``act_bits``, ``perplexity``, ``seconds``,
+    ``accuracy`` (with multiple-choice items) and ``delta_perplexity`` (from the first row)."""
+
+    rows: list[dict]
+    caption: str = "simulated quantisation"
+
+    def to_json(self) -> dict:
+        return {"rows": self.rows}
+
+    def tables(self) -> list[Table]:
+        """Config, K and V bits ("fp": full precision), perplexity, its change, seconds (and
+        weight/activation bits and accuracy where any row has them)."""
+        optional = [
+            (key, label)
+            for key, label in (("weight_bits", "W bits"), ("act_bits", "A bits"), ("accuracy", "accuracy"))
+            if any(row.get(key) is not None for row in self.rows)
+        ]
+        rows = []
+        for r in self.rows:
+            row = {
+                "config": r["config"],
+                "K bits": r["k_bits"] if r["k_bits"] is not None else "fp",
+                "V bits": r["v_bits"] if r["v_bits"] is not None else "fp",
+                "perplexity": r["perplexity"],
+                "change": r["delta_perplexity"],
+                "seconds": r["seconds"],
+            }
+            row.update({label: r.get(key) for key, label in optional})
+            rows.append(row)
+        return [Table(self.caption, rows)]
+
+    def figures(self) -> list[Figure]:
+        """Perplexity per config (log scale)."""
+        return [
+            Figure(
+                "quant_perplexity",
+                "bars",
+                "perplexity under simulated quantisation",
+                "configuration",
+                "perplexity",
+                x=[r["config"] for r in self.rows],
+                series={"perplexity": [r["perplexity"] for r in self.rows]},
+                log=True,
+            )
+        ]
+
+
 def quant_table(
-    model,
+    model: Model,
     corpus: Corpus,
     configs: Sequence[QuantConfig],
     *,
@@ -143,11 +196,11 @@ def quant_table(
     stride: int | None = None,
     batch_size: int = 4,
     choices: Sequence[Choice] | None = None,
-    on_row: Callable[[list[dict]], None] | None = None,
-) -> list[dict]:
+    on_row: Callable[[QuantTable], None] | None = None,
+) -> QuantTable:
     """Perplexity (and multiple-choice accuracy) of each config, one row per config, with its
     average KV bits and the perplexity change from the first row (the baseline). ``on_row``
-    is called with the rows so far after each one (e.g. to save partial results)."""
+    is called with the table so far after each row (e.g. to save partial results)."""
     rows = []
     for config in configs:
         result = perplexity(
@@ -168,8 +221,8 @@ def quant_table(
         row["delta_perplexity"] = row["perplexity"] - (rows[0] if rows else row)["perplexity"]
         rows.append(row)
         if on_row is not None:
-            on_row(rows)
-    return rows
+            on_row(QuantTable(list(rows)))
+    return QuantTable(rows)
 
 
 def _mean_bits(bits: Sequence[int | None]) -> float | None:

@@ -32,11 +32,18 @@ import contextlib
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from lmscope.core.errors import LmscopeError
+from lmscope.core.hookpoints import point_modules
+from lmscope.core.hooks import Hook, hooked
+from lmscope.core.model import Model
+
+if TYPE_CHECKING:
+    from lmscope.quant.kv import KVSummary
 
 AXES = ("token", "channel")
 
@@ -192,18 +199,13 @@ def _recent_mask(mask: Tensor | None, n_q: int, n_k: int, window: int, group: in
 # -- weights and activations ----------------------------------------------------------------
 
 
-def block_linears(model) -> list[nn.Module]:
+def block_linears(model: Model) -> list[nn.Module]:
     """The linear layers inside the transformer blocks (``nn.Linear`` or GPT-2's ``Conv1D``)."""
-    found = []
-    for layer in range(model.n_layers):
-        for module in model.layer_module(layer, "").modules():
-            if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
-                found.append(module)
-    return found
+    return [m for layer in range(model.n_layers) for m in point_modules(model, "linears.in", layer)]
 
 
 @contextlib.contextmanager
-def quantized_weights(model, bits: int, group_size: int | None = None) -> Iterator[None]:
+def quantized_weights(model: Model, bits: int, group_size: int | None = None) -> Iterator[None]:
     """Fake-quantise the block linear weights in place (symmetric, per output channel, groups of
     ``group_size`` inputs); the original weights come back on exit, also after an error."""
     saved = []
@@ -221,21 +223,11 @@ def quantized_weights(model, bits: int, group_size: int | None = None) -> Iterat
                 w.copy_(original)
 
 
-@contextlib.contextmanager
-def quantized_activations(model, bits: int, group_size: int | None = None) -> Iterator[None]:
-    """Fake-quantise the inputs of the block linear layers per token (asymmetric)."""
-
-    def hook(module, args):
-        return (fake_quant_asym(args[0], bits, -1, group_size), *args[1:])
-
-    handles = []
-    try:
-        for linear in block_linears(model):
-            handles.append(linear.register_forward_pre_hook(hook))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+def quantized_activations(model: Model, bits: int, group_size: int | None = None) -> contextlib.AbstractContextManager:
+    """Fake-quantise the inputs of the block linear layers per token (asymmetric), inside the
+    returned context."""
+    quantise = lambda x: fake_quant_asym(x, bits, -1, group_size)
+    return hooked(model, [Hook("linears.in", layer, quantise) for layer in range(model.n_layers)])
 
 
 @dataclass(frozen=True)
@@ -259,7 +251,7 @@ class QuantConfig:
 
 
 @contextlib.contextmanager
-def quantized(model, config: QuantConfig) -> Iterator[None]:
+def quantized(model: Model, config: QuantConfig) -> Iterator[None]:
     """Run forwards of ``model`` under ``config`` inside this context; everything is undone on exit."""
     with contextlib.ExitStack() as stack:
         if config.weight_bits:
@@ -300,7 +292,12 @@ def allocate_kv_bits(
 
 
 def budget_kv(
-    model, budget: float, source: str = "weights", kv_summary: dict | None = None, min_bits: int = 2, **options
+    model: Model,
+    budget: float,
+    source: str = "weights",
+    kv_summary: KVSummary | None = None,
+    min_bits: int = 2,
+    **options,
 ) -> KVQuant:
     """A per-layer KV configuration from :func:`allocate_kv_bits` for an average of ``budget``
     bits (at least ``min_bits`` per tensor: 1-bit keys or values break most models), with scales the Frobenius norms of W_k/W_v (``source="weights"``) or of the measured
@@ -311,7 +308,7 @@ def budget_kv(
         norms = weight_norms(model)
         k, v = norms["k"]["frobenius"], norms["v"]["frobenius"]
     elif source == "activations" and kv_summary is not None:
-        k, v = kv_summary["keys"]["frobenius"], kv_summary["values"]["frobenius"]
+        k, v = kv_summary.keys["frobenius"], kv_summary.values["frobenius"]
     else:
         raise LmscopeError("budget allocation needs source='weights' or source='activations' with a KV summary")
     allocation = allocate_kv_bits(k, v, budget, min_bits=min_bits)

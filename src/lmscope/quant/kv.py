@@ -20,9 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lmscope.circuits.edges import head_params
+from lmscope.core.anatomy import head_params
+from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
 from lmscope.quant.corpus import Corpus
+from lmscope.reports.figures import Figure
+from lmscope.reports.results import Result, Table
 
 
 @dataclass
@@ -56,9 +59,95 @@ class KVStats:
             "n_layers": n_layers,
         }
 
-    def summary(self) -> dict:
-        """Every number as plain JSON."""
-        return {"n_tokens": self.n_tokens, "keys": self.norms("k"), "values": self.norms("v")}
+    def summary(self) -> KVSummary:
+        """The norms (:meth:`norms`) of the keys and of the values."""
+        return KVSummary(self.n_tokens, self.norms("k"), self.norms("v"))
+
+
+@dataclass
+class KVSummary(Result):
+    """Norms and spectra of the cached keys and values over ``n_tokens`` tokens: ``keys`` and
+    ``values`` as :meth:`KVStats.norms` gives them."""
+
+    n_tokens: int
+    keys: dict
+    values: dict
+
+    def to_json(self) -> dict:
+        return {"n_tokens": self.n_tokens, "keys": self.keys, "values": self.values}
+
+    def figures(self) -> list[Figure]:
+        """Frobenius and spectral norms of K and V per layer."""
+        layers = list(range(len(self.keys["frobenius"])))
+        return [
+            Figure(
+                "kv_norms",
+                "lines",
+                f"key vs value norms per layer ({self.n_tokens} tokens)",
+                "layer",
+                "norm",
+                x=layers,
+                series={
+                    "|K|_F": self.keys["frobenius"],
+                    "|V|_F": self.values["frobenius"],
+                    "|K|_2 (spectral)": self.keys["spectral"],
+                    "|V|_2 (spectral)": self.values["spectral"],
+                },
+                log=True,
+            )
+        ]
+
+
+@dataclass
+class KVNorms(Result):
+    """Keys vs values: the norms of the cached keys and values (``activations``) and of W_k and
+    W_v (``weights``, as :func:`weight_norms` gives them)."""
+
+    activations: KVSummary
+    weights: dict
+
+    def to_json(self) -> dict:
+        return {"kv": self.activations.to_json(), "weights": self.weights}
+
+    def tables(self) -> list[Table]:
+        """Per layer: |K|_F, |V|_F, their ratio, |K|_2, |V|_2, |W_k|_F, |W_v|_F."""
+        keys, values, w = self.activations.keys, self.activations.values, self.weights
+        rows = []
+        for layer, (k, v) in enumerate(zip(keys["frobenius"], values["frobenius"])):
+            rows.append(
+                {
+                    "layer": layer,
+                    "|K|_F": k,
+                    "|V|_F": v,
+                    "K/V": k / v if v else None,
+                    "|K|_2": keys["spectral"][layer],
+                    "|V|_2": values["spectral"][layer],
+                    "|W_k|_F": w["k"]["frobenius"][layer],
+                    "|W_v|_F": w["v"]["frobenius"][layer],
+                }
+            )
+        return [Table("keys vs values", rows)]
+
+    def figures(self) -> list[Figure]:
+        """K vs V norms per layer: activations, then weights."""
+        w = self.weights
+        return [
+            *self.activations.figures(),
+            Figure(
+                "kv_weight_norms",
+                "lines",
+                "W_k vs W_v norms per layer",
+                "layer",
+                "norm",
+                x=list(range(len(w["k"]["frobenius"]))),
+                series={
+                    "|W_k|_F": w["k"]["frobenius"],
+                    "|W_v|_F": w["v"]["frobenius"],
+                    "|W_k|_2": w["k"]["spectral"],
+                    "|W_v|_2": w["v"]["spectral"],
+                },
+            ),
+        ]
 
 
 def _singular_values(gram: Tensor) -> Tensor:
@@ -66,7 +155,7 @@ def _singular_values(gram: Tensor) -> Tensor:
     return torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().flip(-1)
 
 
-def kv_stats(model, corpus: Corpus, *, window: int = 512, batch_size: int = 4) -> KVStats:
+def kv_stats(model: Model, corpus: Corpus, *, window: int = 512, batch_size: int = 4) -> KVStats:
     """Stream ``corpus`` (non-overlapping windows of ``window`` tokens) and accumulate the Gram
     matrices of every layer's keys and values."""
     width = model.n_kv_heads * model.d_head
@@ -85,7 +174,13 @@ def kv_stats(model, corpus: Corpus, *, window: int = 512, batch_size: int = 4) -
     return stats
 
 
-def weight_norms(model) -> dict:
+def kv_norms(model: Model, corpus: Corpus, *, window: int = 512, batch_size: int = 4) -> KVNorms:
+    """Norms of the keys and values of ``corpus`` (:func:`kv_stats`) and of W_k, W_v (:func:`weight_norms`)."""
+    summary = kv_stats(model, corpus, window=window, batch_size=batch_size).summary()
+    return KVNorms(summary, weight_norms(model))
+
+
+def weight_norms(model: Model) -> dict:
     """Frobenius and spectral norms of W_k and W_v: per layer (all KV heads' rows) and per KV
     head. Keys: ``"k"``/``"v"`` -> ``frobenius`` [L], ``spectral`` [L], ``head_frobenius``
     [L][n_kv], ``head_spectral`` [L][n_kv]."""

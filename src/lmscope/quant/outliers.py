@@ -29,8 +29,11 @@ import torch
 from torch import Tensor
 
 from lmscope.core.errors import LmscopeError
+from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
 from lmscope.quant.corpus import Corpus
+from lmscope.reports.figures import Figure
+from lmscope.reports.results import Result, Table
 
 PROTOCOLS = ("in-context", "osp")
 # |x| histogram binned by the top 12 bits of the float32 (exponent and 4 mantissa bits):
@@ -42,6 +45,18 @@ MASSIVE_ABS, MASSIVE_RATIO = 100.0, 1000.0
 def residual_sites(n_layers: int) -> list[str]:
     """The residual stream: entering layer 0, leaving every layer, and the final norm's output."""
     return ["blocks.0.resid_pre", *(f"blocks.{layer}.resid_post" for layer in range(n_layers)), "final_norm"]
+
+
+def site_label(name: str) -> str:
+    """Short axis label of a residual site: ``emb`` (entering layer 0), the layer index of a
+    ``resid_post``, ``norm`` for the final norm, else the name itself."""
+    if name == "blocks.0.resid_pre":
+        return "emb"
+    if name == "final_norm":
+        return "norm"
+    if name.endswith(".resid_post"):
+        return name.split(".")[1]
+    return name
 
 
 def hidden_state_sites(n_layers: int) -> list[str]:
@@ -259,8 +274,9 @@ class OutlierStats:
         text = tokenizer.decode([token_id]) if tokenizer is not None else None
         return {"index": index, "id": token_id, "text": text}
 
-    def summary(self, tokenizer=None) -> dict:
-        """Every number as plain JSON: per-site kurtosis, max |x|, median |x|, top channels."""
+    def summary(self, tokenizer=None) -> OutlierSummary:
+        """Every number as an :class:`OutlierSummary`: per-site kurtosis, max |x|, median |x|,
+        top channels, and the massive activations (tokens decoded with ``tokenizer``)."""
         per_site = {}
         for name, s in self.sites.items():
             kurt = s.kurtosis.nan_to_num(0.0)
@@ -274,17 +290,99 @@ class OutlierStats:
                 "channel_kurtosis_top": [{"channel": int(c), "kurtosis": float(v)} for v, c in zip(*top)],
                 "absmax_per_channel": s.absmax.tolist(),
             }
+        return OutlierSummary(self.protocol, self.n_tokens, self.osp_kurtosis, per_site, self.massive(tokenizer))
+
+
+@dataclass
+class OutlierSummary(Result):
+    """The outlier statistics of a corpus as plain data.
+
+    ``sites``: per site, ``osp_kurtosis``, ``max_abs`` and its ``max_abs_channel``,
+    ``median_abs``, ``channel_kurtosis_mean``, the five channels of largest excess kurtosis over
+    tokens (``channel_kurtosis_top``) and ``absmax_per_channel``; ``massive``: the rows of
+    :meth:`OutlierStats.massive`; ``osp_kurtosis``: OSP's mean over the hidden states.
+    """
+
+    protocol: str
+    n_tokens: int
+    osp_kurtosis: float
+    sites: dict[str, dict]
+    massive: list[dict]
+
+    def to_json(self) -> dict:
         return {
             "protocol": self.protocol,
             "n_tokens": self.n_tokens,
             "osp_kurtosis": self.osp_kurtosis,
-            "sites": per_site,
-            "massive": self.massive(tokenizer),
+            "sites": self.sites,
+            "massive": self.massive,
         }
+
+    def text(self) -> str:
+        return f"Mean OSP excess kurtosis over the hidden states: {self.osp_kurtosis:.2f} ({self.n_tokens} tokens)."
+
+    def tables(self) -> list[Table]:
+        """The massive activations: site, channel, max |x|, its ratio to the median, tokens."""
+        rows = [
+            {
+                "hidden state": row["site"],
+                "channel": row["channel"],
+                "max |x|": row["max_abs"],
+                "x median": row["ratio"],
+                "tokens": ", ".join(repr(t["text"]) for t in row["tokens"]),
+            }
+            for row in self.massive
+        ]
+        return [Table("massive activations", rows or [{"massive activations": "none"}])]
+
+    def figures(self) -> list[Figure]:
+        """Per-site OSP kurtosis curve, max and median |x| per site, and max |x| per site and
+        channel, over the residual stream (other measured sites are in the JSON only)."""
+        sites = {name: s for name, s in self.sites.items() if site_label(name) != name}
+        if not sites:
+            return []
+        labels = [site_label(name) for name in sites]
+        xlabel = "hidden state (emb = embedding output, L = output of layer L, norm = final norm)"
+        return [
+            Figure(
+                "kurtosis",
+                "lines",
+                f"OSP excess kurtosis per hidden state ({self.protocol}; mean {self.osp_kurtosis:.1f})",
+                xlabel,
+                "excess kurtosis",
+                x=labels,
+                series={"OSP kurtosis": [s["osp_kurtosis"] for s in sites.values()]},
+            ),
+            Figure(
+                "max_abs",
+                "lines",
+                "max |x| and median |x| per hidden state",
+                xlabel,
+                "|x|",
+                x=labels,
+                series={
+                    "max |x|": [s["max_abs"] for s in sites.values()],
+                    "median |x|": [s["median_abs"] for s in sites.values()],
+                },
+                log=True,
+            ),
+            Figure(
+                "max_abs_channels",
+                "heatmap",
+                "max |x| per hidden state and channel",
+                "channel",
+                "hidden state",
+                x=list(range(len(next(iter(sites.values()))["absmax_per_channel"]))),
+                y=labels,
+                z=[s["absmax_per_channel"] for s in sites.values()],
+                log=True,
+                value_label="max |x|",
+            ),
+        ]
 
 
 def activation_stats(
-    model,
+    model: Model,
     corpus: Corpus,
     *,
     sites: list[str] | None = None,

@@ -3,6 +3,7 @@ interactive Plotly chart (for the HTML report), so the two never disagree."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,16 +58,24 @@ class Figure:
 
     def png(self, directory: str | Path) -> Path:
         """Save as ``directory/name.png``."""
+        return self._draw(Path(directory) / f"{self.name}.png")
+
+    def png_bytes(self) -> bytes:
+        """The PNG image as bytes (for inline images)."""
+        buffer = io.BytesIO()
+        self._draw(buffer)
+        return buffer.getvalue()
+
+    def _draw(self, target: Path | io.BytesIO) -> Path | io.BytesIO:
         from lmscope.reports import plots
 
-        path = Path(directory) / f"{self.name}.png"
         if self.kind == "heatmap":
             z = np.array(self.z, dtype=float)
             values = np.log10(np.where(z > 0, z, np.nan)) if self.log else z
             label = f"log10 {self.value_label}" if self.log else self.value_label
             return plots.heatmap(
                 values,
-                path,
+                target,
                 self.title,
                 self.xlabel,
                 self.ylabel,
@@ -75,4 +84,4 @@ class Figure:
                 diverging=self.diverging,
                 colorbar_label=label,
             )
-        return plots.chart(self.kind, list(self.x), self.series, path, self.title, self.xlabel, self.ylabel, self.log)
+        return plots.chart(self.kind, list(self.x), self.series, target, self.title, self.xlabel, self.ylabel, self.log)

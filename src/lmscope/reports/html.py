@@ -23,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Report", "bars", "heatmap", "lines", "plotly_js"]
+__all__ = ["Report", "bars", "heatmap", "lines", "plotly_js", "table_html"]
 
 _PLOT_CONFIG = {"responsive": True, "displaylogo": False}
 _FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, 'Helvetica Neue', Arial, sans-serif"
@@ -305,6 +305,27 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def table_html(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, caption: str = "") -> str:
+    """An HTML table of ``rows`` (numbers formatted by :func:`format_value`, right-aligned);
+    ``columns`` defaults to every key in order of first appearance."""
+    if columns is None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+    parts = ['<div class="table-wrap"><table>']
+    if caption:
+        parts.append(f"<caption>{html.escape(caption)}</caption>")
+    parts.append("<thead><tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in columns) + "</tr></thead>")
+    parts.append("<tbody>")
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row.get(column)
+            css = ' class="num"' if _is_number(value) else ""
+            cells.append(f"<td{css}>{html.escape(format_value(value))}</td>")
+        parts.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append("</tbody></table></div>")
+    return "".join(parts)
+
+
 class Report:
     """An HTML report built in order: sections, paragraphs, tables and interactive figures.
 
@@ -337,22 +358,7 @@ class Report:
         self, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, caption: str = ""
     ) -> Report:
         """Add a table; ``columns`` defaults to every key in order of first appearance."""
-        if columns is None:
-            columns = list(dict.fromkeys(key for row in rows for key in row))
-        parts = ['<div class="table-wrap"><table>']
-        if caption:
-            parts.append(f"<caption>{html.escape(caption)}</caption>")
-        parts.append("<thead><tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in columns) + "</tr></thead>")
-        parts.append("<tbody>")
-        for row in rows:
-            cells = []
-            for column in columns:
-                value = row.get(column)
-                css = ' class="num"' if _is_number(value) else ""
-                cells.append(f"<td{css}>{html.escape(format_value(value))}</td>")
-            parts.append("<tr>" + "".join(cells) + "</tr>")
-        parts.append("</tbody></table></div>")
-        self._blocks().append("".join(parts))
+        self._blocks().append(table_html(rows, columns, caption))
         return self
 
     def figure(self, fig: Mapping[str, Any], caption: str = "") -> Report:

@@ -1,21 +1,41 @@
-"""Static plots (PNG, matplotlib) for papers and for the CLI's ``--out`` directories."""
+"""Static plots (PNG, matplotlib) for papers and for the CLI's ``--out`` directories.
+
+Each plot is drawn on its own :class:`matplotlib.figure.Figure` with the Agg canvas: no pyplot,
+no global backend switch, nothing left open. ``target`` is a path or a binary file object
+(e.g. :class:`io.BytesIO`, for inline images).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display needed
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from torch import Tensor
+
+Target = str | Path | IO[bytes]
+
+
+def _figure(width: float, height: float) -> tuple[Figure, object]:
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def _save(fig: Figure, target: Target) -> Path | IO[bytes]:
+    fig.tight_layout()
+    if isinstance(target, (str, Path)):
+        target = Path(target)
+    fig.savefig(target, dpi=120, format="png")
+    return target
 
 
 def heatmap(
     values: Tensor,
-    path: str | Path,
+    path: Target,
     title: str,
     xlabel: str,
     ylabel: str,
@@ -28,7 +48,7 @@ def heatmap(
     if isinstance(values, Tensor):
         values = values.detach().float().cpu().numpy()
     rows, cols = values.shape
-    fig, ax = plt.subplots(figsize=(min(3 + 0.45 * cols, 16), min(2 + 0.25 * rows, 14)))
+    fig, ax = _figure(min(3 + 0.45 * cols, 16), min(2 + 0.25 * rows, 14))
     if diverging:
         limit = float(np.nanmax(np.abs(values))) or 1.0
         image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
@@ -44,25 +64,21 @@ def heatmap(
     if yticks is not None:
         every = max(1, rows // 40)
         ax.set_yticks(range(0, rows, every), list(yticks)[::every], fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def chart(
     kind: str,
     x: Sequence,
     series: Mapping[str, Sequence[float]],
-    path: str | Path,
+    path: Target,
     title: str,
     xlabel: str,
     ylabel: str,
     log: bool = False,
 ) -> Path:
     """Save a line chart (``kind="lines"``) or grouped bar chart (``"bars"``) of ``series`` over ``x``."""
-    fig, ax = plt.subplots(figsize=(min(4 + 0.3 * len(x), 12), 4))
+    fig, ax = _figure(min(4 + 0.3 * len(x), 12), 4)
     labels = [str(v) for v in x]
     width = 0.8 / max(1, len(series))
     for i, (name, values) in enumerate(series.items()):
@@ -81,8 +97,37 @@ def chart(
     if len(series) > 1:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def graph(
+    nodes: Sequence[str],
+    positions: Mapping[str, tuple[float, float]],
+    edges: Sequence[tuple[str, str, float]],
+    path: Target,
+    title: str = "graph",
+    height: float | None = None,
+) -> Path:
+    """Save a drawing of a weighted graph: ``nodes`` as labelled circles at ``positions`` (x, y),
+    ``edges`` ``(from, to, score)`` between node names as lines of width ~ |score|, red
+    positive, blue negative. ``height`` (inches) defaults to 2 + 0.3 per distinct y value, at least 4."""
+    if height is None:
+        height = max(4, 0.3 * len({positions[n][1] for n in nodes}) + 2)
+    fig, ax = _figure(8, height)
+    biggest = max((abs(s) for *_, s in edges), default=1.0) or 1.0
+    for u, v, s in edges:
+        (x0, y0), (x1, y1) = positions[u], positions[v]
+        ax.plot(
+            [x0, x1],
+            [y0, y1],
+            color="tab:red" if s > 0 else "tab:blue",
+            alpha=0.6,
+            linewidth=0.5 + 4 * abs(s) / biggest,
+        )
+    for n in nodes:
+        x, y = positions[n]
+        ax.scatter([x], [y], s=300, color="white", edgecolors="black", zorder=3)
+        ax.annotate(n, (x, y), ha="center", va="center", fontsize=6, zorder=4)
+    ax.set_axis_off()
+    ax.set_title(title)
+    return _save(fig, path)

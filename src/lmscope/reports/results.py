@@ -1,17 +1,113 @@
-"""``results.json``: every number a command shows, with its settings and versions.
+"""Results: the :class:`Result` protocol every analysis result follows, and ``results.json``.
 
-Written atomically (to a temporary file, then renamed), so an interrupted or failed command
-never leaves a half-written file and never destroys a complete earlier one.
+A result gives its numbers as plain JSON (:meth:`Result.to_json`), as captioned tables
+(:meth:`Result.tables`), as figures (:meth:`Result.figures`, each rendering as a PNG and as a
+Plotly chart) and, in Jupyter, as HTML (tables and inline PNG images, no network needed).
+
+``results.json`` is :func:`header` (command, settings, versions, model card) plus the result's
+JSON, written atomically by :func:`save` (to a temporary file, then renamed), so an interrupted
+or failed command never leaves a half-written file and never destroys a complete earlier one.
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import html
 import json
 import os
 import platform
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lmscope.core.errors import LmscopeError
+from lmscope.reports.figures import Figure
+
+if TYPE_CHECKING:
+    from lmscope.core.model import Model
+
+
+@dataclass
+class Table:
+    """A captioned table: one dict per row, columns in order of first appearance."""
+
+    caption: str
+    rows: list[dict] = field(default_factory=list)
+
+
+def plain(value: Any) -> Any:
+    """``value`` as JSON-ready data: tensors and arrays to lists, tuples to lists, mapping keys to
+    strings, nested results to their :meth:`Result.to_json`; floats are kept as they are."""
+    if isinstance(value, Result):
+        return value.to_json()
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # torch tensor, numpy array/scalar
+        return value.tolist()
+    if isinstance(value, Mapping):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return value
+
+
+class Result:
+    """What every analysis returns. Subclasses (dataclasses) override what applies:
+
+    - :meth:`to_json`: every number as plain JSON (default: the dataclass fields, via :func:`plain`);
+    - :meth:`text`: one or two sentences with the headline numbers (default: none);
+    - :meth:`tables`: captioned tables (default: none);
+    - :meth:`figures`: :class:`~lmscope.reports.figures.Figure` specs (default: none).
+
+    Reports and the Jupyter view (:meth:`_repr_html_`) are built from these alone.
+    """
+
+    def to_json(self) -> dict:
+        """Every number as plain JSON."""
+        if not dataclasses.is_dataclass(self):
+            raise NotImplementedError(f"{type(self).__name__}.to_json")
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def text(self) -> str:
+        """The headline numbers in a sentence or two ("" if none)."""
+        return ""
+
+    def tables(self) -> list[Table]:
+        """The result as captioned tables."""
+        return []
+
+    def figures(self) -> list[Figure]:
+        """The result's plots."""
+        return []
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the text, the tables and the figures (inline PNG images)."""
+        from lmscope.reports.html import table_html
+
+        blocks = [f"<p>{html.escape(self.text())}</p>"] if self.text() else []
+        blocks += [table_html(table.rows, caption=table.caption) for table in self.tables()]
+        for figure in self.figures():
+            data = base64.b64encode(figure.png_bytes()).decode("ascii")
+            blocks.append(f'<img alt="{html.escape(figure.title)}" src="data:image/png;base64,{data}">')
+        return "\n".join(blocks) or html.escape(repr(self))
+
+
+@dataclass
+class ModelCard(Result):
+    """What was loaded: family, size, dimensions, dtype, device, source (:meth:`Model.card`)."""
+
+    card: dict
+
+    @classmethod
+    def of(cls, model: Model) -> ModelCard:
+        """The card of ``model``."""
+        return cls(model.card())
+
+    def to_json(self) -> dict:
+        return dict(self.card)
+
+    def tables(self) -> list[Table]:
+        return [Table("", [{"property": k, "value": str(v)} for k, v in self.card.items()])]
 
 
 def versions() -> dict:
@@ -37,6 +133,26 @@ def output_dir(path: str | Path) -> Path:
         raise LmscopeError(f"cannot create output directory {path}: {e.strerror or e}") from e
     if not os.access(path, os.W_OK):
         raise LmscopeError(f"output directory {path} is not writable")
+    return path
+
+
+def header(command: str, model_name: str, model: Model, settings: dict) -> dict:
+    """The start of every ``results.json``: the command, its settings (with the model as given),
+    the package versions and the model card."""
+    return {
+        "command": command,
+        "settings": {"model": model_name, **settings},
+        "versions": versions(),
+        "model": model.card(),
+    }
+
+
+def save(out: str | Path, payload: dict, figures: Iterable[Figure] = ()) -> Path:
+    """Write ``out/results.json`` (atomically), then each figure as ``out/<name>.png``."""
+    out = Path(out)
+    path = write_json(out / "results.json", payload)
+    for figure in figures:
+        figure.png(out)
     return path
 
 

@@ -1,0 +1,204 @@
+"""The model's anatomy as the circuit algorithms see it: what each attention head reads and
+writes, and what each MLP writes, in terms of the model's own modules and weights.
+
+- **Per-head weights**: the rows of the q/k/v projection each query head reads
+  (:func:`head_params`), for separate or fused projections (``Family.qkv_layout``), with grouped
+  key/value heads repeated within their group.
+- **Head contributions**: what head h adds to the residual stream, ``z_h W_O[h]``, times the
+  post-attention norm's scale where the model has one (Gemma 2/3, OLMo 2):
+  :func:`head_contributions`. **MLP contributions**: the output of ``Family.mlp_contrib``
+  (:func:`mlp_contributions`).
+- **Keys and values per query head** (grouped-query attention): :func:`per_query_heads` makes the
+  attention modules treat k and v as having one head per query head, so each query head can
+  read (and be given) its own keys and values; :func:`joint_k_norm` is the key norm that
+  normalises all key heads together (OLMo 2), which sits between the projection and the heads.
+- **q/k/v layout**: :func:`qkv_points` names the hook points of a layer's projection outputs,
+  :func:`split_qkv` / :func:`join_qkv` convert between those outputs and per-head tensors.
+
+Whether attention and the MLP read the same residual stream is :attr:`Model.parallel_residual`.
+Every hook here goes through :func:`lmscope.core.hooks.hooked`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from lmscope.core.hookpoints import point_modules
+from lmscope.core.hooks import Hook, hooked
+
+if TYPE_CHECKING:
+    from lmscope.core.model import Model
+
+QKV = ("q", "k", "v")
+
+
+# -- per-head weights ------------------------------------------------------------------------
+
+
+def _head_index(model: Model, t: str) -> Tensor:
+    """Rows of the projection output (of ``t``'s own projection, or the fused one) that query
+    head h uses for input ``t``: [n_heads, d_head]. Grouped k/v heads repeat within a group."""
+    fam, H, K, D = model.family, model.n_heads, model.n_kv_heads, model.d_head
+    if fam.qkv_layout == "per_head" and fam.qkv_proj is not None:
+        return torch.arange(H * 3 * D).view(H, 3, D)[:, QKV.index(t)]
+    n = H if t == "q" else K
+    offset = 0 if fam.qkv_proj is None else {"q": 0, "k": H * D, "v": H * D + K * D}[t]
+    index = offset + torch.arange(n * D).view(n, D)
+    return index.repeat_interleave(H // n, dim=0)
+
+
+def _projection(model: Model, layer: int, t: str) -> nn.Module:
+    """The linear layer that computes input ``t`` (q, k or v) of ``layer``: its own, or the fused one."""
+    fam = model.family
+    path = fam.qkv_proj or {"q": fam.q_proj, "k": fam.k_proj, "v": fam.v_proj}[t]
+    return model.layer_module(layer, path)
+
+
+def head_params(model: Model, layer: int, t: str) -> tuple[Tensor, Tensor | None]:
+    """Weight rows [n_heads, d_head, d_model] and bias [n_heads, d_head] (or None) that each
+    query head of ``layer`` reads for input ``t`` (``"q"``, ``"k"`` or ``"v"``)."""
+    proj = _projection(model, layer, t)
+    weight = proj.weight.T if model.family.conv1d else proj.weight  # [out, d_model]
+    index = _head_index(model, t)
+    return weight[index], (None if proj.bias is None else proj.bias[index])
+
+
+def kv_head_of(model: Model) -> Tensor:
+    """The key/value head each query head reads: [n_heads] (grouped-query attention: h // group size)."""
+    return torch.arange(model.n_heads) // (model.n_heads // model.n_kv_heads)
+
+
+# -- what heads and MLPs write ---------------------------------------------------------------
+
+
+def head_contributions(model: Model, layer: int, z: Tensor) -> Tensor:
+    """What each head writes to the residual stream, [n_heads, ..., pos, d_model], from z
+    [..., pos, n_heads, d_head]: ``z_h W_O[h]``, times the post-attention norm's scale (computed
+    from the whole attention output, then held fixed) in Gemma 2/3 and OLMo 2, so the heads'
+    contributions sum to what the layer adds."""
+    fam, H, D = model.family, model.n_heads, model.d_head
+    o = model.layer_module(layer, fam.o_proj)
+    w_o = (o.weight if fam.conv1d else o.weight.T).unflatten(0, (H, D))  # [H, D, d]
+    per_head = torch.einsum("...hd,hde->h...e", z, w_o)
+    if "norm" not in fam.attn_contrib:
+        return per_head
+    total = per_head.sum(0) + (o.bias if o.bias is not None else 0)
+    return per_head * _norm_scale(model.layer_module(layer, fam.attn_contrib), total)
+
+
+def _norm_scale(norm: nn.Module, x: Tensor) -> Tensor:
+    """The elementwise factor an RMS norm multiplies ``x`` by: gain / rms(x)."""
+    eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
+    gain = norm(torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)) * (1 + eps) ** 0.5
+    return gain * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+@contextlib.contextmanager
+def mlp_contributions(model: Model) -> Iterator[list[Tensor | None]]:
+    """Records what each MLP adds to the residual stream (hook point ``mlp.contrib``: the output
+    of ``family.mlp_contrib``) during the forwards run inside; yields the list, one tensor per
+    layer (the latest forward's)."""
+    outputs: list[Tensor | None] = [None] * model.n_layers
+
+    def keep(layer: int):
+        def fn(x: Tensor) -> None:
+            outputs[layer] = x
+
+        return fn
+
+    with hooked(model, [Hook("mlp.contrib", layer, keep(layer)) for layer in range(model.n_layers)]):
+        yield outputs
+
+
+# -- keys and values per query head ----------------------------------------------------------
+
+
+def joint_k_norm(model: Model, layer: int) -> nn.Module | None:
+    """The key norm of a grouped-query attention layer that normalises all key heads together
+    (OLMo 2), or None. Such a norm sits between k_proj and the heads, so a query head's keys are
+    computed from its own input copy through the whole projection and norm."""
+    if model.n_kv_heads == model.n_heads:
+        return None
+    norms = point_modules(model, "attn.k_norm", layer)
+    if not norms:
+        return None
+    return norms[0] if norms[0].weight.numel() == model.n_kv_heads * model.d_head else None
+
+
+def qkv_points(model: Model, layer: int) -> dict[str, str]:
+    """The hook points whose outputs are ``layer``'s keys, queries and values before the heads
+    split: ``{"q": "attn.q_proj", "k": ..., "v": ...}`` (the key norm's output ``attn.k_norm``
+    for k where it is joint), or ``{"qkv": "attn.qkv_proj"}`` for a fused projection."""
+    if model.family.qkv_proj:
+        return {"qkv": "attn.qkv_proj"}
+    k = "attn.k_norm" if joint_k_norm(model, layer) is not None else "attn.k_proj"
+    return {"q": "attn.q_proj", "k": k, "v": "attn.v_proj"}
+
+
+def split_qkv(model: Model, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per-head tensors ``t -> [..., n_heads, d_head]`` from the tensors at :func:`qkv_points`
+    (e.g. their gradients), with keys and values per query head (as :func:`per_query_heads`
+    with ``expand`` makes them)."""
+    fam, H, D = model.family, model.n_heads, model.d_head
+    if fam.qkv_proj is None:
+        return {t: outputs[t].unflatten(-1, (H, D)) for t in QKV}
+    x = outputs["qkv"]
+    if fam.qkv_layout == "per_head":
+        per = x.unflatten(-1, (H, 3, D))
+        return {t: per[..., i, :] for i, t in enumerate(QKV)}
+    return {t: p.unflatten(-1, (H, D)) for t, p in zip(QKV, x.split(H * D, dim=-1))}
+
+
+def join_qkv(model: Model, parts: dict[str, Tensor]) -> Tensor:
+    """The fused projection's output from per-head ``t -> [..., n_heads, d_head]`` (keys and
+    values per query head): q | k | v, or per head (q, k, v) for ``qkv_layout="per_head"``."""
+    tensors = [parts[t] for t in QKV]
+    if model.family.qkv_layout == "per_head":
+        return torch.stack(tensors, dim=-2).flatten(-3)
+    return torch.cat([p.flatten(-2) for p in tensors], dim=-1)
+
+
+@contextlib.contextmanager
+def per_query_heads(model: Model, expand: bool) -> Iterator[None]:
+    """Keys and values per query head (grouped-query attention only): the attention modules
+    treat k and v as having ``n_heads`` heads; with ``expand``, the k/v projection outputs (or
+    the joint key norm's) are repeated within each group (otherwise the caller's own hooks on
+    :func:`qkv_points` must produce them). Restores the modules on exit."""
+    H, K, D = model.n_heads, model.n_kv_heads, model.d_head
+    if H == K:
+        yield
+        return
+
+    def repeat(x: Tensor) -> Tensor:
+        return x.unflatten(-1, (K, D)).repeat_interleave(H // K, dim=-2).flatten(-2)
+
+    def fused(x: Tensor) -> Tensor:
+        q, k, v = x.split([H * D, K * D, K * D], dim=-1)
+        return torch.cat([q, repeat(k), repeat(v)], dim=-1)
+
+    hooks = []
+    if expand:
+        for layer in range(model.n_layers):
+            points = qkv_points(model, layer)
+            if "qkv" in points:
+                hooks.append(Hook(points["qkv"], layer, fused))
+            else:
+                hooks += [Hook(points["k"], layer, repeat), Hook(points["v"], layer, repeat)]
+    saved = []
+    try:
+        for layer in range(model.n_layers):
+            attn = model.layer_module(layer, model.family.attn)
+            for name, value in (("num_key_value_groups", 1), ("num_key_value_heads", H)):
+                if hasattr(attn, name):
+                    saved.append((attn, name, getattr(attn, name)))
+                    setattr(attn, name, value)
+        with hooked(model, hooks):
+            yield
+    finally:
+        for attn, name, value in saved:
+            setattr(attn, name, value)

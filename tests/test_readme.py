@@ -1,0 +1,45 @@
+"""Every public name the README's Python examples import still imports (the flat module names
+of earlier releases included), and each resolves to the module in the subpackages."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def _imports() -> list[tuple[str, str]]:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    found = []
+    for block in blocks:
+        for module, names in re.findall(r"^from (lmscope[\w.]*) import ([\w, ]+)", block, flags=re.MULTILINE):
+            found += [(module, name.strip()) for name in names.split(",")]
+    return found
+
+
+def test_readme_has_examples():
+    assert len(_imports()) >= 15
+
+
+@pytest.mark.parametrize(("module", "name"), _imports())
+def test_readme_import(module, name):
+    imported = importlib.import_module(module)
+    value = getattr(imported, name, None)
+    if value is None:  # a submodule (``from lmscope import tasks``)
+        value = importlib.import_module(f"{module}.{name}")
+    assert value is not None
+
+
+def test_flat_names_are_the_subpackage_modules():
+    import lmscope.patching
+
+    import lmscope.circuits.patching
+    import lmscope.quant.kv
+
+    assert lmscope.patching is lmscope.circuits.patching
+    assert importlib.import_module("lmscope.kv") is lmscope.quant.kv
+    assert lmscope.patching.__spec__.name == "lmscope.circuits.patching"
