@@ -10,20 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmscope.cli import main
-
-
-def _cli(capsys, *argv):
-    with pytest.raises(SystemExit) as info:
-        main(list(argv))
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
+from tests.helpers import run_cli
 
 
 def test_run_captures_and_saves(capsys, tmp_path, smollm2):
     path = tmp_path / "out.safetensors"
-    code, out, _ = _cli(
+    code, out, _ = run_cli(
         capsys,
         "run",
         "The capital of France is",
@@ -43,13 +35,13 @@ def test_run_captures_and_saves(capsys, tmp_path, smollm2):
 
 
 def test_sites_table(capsys):
-    code, out, _ = _cli(capsys, "sites", "--layer", "2", "--pos", "4")
+    code, out, _ = run_cli(capsys, "sites", "--layer", "2", "--pos", "4")
     assert code == 0
     assert "blocks.2.attn.k" in out and "[1, 4, 3, 64]" in out and "blocks.3." not in out
 
 
 def test_models_lists_alias(capsys):
-    code, out, _ = _cli(capsys, "models")
+    code, out, _ = run_cli(capsys, "models")
     assert code == 0 and "smollm2-135m" in out
 
 
@@ -65,7 +57,7 @@ def test_models_lists_alias(capsys):
     ],
 )
 def test_bad_input_one_line_exit_2(capsys, argv, message):
-    code, _, err = _cli(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 2
     assert message in err and err.strip().count("\n") == 0 and "Traceback" not in err
 
@@ -92,13 +84,15 @@ IOI = (
 )
 
 
-def test_patch_writes_results_and_plot(capsys, tmp_path, smollm2):
-    out = tmp_path / "patch"
-    code, printed, _ = _cli(
-        capsys, "patch", "--data", str(_pairs_file(tmp_path, [IOI])), "--level", "layer", "--out", str(out)
+@pytest.mark.parametrize("command", ["locate", "patch"])  # patch: the command's earlier name
+def test_locate_writes_results_and_plot(capsys, tmp_path, smollm2, command):
+    out = tmp_path / command
+    code, printed, _ = run_cli(
+        capsys, command, "--data", str(_pairs_file(tmp_path, [IOI])), "--level", "layer", "--out", str(out)
     )
     assert code == 0 and "mlp" in printed
     results = json.loads((out / "results.json").read_text())
+    assert results["command"] == "locate"
     assert results["settings"]["method"] == "exact" and results["versions"]["lmscope"]
     assert {r["component"] for r in results["results"]} == {"attn", "mlp"}
     assert len(results["results"][0]["rows"]) == smollm2.n_layers
@@ -108,13 +102,13 @@ def test_patch_writes_results_and_plot(capsys, tmp_path, smollm2):
 
 def test_circuit_and_heads_commands(capsys, tmp_path):
     out = tmp_path / "circuit"
-    code, printed, _ = _cli(
+    code, printed, _ = run_cli(
         capsys, "circuit", "--data", str(_pairs_file(tmp_path, [IOI])), "--top", "20", "--steps", "2", "--out", str(out)
     )
     assert code == 0 and "CRS" in printed
     graph = json.loads((out / "graph.json").read_text())
     assert "logits" in graph["nodes"] and graph["edges"] and (out / "circuit.png").is_file()
-    code, printed, _ = _cli(capsys, "heads", "--out", str(tmp_path / "heads"), "--batch", "2", "--length", "10")
+    code, printed, _ = run_cli(capsys, "heads", "--out", str(tmp_path / "heads"), "--batch", "2", "--length", "10")
     assert code == 0 and "induction" in printed
     assert (tmp_path / "heads" / "induction.png").is_file()
 
@@ -128,11 +122,11 @@ def test_circuit_and_heads_commands(capsys, tmp_path):
         ([IOI], ["--level", "neuron"], "unknown level"),
     ],
 )
-def test_patch_bad_input_keeps_earlier_results(capsys, tmp_path, lines, extra, message):
+def test_locate_bad_input_keeps_earlier_results(capsys, tmp_path, lines, extra, message):
     out = tmp_path / "out"
     out.mkdir()
     (out / "results.json").write_text('{"earlier": true}')
-    code, _, err = _cli(capsys, "patch", "--data", str(_pairs_file(tmp_path, lines)), "--out", str(out), *extra)
+    code, _, err = run_cli(capsys, "locate", "--data", str(_pairs_file(tmp_path, lines)), "--out", str(out), *extra)
     assert code == 2 and message in err and err.strip().count("\n") == 0
     assert json.loads((out / "results.json").read_text()) == {"earlier": True}
 
@@ -140,7 +134,7 @@ def test_patch_bad_input_keeps_earlier_results(capsys, tmp_path, lines, extra, m
 def test_unwritable_output_directory(capsys, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    code, _, err = _cli(capsys, "heads", "--out", str(blocker / "sub"))
+    code, _, err = run_cli(capsys, "heads", "--out", str(blocker / "sub"))
     assert code == 2 and "cannot create output directory" in err
 
 
@@ -150,7 +144,7 @@ def test_outliers_command(capsys, tmp_path, smollm2):
 
     out = tmp_path / "outliers"
     argv = ["outliers", "--tokens", "256", "--window", "128", "--site", "blocks.3.mlp.post", "--out", str(out)]
-    code, stdout, _ = _cli(capsys, *argv)
+    code, stdout, _ = run_cli(capsys, *argv)
     assert code == 0 and "OSP excess kurtosis" in stdout and "507" in stdout
     payload = json.loads((out / "results.json").read_text())
     tokens = load_corpus(smollm2, max_tokens=256).windows(128)
@@ -166,7 +160,7 @@ def test_kv_command(capsys, tmp_path, smollm2):
     from lmscope.quant.corpus import load_corpus
 
     out = tmp_path / "kv"
-    code, stdout, _ = _cli(capsys, "kv", "--tokens", "256", "--window", "128", "--out", str(out))
+    code, stdout, _ = run_cli(capsys, "kv", "--tokens", "256", "--window", "128", "--out", str(out))
     assert code == 0 and "keys vs values" in stdout
     payload = json.loads((out / "results.json").read_text())
     tokens = load_corpus(smollm2, max_tokens=256).windows(128)
@@ -178,7 +172,7 @@ def test_kv_command(capsys, tmp_path, smollm2):
 def test_quant_command_keeps_rows_and_plots(capsys, tmp_path):
     out = tmp_path / "quant"
     argv = ["quant", "--kv", "k4v2,k2v4", "--budget", "3", "--tokens", "256", "--window", "128", "--out", str(out)]
-    code, stdout, _ = _cli(capsys, *argv)
+    code, stdout, _ = run_cli(capsys, *argv)
     assert code == 0 and "K4V2" in stdout
     rows = json.loads((out / "results.json").read_text())["rows"]
     ppl = {r["config"]: r["perplexity"] for r in rows}
@@ -204,7 +198,7 @@ def test_quant_commands_bad_input_keep_earlier_results(capsys, tmp_path, argv, m
     out = tmp_path / "out"
     out.mkdir()
     (out / "results.json").write_text('{"earlier": true}')
-    code, _, err = _cli(capsys, *argv, "--out", str(out))
+    code, _, err = run_cli(capsys, *argv, "--out", str(out))
     assert code == 2 and message in err and err.strip().count("\n") == 0
     assert json.loads((out / "results.json").read_text()) == {"earlier": True}
 
@@ -212,5 +206,5 @@ def test_quant_commands_bad_input_keep_earlier_results(capsys, tmp_path, argv, m
 def test_quant_malformed_choices(capsys, tmp_path):
     bad = tmp_path / "mc.jsonl"
     bad.write_text('{"context": "a", "choices": ["b", "c"], "answer": 0}\n{oops\n')
-    code, _, err = _cli(capsys, "quant", "--choices", str(bad), "--out", str(tmp_path / "out"))
+    code, _, err = run_cli(capsys, "quant", "--choices", str(bad), "--out", str(tmp_path / "out"))
     assert code == 2 and f"{bad}:2: malformed JSON" in err

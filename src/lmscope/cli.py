@@ -120,7 +120,7 @@ def scan(
 
 
 @app.command()
-def patch(
+def locate(
     model: ModelArg = DEFAULT_MODEL,
     data: DataOpt = None,
     task: TaskOpt = None,
@@ -131,18 +131,18 @@ def patch(
     direction: Annotated[str, typer.Option(help="denoising or noising (exact only)")] = "denoising",
     steps: Annotated[int, typer.Option(help="EAP-IG interpolation steps")] = 100,
     align: AlignOpt = "strict",
-    out: Annotated[Path, typer.Option(help="output directory")] = Path("out/patch"),
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("out/locate"),
     top: Annotated[int, typer.Option(help="rows to print")] = 10,
 ) -> None:
     """Find where a behaviour lives: patch or attribute every head, layer or position."""
-    from lmscope.circuits.locate import locate
+    from lmscope.circuits.locate import locate as run_locate
     from lmscope.circuits.pairs import tokenize_pairs
-    from lmscope.circuits.sources import pairs_for
+    from lmscope.circuits.tasks import pairs_for
 
     out = output_dir(out)
     m = load(model)
     pairs = tokenize_pairs(m, pairs_for(m, data, task, n), align)
-    results = locate(m, pairs, method, level, metric, steps, direction)
+    results = run_locate(m, pairs, method, level, metric, steps, direction)
     settings = {
         "data": str(data) if data else None,
         "task": task,
@@ -155,7 +155,7 @@ def patch(
         "align": align,
     }
     payload = {
-        **header("patch", model, m, settings),
+        **header("locate", model, m, settings),
         "metric": {"name": metric, "clean": results[0].clean, "corrupt": results[0].corrupt},
         "results": [r.to_json() for r in results],
     }
@@ -179,6 +179,10 @@ def patch(
     console.print(f"wrote {out / 'results.json'} and plots")
 
 
+# The command's earlier name.
+app.command("patch", hidden=True, help="The earlier name of `lmscope locate`.")(locate)
+
+
 def _dash(value) -> str:
     return "-" if value is None else str(value)
 
@@ -199,7 +203,7 @@ def circuit(
     """EAP-IG edge scores, a pruned circuit, its faithfulness and CRS, as JSON and a drawing."""
     from lmscope.circuits import draw, edge_attribution, faithfulness, select
     from lmscope.circuits.pairs import tokenize_pairs
-    from lmscope.circuits.sources import pairs_for
+    from lmscope.circuits.tasks import pairs_for
 
     if (top is None) == (threshold is None):
         raise LmscopeError("give exactly one of --top N or --threshold X")

@@ -18,11 +18,13 @@ and the pair types are re-exported here). Generators: :func:`ioi` (indirect obje
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import torch
 
 from lmscope.circuits.pairs import PromptPair, TokenPair, load_pairs, tokenize_pairs
 from lmscope.core.errors import LmscopeError
+from lmscope.core.model import Model
 
 # -- generators ----------------------------------------------------------------------------
 
@@ -161,6 +163,22 @@ def builtin(model, name: str) -> list[PromptPair]:
     return GENERATORS[name](model)
 
 
+def pairs_for(
+    model: Model, data: str | Path | None = None, task: str | None = None, n: int | None = None
+) -> list[PromptPair]:
+    """The prompt pairs of exactly one of ``data`` (a JSONL file, :func:`load_pairs`) or
+    ``task`` (a built-in task of :data:`GENERATORS`: its default pairs, or ``n`` of them)."""
+    if (data is None) == (task is None):
+        raise LmscopeError("give exactly one of --data pairs.jsonl or --task ioi|induction|capitals")
+    if data is not None:
+        return load_pairs(data)
+    if n is None:
+        return builtin(model, task)
+    if task not in GENERATORS:
+        builtin(model, task)  # raises the unknown-task error
+    return GENERATORS[task](model, n=n)
+
+
 __all__ = [
     "GENERATORS",
     "PromptPair",
@@ -170,6 +188,7 @@ __all__ = [
     "induction",
     "ioi",
     "load_pairs",
+    "pairs_for",
     "plain_token_range",
     "tokenize_pairs",
 ]

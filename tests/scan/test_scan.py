@@ -14,7 +14,7 @@ from lmscope.reports.html import format_value
 from lmscope.scan import PARTS as SCAN_PARTS
 from lmscope.scan import ScanSettings, scan
 from tests.browser import HOVER_JS, PLOT_BOXES_JS, artifacts_dir, open_report
-from tests.test_cli import _cli
+from tests.helpers import run_cli
 
 PARTS = ["model", "outliers", "kv", "heads", "circuit"]
 TINY = ScanSettings(
@@ -106,19 +106,19 @@ def test_interrupted_scan_keeps_finished_parts(tmp_path, smollm2):
     ],
 )
 def test_scan_bad_model_one_line_exit_2(capsys, tmp_path, argv, message):
-    code, _, err = _cli(capsys, *argv, "--out", str(tmp_path / "out"))
+    code, _, err = run_cli(capsys, *argv, "--out", str(tmp_path / "out"))
     assert code == 2 and message in err and err.strip().count("\n") == 0 and "Traceback" not in err
 
 
 def test_scan_corrupt_model_file(capsys, tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF\x03\x00\x00\x00 not really a model")
-    code, _, err = _cli(capsys, "scan", str(bad), "--out", str(tmp_path / "out"))
+    code, _, err = run_cli(capsys, "scan", str(bad), "--out", str(tmp_path / "out"))
     assert code == 2 and err.startswith("error:") and err.strip().count("\n") == 0
 
 
 def test_scan_unwritable_output(capsys, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    code, _, err = _cli(capsys, "scan", "--out", str(blocker / "sub"))
+    code, _, err = run_cli(capsys, "scan", "--out", str(blocker / "sub"))
     assert code == 2 and "cannot create output directory" in err

@@ -6,29 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lmscope
 from lmscope.circuits.attribution import attribute
 from lmscope.circuits.patching import activation_patching
-from tests.test_patching import token_pair
-from tests.tiny import tiny_model
-
-
-def planted_model() -> tuple[lmscope.Model, tuple[int, int]]:
-    """Tiny Llama where only head (1, 2) writes to the residual stream (every other head's
-    output-projection columns and every MLP are zeroed): it alone carries information between
-    positions, so it alone can carry the answer."""
-    model = tiny_model("llama", seed=3)
-    layer_head = (1, 2)
-    d = model.d_head
-    with torch.no_grad():
-        for layer in range(model.n_layers):
-            o = model.layer_module(layer, model.family.o_proj).weight
-            keep = o[:, layer_head[1] * d : (layer_head[1] + 1) * d].clone()
-            o.zero_()
-            if layer == layer_head[0]:
-                o[:, layer_head[1] * d : (layer_head[1] + 1) * d] = keep
-            model.layer_module(layer, model.family.mlp_down).weight.zero_()
-    return model, layer_head
+from tests.helpers import planted_model, token_pair
 
 
 @pytest.mark.parametrize("method", ["exact", "attribution", "eap-ig"])

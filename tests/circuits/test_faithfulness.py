@@ -10,8 +10,7 @@ import pytest
 from lmscope.circuits.edges import edge_attribution
 from lmscope.circuits.faithfulness import crs, faithfulness
 from lmscope.circuits.graph import Circuit, draw, prune, select
-from tests.test_attribution import planted_model
-from tests.test_patching import token_pair
+from tests.helpers import planted_model, token_pair
 from tests.tiny import CONFIGS
 
 

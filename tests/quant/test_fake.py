@@ -27,6 +27,7 @@ from lmscope.quant.fake import (
     quantized_activations,
     quantized_weights,
 )
+from tests.helpers import asym_last, kv_reference_interventions, logits_under, per_channel_quant, per_token_quant
 from tests.tiny import random_ids, tiny_model
 
 # -- fake_quant_asym: numbers worked out by hand --------------------------------------------
@@ -199,57 +200,6 @@ def test_kvquant_per_layer_bits():
 # -- kv_attention against interventions on the k/v sites ----------------------------------------
 
 
-def _asym_last(x, bits):
-    """Hand-written asymmetric min/max quantisation over the last axis."""
-    levels = 2**bits - 1
-    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-    scale = (hi - lo) / levels
-    q = torch.clamp(torch.round((x - lo) / scale), 0, levels)
-    return q * scale + lo
-
-
-def _per_token(bits, group):
-    """Site tensor [batch, pos, n_kv, d_head]: each token's channels (all heads in a row) in groups."""
-
-    def fn(x):
-        flat = x.flatten(2)
-        g = group or flat.shape[-1]
-        return _asym_last(flat.unflatten(-1, (-1, g)), bits).flatten(2).unflatten(-1, x.shape[2:])
-
-    return fn
-
-
-def _per_channel(bits, group):
-    """Site tensor [batch, pos, n_kv, d_head]: each channel over consecutive tokens in groups."""
-
-    def fn(x):
-        parts = []
-        for start in range(0, x.shape[1], group):
-            chunk = x[:, start : start + group]
-            lo, hi = chunk.amin(1, keepdim=True), chunk.amax(1, keepdim=True)
-            scale = (hi - lo) / (2**bits - 1)
-            parts.append(torch.clamp(torch.round((chunk - lo) / scale), 0, 2**bits - 1) * scale + lo)
-        return torch.cat(parts, 1) if parts else x
-
-    return fn
-
-
-def _reference_interventions(model, kv: KVQuant, positions=None):
-    ivs = []
-    for layer in range(model.n_layers):
-        for t, bits, axis in zip("kv", kv.bits(layer), (kv.k_axis, kv.v_axis)):
-            if bits is None:
-                continue
-            fn = _per_token(bits, kv.group_size) if axis == "token" else _per_channel(bits, kv.group_size)
-            ivs.append(lmscope.apply(f"blocks.{layer}.attn.{t}", fn, positions=positions))
-    return ivs
-
-
-def _logits(model, ids, **hooks):
-    with torch.no_grad(), model.hooks(**hooks):
-        return model.hf(input_ids=ids, use_cache=False).logits
-
-
 KV_CONFIGS = {
     "k4v2-head-groups": KVQuant(4, 2, group_size=16),
     "k3v2-channel-keys": KVQuant(3, 2, group_size=4, k_axis="channel"),
@@ -273,9 +223,9 @@ def _decode_reference(model, ids, kv: KVQuant):
             if channel:
                 n_old = min(n_old, n // kv.group_size * kv.group_size)
             if axis == "token":
-                done = _per_token(bits, kv.group_size)(x[:, :n_old])
+                done = per_token_quant(bits, kv.group_size)(x[:, :n_old])
             else:  # the complete groups, then the first n_old positions of them
-                done = _per_channel(bits, kv.group_size)(x[:, : n // kv.group_size * kv.group_size])[:, :n_old]
+                done = per_channel_quant(bits, kv.group_size)(x[:, : n // kv.group_size * kv.group_size])[:, :n_old]
             return torch.cat([done, x[:, n_old:]], 1)
 
         return fn
@@ -299,12 +249,12 @@ def test_kv_attention_equals_quantised_kv_sites(tiny_models, name, config):
     (per token); per-channel groups == token-by-token decoding that quantises complete groups."""
     model, kv = tiny_models[name], KV_CONFIGS[config]
     ids = random_ids(model, batch=2, pos=11)
-    got = _logits(model, ids, attention=kv_attention(kv))
+    got = logits_under(model, ids, attention=kv_attention(kv))
     if "channel" in (kv.k_axis, kv.v_axis):
         expected = _decode_reference(model, ids, kv)
     else:
-        expected = _logits(model, ids, interventions=_reference_interventions(model, kv))
-    plain = _logits(model, ids)
+        expected = logits_under(model, ids, interventions=kv_reference_interventions(model, kv))
+    plain = logits_under(model, ids)
     assert (expected - plain).abs().max() > 1e-2  # the quantisation does change the logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
@@ -315,15 +265,17 @@ def test_kv_window_keeps_recent_tokens_in_full_precision(tiny_models, name):
     w >= length gives the plain HF forward, w = 0 the fully quantised reference."""
     model = tiny_models[name]
     ids = random_ids(model, batch=2, pos=8)
-    plain = _logits(model, ids)
+    plain = logits_under(model, ids)
     for window in (8, 30):
-        got = _logits(model, ids, attention=kv_attention(KVQuant(2, 2, group_size=None, window=window)))
+        got = logits_under(model, ids, attention=kv_attention(KVQuant(2, 2, group_size=None, window=window)))
         torch.testing.assert_close(got, plain, atol=1e-4, rtol=1e-4)
     kv = KVQuant(2, 2, group_size=None)
-    all_quantised = _logits(model, ids, interventions=_reference_interventions(model, kv))
-    torch.testing.assert_close(_logits(model, ids, attention=kv_attention(kv)), all_quantised, atol=1e-4, rtol=1e-4)
+    all_quantised = logits_under(model, ids, interventions=kv_reference_interventions(model, kv))
+    torch.testing.assert_close(
+        logits_under(model, ids, attention=kv_attention(kv)), all_quantised, atol=1e-4, rtol=1e-4
+    )
     for window in (0, 1, 3):
-        got = _logits(model, ids, attention=kv_attention(KVQuant(2, 2, group_size=None, window=window)))
+        got = logits_under(model, ids, attention=kv_attention(KVQuant(2, 2, group_size=None, window=window)))
         expected = _decode_reference(model, ids, KVQuant(2, 2, group_size=None, window=window))
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
         assert (got - plain).abs().max() > 1e-2
@@ -402,7 +354,7 @@ def test_quantized_activations_feed_quantised_inputs(name, group):
     for i, m in enumerate(linears):
         raw = seen["in", i]
         g = group or raw.shape[-1]
-        q = _asym_last(raw.unflatten(-1, (-1, g)), 4).flatten(-2)
+        q = asym_last(raw.unflatten(-1, (-1, g)), 4).flatten(-2)
         expected = q @ m.weight + m.bias if conv1d else F.linear(q, m.weight, m.bias)
         torch.testing.assert_close(seen["out", i], expected.detach(), atol=1e-4, rtol=1e-4)
         assert not torch.allclose(q, raw, atol=1e-3)
@@ -425,7 +377,7 @@ def test_quantized_combines_weights_and_kv():
         for n in _block_linear_names(reference):
             w = reference.hf.get_submodule(n).weight
             w.copy_(_rtn_per_output(w, 4, False))
-    expected = _logits(reference, ids, interventions=_reference_interventions(reference, config.kv))
+    expected = logits_under(reference, ids, interventions=kv_reference_interventions(reference, config.kv))
     with torch.no_grad(), quantized(model, config):
         got = model.hf(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
@@ -488,6 +440,6 @@ def test_kv_quantisation_is_causal(tiny_models, axis, window):
     changed = ids.clone()
     changed[0, -1] = 3 if ids[0, -1] != 3 else 4
     attention = kv_attention(KVQuant(4, 4, group_size=4, k_axis=axis, v_axis=axis, window=window))
-    first, second = _logits(model, ids, attention=attention), _logits(model, changed, attention=attention)
+    first, second = logits_under(model, ids, attention=attention), logits_under(model, changed, attention=attention)
     assert (first[:, -1] - second[:, -1]).abs().max() > 1e-2
     torch.testing.assert_close(first[:, :-1], second[:, :-1])

@@ -13,7 +13,7 @@ from tests.tiny import tiny_model
 PROMPT = "The capital of France is"
 
 
-def _logits(model):
+def logits_under(model):
     return model.run(PROMPT).logits
 
 
@@ -41,8 +41,8 @@ def test_gguf_conversion_cached_once(empty_cache, monkeypatch, smollm2):
 
     monkeypatch.setattr(loading, "_convert", no_conversion)
     second = lmscope.load("smollm2-135m")
-    assert torch.equal(_logits(first), _logits(second))
-    assert torch.equal(_logits(second), _logits(smollm2))
+    assert torch.equal(logits_under(first), logits_under(second))
+    assert torch.equal(logits_under(second), logits_under(smollm2))
     assert second.card()["layers"] == 30 and second.card()["kv_heads"] == 3
 
 
@@ -78,7 +78,7 @@ def test_missing_path_and_missing_hub_id(monkeypatch):
 
 def test_local_directory_loads_same_model(smollm2):
     model = lmscope.load(smollm2.source)  # the cached conversion is a plain HF directory
-    assert torch.equal(_logits(model), _logits(smollm2))
+    assert torch.equal(logits_under(model), logits_under(smollm2))
 
 
 def test_hub_id_from_local_cache(tmp_path, monkeypatch, smollm2):

@@ -13,7 +13,7 @@ import lmscope
 from lmscope.quant.corpus import Corpus, load_corpus
 from lmscope.quant.evaluation import Choice, choice_accuracy, choice_scores, load_choices, perplexity
 from lmscope.quant.fake import KVQuant, QuantConfig
-from tests.test_quant import _logits, _reference_interventions
+from tests.helpers import kv_reference_interventions, logits_under
 
 
 def _naive_perplexity(model, tokens, window, stride, interventions=()):
@@ -22,7 +22,7 @@ def _naive_perplexity(model, tokens, window, stride, interventions=()):
     nlls = []
     for i, start in enumerate(range(0, len(tokens) - window + 1, stride)):
         ids = tokens[start : start + window][None]
-        logits = _logits(model, ids, interventions=list(interventions))[0].double()
+        logits = logits_under(model, ids, interventions=list(interventions))[0].double()
         logprobs = torch.log_softmax(logits, -1)
         first_target = 1 if i == 0 else max(window - stride, 1)  # target 0 has no context
         for target in range(first_target, window):
@@ -52,7 +52,7 @@ def test_perplexity_under_kv_quantisation(tiny_models):
     corpus = Corpus("t", torch.randint(3, 90, (50,), generator=torch.Generator().manual_seed(1)))
     kv = KVQuant(2, 3, group_size=16)
     got = perplexity(model, corpus, window=12, stride=6, config=QuantConfig(kv=kv))
-    ppl, _, n = _naive_perplexity(model, corpus.tokens, 12, 6, _reference_interventions(model, kv))
+    ppl, _, n = _naive_perplexity(model, corpus.tokens, 12, 6, kv_reference_interventions(model, kv))
     plain, _, _ = _naive_perplexity(model, corpus.tokens, 12, 6)
     assert got["n_scored"] == n and got["perplexity"] == pytest.approx(ppl, rel=1e-4)
     assert abs(ppl - plain) > 1e-3 * plain

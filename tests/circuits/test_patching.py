@@ -10,19 +10,8 @@ import torch
 import lmscope
 from lmscope import tasks
 from lmscope.circuits.metrics import get_metric
-from lmscope.circuits.pairs import TokenPair
 from lmscope.circuits.patching import COMPONENTS, activation_patching
-
-
-def token_pair(model, pos: int = 9, differ: tuple[int, ...] = (4,), seed: int = 0) -> TokenPair:
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(3, model.d_vocab, (pos,), generator=g)
-    corrupt = clean.clone()
-    for p in differ:
-        corrupt[p] = (clean[p] + 7) % (model.d_vocab - 3) + 3
-    answer, wrong = torch.randint(3, model.d_vocab, (2,), generator=g)
-    ones = torch.ones(pos, dtype=torch.long)
-    return TokenPair(clean, corrupt, answer[None], wrong[None], ones, ones.clone())
+from tests.helpers import token_pair
 
 
 def naive_score(model, pair, component, layer, head, position, direction, metric_name):

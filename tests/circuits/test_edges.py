@@ -8,8 +8,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lmscope.circuits.attribution import attribute
 from lmscope.circuits.edges import edge_attribution, graph_nodes
-from tests.test_attribution import planted_model
-from tests.test_patching import token_pair
+from tests.helpers import planted_model, token_pair
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "gpt_neox", "gpt_neox_serial", "qwen3", "phi3", "gemma"])

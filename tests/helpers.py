@@ -1,0 +1,109 @@
+"""Helpers shared by several test modules: small prompt pairs, a model with a planted head,
+the CLI runner, and hand-written references for simulated KV quantisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmscope
+from lmscope.circuits.pairs import TokenPair
+from lmscope.cli import main
+from lmscope.quant.fake import KVQuant
+from tests.tiny import tiny_model
+
+# -- prompt pairs and models ------------------------------------------------------------------
+
+
+def token_pair(model, pos: int = 9, differ: tuple[int, ...] = (4,), seed: int = 0) -> TokenPair:
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(3, model.d_vocab, (pos,), generator=g)
+    corrupt = clean.clone()
+    for p in differ:
+        corrupt[p] = (clean[p] + 7) % (model.d_vocab - 3) + 3
+    answer, wrong = torch.randint(3, model.d_vocab, (2,), generator=g)
+    ones = torch.ones(pos, dtype=torch.long)
+    return TokenPair(clean, corrupt, answer[None], wrong[None], ones, ones.clone())
+
+
+def planted_model() -> tuple[lmscope.Model, tuple[int, int]]:
+    """Tiny Llama where only head (1, 2) writes to the residual stream (every other head's
+    output-projection columns and every MLP are zeroed): it alone carries information between
+    positions, so it alone can carry the answer."""
+    model = tiny_model("llama", seed=3)
+    layer_head = (1, 2)
+    d = model.d_head
+    with torch.no_grad():
+        for layer in range(model.n_layers):
+            o = model.layer_module(layer, model.family.o_proj).weight
+            keep = o[:, layer_head[1] * d : (layer_head[1] + 1) * d].clone()
+            o.zero_()
+            if layer == layer_head[0]:
+                o[:, layer_head[1] * d : (layer_head[1] + 1) * d] = keep
+            model.layer_module(layer, model.family.mlp_down).weight.zero_()
+    return model, layer_head
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def run_cli(capsys, *argv):
+    with pytest.raises(SystemExit) as info:
+        main(list(argv))
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+# -- simulated KV quantisation by hand ---------------------------------------------------------
+
+
+def asym_last(x, bits):
+    """Hand-written asymmetric min/max quantisation over the last axis."""
+    levels = 2**bits - 1
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    scale = (hi - lo) / levels
+    q = torch.clamp(torch.round((x - lo) / scale), 0, levels)
+    return q * scale + lo
+
+
+def per_token_quant(bits, group):
+    """Site tensor [batch, pos, n_kv, d_head]: each token's channels (all heads in a row) in groups."""
+
+    def fn(x):
+        flat = x.flatten(2)
+        g = group or flat.shape[-1]
+        return asym_last(flat.unflatten(-1, (-1, g)), bits).flatten(2).unflatten(-1, x.shape[2:])
+
+    return fn
+
+
+def per_channel_quant(bits, group):
+    """Site tensor [batch, pos, n_kv, d_head]: each channel over consecutive tokens in groups."""
+
+    def fn(x):
+        parts = []
+        for start in range(0, x.shape[1], group):
+            chunk = x[:, start : start + group]
+            lo, hi = chunk.amin(1, keepdim=True), chunk.amax(1, keepdim=True)
+            scale = (hi - lo) / (2**bits - 1)
+            parts.append(torch.clamp(torch.round((chunk - lo) / scale), 0, 2**bits - 1) * scale + lo)
+        return torch.cat(parts, 1) if parts else x
+
+    return fn
+
+
+def kv_reference_interventions(model, kv: KVQuant, positions=None):
+    ivs = []
+    for layer in range(model.n_layers):
+        for t, bits, axis in zip("kv", kv.bits(layer), (kv.k_axis, kv.v_axis)):
+            if bits is None:
+                continue
+            fn = per_token_quant(bits, kv.group_size) if axis == "token" else per_channel_quant(bits, kv.group_size)
+            ivs.append(lmscope.apply(f"blocks.{layer}.attn.{t}", fn, positions=positions))
+    return ivs
+
+
+def logits_under(model, ids, **hooks):
+    with torch.no_grad(), model.hooks(**hooks):
+        return model.hf(input_ids=ids, use_cache=False).logits
