@@ -186,3 +186,58 @@ def test_memory_does_not_grow_over_a_thousand_traces(tiny_models):
     gc.collect()
     assert _rss_mb() - before < 20
     assert _hook_ids(m) == hooks_before
+
+
+# -- the primitive and the hook-point table ---------------------------------------------------
+
+
+def _hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.hf.modules())
+
+
+def test_a_new_hook_point_is_one_table_entry(monkeypatch, tiny_models):
+    """A hook point added to HOOK_POINTS works at once: the input of the MLP's down projection,
+    declared here, reads what the mlp.post site captures, and writing it changes the output."""
+    from lmscope.core.hookpoints import HOOK_POINTS, HookPoint
+    from lmscope.core.hooks import Hook, hooked
+
+    model = tiny_models["llama"]
+    monkeypatch.setitem(HOOK_POINTS, "mlp.down_in", HookPoint(("mlp_down",), "pre"))
+    ids = random_ids(model)
+    seen = {}
+    with torch.no_grad(), hooked(model, [Hook("mlp.down_in", 1, lambda x: seen.update(x=x))]):
+        plain = model.hf(input_ids=ids).logits
+    reference = model.run(ids, capture=["blocks.1.mlp.post"]).cache["blocks.1.mlp.post"]
+    torch.testing.assert_close(seen["x"], reference, rtol=0, atol=0)
+    with torch.no_grad(), hooked(model, [Hook("mlp.down_in", 1, torch.zeros_like)]):
+        zeroed = model.hf(input_ids=ids).logits
+    expected = model.run(ids, interventions=[lmscope.zero("blocks.1.mlp.post")]).logits
+    torch.testing.assert_close(zeroed, expected, rtol=0, atol=0)
+    assert not torch.equal(zeroed, plain)
+    assert _hook_count(model) == 0
+
+
+def test_primitive_removes_its_hooks_when_the_forward_raises(tiny_models):
+    from lmscope.core.hooks import Hook, hooked
+
+    model = tiny_models["gpt2"]
+
+    def boom(x):
+        raise RuntimeError("boom")
+
+    hooks = [Hook("attn.z", layer, boom) for layer in range(model.n_layers)] + [Hook("linears.in", 0, lambda x: None)]
+    with pytest.raises(RuntimeError, match="boom"), hooked(model, hooks):
+        model.hf(input_ids=random_ids(model))
+    assert _hook_count(model) == 0
+
+
+def test_unknown_or_missing_hook_points_are_clear_errors(tiny_models):
+    from lmscope.core.hooks import Hook, hooked
+
+    model = tiny_models["gpt2"]  # no key norm
+    with pytest.raises(lmscope.LmscopeError, match="unknown hook point"), hooked(model, [Hook("attn.nope", 0, id)]):
+        pass
+    hooks = [Hook("attn.z", 0, lambda x: None), Hook("attn.k_norm", 0, lambda x: None)]
+    with pytest.raises(lmscope.LmscopeError, match="no hook point 'attn.k_norm'"), hooked(model, hooks):
+        pass
+    assert _hook_count(model) == 0

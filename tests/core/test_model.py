@@ -79,3 +79,15 @@ def test_site_shapes_match_captures(tiny_models):
     cache = m.run(ids, capture=list(shapes)).cache
     for name, shape in shapes.items():
         assert tuple(cache[name].shape) == shape, name
+
+
+def test_no_state_visible_after_a_run(smollm2):
+    """A run changes neither the shared tokenizer nor the model's config (attention setting)."""
+    tokenizer, config = smollm2.tokenizer, smollm2.hf.config
+    side, impl = tokenizer.padding_side, config._attn_implementation
+    run = smollm2.run(["a b c", "a"], capture=["blocks.0.attn.pattern", "blocks.0.attn.q"], padding_side="left")
+    assert run.attention_mask[1, 0] == 0  # left-padded as asked
+    assert tokenizer.padding_side == side and config._attn_implementation == impl
+    with pytest.raises(RuntimeError), smollm2.hooks(["blocks.0.attn.pattern"]):
+        raise RuntimeError
+    assert config._attn_implementation == impl
