@@ -25,43 +25,11 @@ import importlib.abc
 import importlib.util
 import sys
 
-from lmscope.core import (
-    DEFAULT_MODEL,
-    ActivationCache,
-    GenerateResult,
-    Intervention,
-    LmscopeError,
-    Model,
-    RunResult,
-    Site,
-    add,
-    apply,
-    load,
-    mean,
-    parse_site,
-    patch,
-    zero,
-)
+# load, Model, sites, interventions: the names listed in core.__all__
+from lmscope.core import *
+from lmscope.core import __all__ as __all__
 
 __version__ = "0.1.0"
-
-__all__ = [
-    "DEFAULT_MODEL",
-    "ActivationCache",
-    "GenerateResult",
-    "Intervention",
-    "LmscopeError",
-    "Model",
-    "RunResult",
-    "Site",
-    "add",
-    "apply",
-    "load",
-    "mean",
-    "parse_site",
-    "patch",
-    "zero",
-]
 
 # Flat names of earlier releases -> where the module lives now.
 _MOVED = {
