@@ -8,6 +8,7 @@ import torch
 
 from lmscope.circuits.attribution import attribute
 from lmscope.circuits.patching import activation_patching
+from lmscope.core.errors import LmscopeError
 from tests.helpers import planted_model, token_pair
 
 
@@ -62,3 +63,36 @@ def test_eap_ig_completeness_on_the_input(tiny_models):
     total = float(((clean.cache["embed"][0] - corrupt.cache["embed"][0]) * grads["embed"]).sum())
     m = lambda logits: float(metric(logits[:, -1], pair)[0])
     assert abs(total - (m(clean.logits) - m(corrupt.logits))) < 0.02 * abs(m(clean.logits) - m(corrupt.logits)) + 1e-3
+
+
+def test_paper_schedule_integrates_over_k_1_to_steps(tiny_models):
+    """schedule="paper" (the EAP-IG code vendored by "Temporal Heads"): alphas k / steps for
+    k = 1 .. steps, so one step is the gradient at the clean input; "upstream": k = 0 .. steps-1."""
+    from lmscope.circuits.attribution import integrated_gradients, interpolations
+    from lmscope.circuits.metrics import get_metric
+    from lmscope.circuits.pairs import bind
+
+    model = tiny_models["llama"]
+    pair = token_pair(model, pos=8, differ=(2, 5))
+    clean = model.run(pair.clean[None], capture=["embed"]).cache["embed"]
+    corrupt = model.run(pair.corrupt[None], capture=["embed"]).cache["embed"]
+    for schedule, ks in (("paper", [1, 2, 3, 4]), ("upstream", [0, 1, 2, 3])):
+        embeds = []
+        for inputs, iv in interpolations(model, pair, steps=4, batch=3, schedule=schedule):
+            embeds.append(model.run(inputs, capture=["embed"], interventions=[iv]).cache["embed"])
+        want = torch.cat([corrupt + (k / 4) * (clean - corrupt) for k in ks])
+        torch.testing.assert_close(torch.cat(embeds), want)
+
+    bound = bind(get_metric("logit_diff"), pair, model.run(pair.clean[None]).logits[0, -1])
+    run = model.run(pair.clean[None], capture=["blocks.1.attn.z"], grad=True)
+    bound(run.logits[:, -1]).sum().backward()
+    grads = integrated_gradients(model, bound, ["blocks.1.attn.z"], steps=1, schedule="paper")
+    torch.testing.assert_close(grads["blocks.1.attn.z"], run.cache["blocks.1.attn.z"].grad[0])
+    a = attribute(model, [pair], "eap-ig", "head", steps=1, schedule="paper").scores
+    c = model.run(pair.clean[None], capture=["blocks.1.attn.z"]).cache["blocks.1.attn.z"][0]
+    k = model.run(pair.corrupt[None], capture=["blocks.1.attn.z"]).cache["blocks.1.attn.z"][0]
+    m = lambda which: float(bound(model.run(pair.inputs(which)).logits[:, -1])[0])
+    want = ((c - k) * run.cache["blocks.1.attn.z"].grad[0]).sum((0, 2)) / (m("clean") - m("corrupt"))
+    torch.testing.assert_close(a[1, 0], want)
+    with pytest.raises(LmscopeError, match="unknown schedule"):
+        attribute(model, [pair], "eap-ig", "head", schedule="k=1")

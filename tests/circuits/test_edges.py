@@ -130,3 +130,19 @@ def test_planted_head_edges_are_strongest():
     top = sorted(edges.edges(), key=lambda e: -abs(e[2]))[:2]
     node = f"a{layer}.h{head}"
     assert {(u, v.split("<")[0]) for u, v, _ in top} == {("input", node), (node, "logits")}
+
+
+def test_paper_schedule_edges_sum_to_paper_schedule_nodes(tiny_models):
+    """With the Temporal Heads code's schedule (k = 1..steps) edges still sum to the node scores
+    integrated on the same schedule, and differ from the upstream schedule's (k = 0..steps-1)."""
+    model = tiny_models["llama"]
+    pair = token_pair(model, pos=8, differ=(2, 5))
+    paper = edge_attribution(model, [pair], steps=2, schedule="paper")
+    upstream = edge_attribution(model, [pair], steps=2)
+    heads = attribute(model, [pair], "eap-ig", "head", steps=2, schedule="paper").scores[:, 0, :]
+    sums = dict(zip(paper.upstream, paper.scores.sum(1).tolist()))
+    scale = float(heads.abs().max())
+    for layer in range(model.n_layers):
+        for head in range(model.n_heads):
+            assert abs(sums[f"a{layer}.h{head}"] - float(heads[layer, head])) < 1e-5 * (1 + scale)
+    assert not torch.allclose(paper.scores, upstream.scores)

@@ -17,14 +17,27 @@ from tests.tiny import CONFIGS
 @pytest.mark.parametrize(
     "b, c, expected",
     [
+        # B > 0, C >= B: full score.
         (2.0, 3.0, 100.0),
         (2.0, 2.0, 100.0),
-        (2.0, 1.0, 100 * math.exp(-0.5)),
-        (-2.0, -3.0, 50 * math.exp(-0.5)),
-        (2.0, -1.0, 60 * math.exp(-1.5)),
+        # B > 0, 0 <= C < B: sf 1.0, dist = B - C.
+        (2.0, 1.0, 100 * 1.0 * math.exp(-(2 - 1) / 2)),  # 100 exp(-0.5)
+        (2.0, 0.0, 100 * 1.0 * math.exp(-(2 - 0) / 2)),  # 100 exp(-1)
+        # B > 0, C < 0: sf 0.6, dist = B - C.
+        (2.0, -1.0, 100 * 0.6 * math.exp(-(2 - (-1)) / 2)),  # 60 exp(-1.5)
+        # B <= 0, C >= 0: sf 0.8, dist = |C| (the target is C = 0, not B).
+        (-2.0, 1.0, 100 * 0.8 * math.exp(-1 / 2)),  # 80 exp(-0.5)
+        (-2.0, 0.0, 100 * 0.8 * math.exp(0)),  # 80
+        # B <= 0, C < 0: sf 0.5, dist = |C|, even when C > B.
+        (-2.0, -3.0, 100 * 0.5 * math.exp(-3 / 2)),  # 50 exp(-1.5)
+        (-2.0, -1.0, 100 * 0.5 * math.exp(-1 / 2)),  # 50 exp(-0.5)
+        # B = 0: |B| replaced by eps = 1e-9.
+        (0.0, 0.0, 100 * 0.8 * math.exp(0)),  # 80
+        (0.0, -1e-9, 100 * 0.5 * math.exp(-1e-9 / 1e-9)),  # 50 exp(-1)
     ],
 )
 def test_crs_hand_values(b, c, expected):
+    """CRS exactly as the ``CRS`` function of the paper's ``1.circuit_construction.ipynb``."""
     assert abs(crs(b, c) - expected) < 1e-9
 
 
@@ -48,7 +61,10 @@ def test_planted_circuit_is_found_and_faithful(tmp_path):
     circuit = select(scores, top=4)
     assert f"a{layer}.h{head}" in circuit.nodes and "logits" in circuit.nodes
     f = faithfulness(model, [pair], circuit)
-    assert abs(f.normalised - 1.0) < 1e-4 and f.crs > 99.9
+    assert abs(f.normalised - 1.0) < 1e-4
+    # The paper's CRS with C = B: 100 when B > 0; when B <= 0 the target is C = 0, dist = |C| = |B|.
+    perfect = 100.0 if f.baseline > 0 else 100 * (0.8 if f.circuit >= 0 else 0.5) * math.exp(-1)
+    assert abs(f.crs - perfect) < 1e-2
     assert json.loads(json.dumps(f.to_json())) == vars(f)
     nodes = faithfulness(model, [pair], circuit.nodes)  # node-level: all other heads and MLPs ablated
     assert abs(nodes.normalised - 1.0) < 1e-4

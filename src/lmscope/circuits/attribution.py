@@ -7,8 +7,10 @@
 - **EAP-IG at node level** (Hanna et al. 2024, "Have Faith in Faithfulness"; integrated
   gradients, Sundararajan et al. 2017): the gradient is averaged over inputs whose embeddings
   are interpolated from corrupted to clean, ``e_k = e_corrupt + (k / steps)(e_clean -
-  e_corrupt)`` for ``k = 0 .. steps-1`` (the EAP-IG code's schedule); "Temporal Heads" used
-  100 steps.
+  e_corrupt)`` for ``k = 0 .. steps-1`` (the EAP-IG code's schedule, ``schedule="upstream"``),
+  or for ``k = 1 .. steps`` (``schedule="paper"``: the EAP-IG code vendored by "Temporal Heads",
+  Park et al. 2025, whose ``get_scores_eap_ig`` loops ``range(1, steps + 1)``; it used 100
+  steps).
 
 Scores follow the pair protocol (:mod:`lmscope.circuits.pairs`) and have the shapes of
 :mod:`lmscope.circuits.patching` (the corrupted run is 0, the clean run 1), so they can be
@@ -32,15 +34,27 @@ from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
 
 GRADIENT_METHODS = ("attribution", "eap-ig")
+SCHEDULES = ("upstream", "paper")
 
 
 def interpolations(
-    model: Model, pair: TokenPair, steps: int, batch: int = 16, embeds: tuple[Tensor, Tensor] | None = None
+    model: Model,
+    pair: TokenPair,
+    steps: int,
+    batch: int = 16,
+    embeds: tuple[Tensor, Tensor] | None = None,
+    schedule: str = "upstream",
 ) -> Iterator[tuple[dict[str, Tensor], Intervention]]:
     """Inputs whose embeddings go from corrupted to clean, ``e_corrupt + (k / steps)(e_clean -
-    e_corrupt)`` for k = 0 .. steps-1 (integrated gradients' straight path, Sundararajan et al.
-    2017, with the EAP-IG code's schedule), in batches: yields ``(inputs, intervention)`` for
-    :meth:`Model.run`. ``embeds``: the (clean, corrupted) ``embed`` captures, if already run."""
+    e_corrupt)`` (integrated gradients' straight path, Sundararajan et al. 2017), in batches:
+    yields ``(inputs, intervention)`` for :meth:`Model.run`. ``schedule``: ``"upstream"``, k = 0
+    .. steps-1 (the EAP-IG code of Hanna et al. 2024: the corrupted input, never the clean one),
+    or ``"paper"``, k = 1 .. steps (the EAP-IG code vendored by "Temporal Heads", Park et al.
+    2025, ``eap/attribute.py`` ``get_scores_eap_ig``: the clean input, never the corrupted one).
+    ``embeds``: the (clean, corrupted) ``embed`` captures, if already run."""
+    if schedule not in SCHEDULES:
+        raise LmscopeError(f"unknown schedule '{schedule}' (choose from {', '.join(SCHEDULES)})")
+    offset = 1 if schedule == "paper" else 0
     if embeds is None:
         embeds = tuple(
             model.run(pair.inputs(which), capture=["embed"]).cache["embed"] for which in ("clean", "corrupt")
@@ -48,7 +62,8 @@ def interpolations(
     clean_emb, corrupt_emb = embeds
     delta = clean_emb - corrupt_emb
     for first in range(0, steps, batch):
-        alphas = torch.arange(first, min(first + batch, steps), dtype=delta.dtype, device=delta.device) / steps
+        ks = torch.arange(first, min(first + batch, steps), dtype=delta.dtype, device=delta.device) + offset
+        alphas = ks / steps
         n = len(alphas)
         inputs = {
             "input_ids": pair.corrupt[None].expand(n, -1),
@@ -63,14 +78,16 @@ def integrated_gradients(
     sites: list[str],
     steps: int,
     embeds: tuple[Tensor, Tensor] | None = None,
+    schedule: str = "upstream",
 ) -> dict[str, Tensor]:
     """Integrated gradients (Sundararajan et al. 2017) of a pair's bound metric at ``sites``: the
-    mean over ``steps`` interpolated inputs (:func:`interpolations`) of dM/d(site), each
-    ``[pos, ...]``.
+    mean over ``steps`` interpolated inputs (:func:`interpolations`, with its ``schedule``) of
+    dM/d(site), each ``[pos, ...]``.
 
-    ``steps=1`` is the plain gradient at the corrupted input (attribution patching)."""
+    ``steps=1`` is the plain gradient at the corrupted input (attribution patching), or at the
+    clean input with ``schedule="paper"``."""
     grads: dict[str, Tensor] = {}
-    for inputs, interpolate in interpolations(model, metric.pair, steps, embeds=embeds):
+    for inputs, interpolate in interpolations(model, metric.pair, steps, embeds=embeds, schedule=schedule):
         run = model.run(inputs, capture=sites, interventions=[interpolate], grad=True)
         metric(run.logits[:, -1]).sum().backward()
         for site in sites:
@@ -88,6 +105,7 @@ def attribute(
     per_position: bool = False,
     metric: str | Metric = "logit_diff",
     steps: int = 100,
+    schedule: str = "upstream",
 ) -> PatchResult:
     """Node scores by attribution patching (Nanda 2023) or EAP-IG (Hanna et al. 2024), denoising
     direction: per pair, ``(a_clean - a_corrupt) . dM/da`` with the gradient at the corrupted
@@ -99,6 +117,8 @@ def attribute(
     n_heads or 1]``: per head the product is summed over ``d_head`` (and over positions when
     not ``per_position``), per layer component over ``d_model``; averaged over pairs and divided
     by the mean M(clean) - M(corrupt) (:meth:`~lmscope.circuits.pairs.Baselines.normalise`).
+    ``schedule``: the interpolation steps of ``eap-ig`` (:func:`interpolations`: ``"upstream"``
+    or ``"paper"``); ``attribution`` always takes the gradient at the corrupted input.
     """
     if method not in GRADIENT_METHODS:
         raise LmscopeError(f"unknown method '{method}' (choose from {', '.join(GRADIENT_METHODS)})")
@@ -106,6 +126,8 @@ def attribute(
         raise LmscopeError(f"unknown component '{component}' (choose from {', '.join(COMPONENTS)})")
     if steps < 1:
         raise LmscopeError("steps must be at least 1")
+    if schedule not in SCHEDULES:
+        raise LmscopeError(f"unknown schedule '{schedule}' (choose from {', '.join(SCHEDULES)})")
     metric = get_metric(metric)
     token_pairs = as_token_pairs(model, pairs)
     lengths = {len(p.clean) for p in token_pairs}
@@ -113,7 +135,7 @@ def attribute(
         raise LmscopeError(f"per-position scores need pairs of one length; got lengths {sorted(lengths)}")
     kind = COMPONENTS[component]
     sites = [f"blocks.{layer}.{kind}" for layer in range(model.n_layers)]
-    n_steps = 1 if method == "attribution" else steps
+    n_steps, schedule = (1, "upstream") if method == "attribution" else (steps, schedule)
     totals = None
     per_pair = []
     with progress_bar(f"{method} ({component})", total=len(token_pairs)) as advance:
@@ -124,7 +146,7 @@ def attribute(
             bound = bind(metric, pair, clean.logits[0, -1])
             per_pair.append((float(bound(clean.logits[:, -1])[0]), float(bound(corrupt.logits[:, -1])[0])))
             embeds = (clean.cache["embed"], corrupt.cache["embed"])
-            grads = integrated_gradients(model, bound, sites, n_steps, embeds)
+            grads = integrated_gradients(model, bound, sites, n_steps, embeds, schedule)
             scores = torch.stack(
                 [_node_scores((clean.cache[s][0] - corrupt.cache[s][0]) * grads[s], kind, per_position) for s in sites]
             )

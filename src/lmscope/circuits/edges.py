@@ -122,13 +122,16 @@ def _norm_vjp(norm, x: Tensor, cotangents: Tensor) -> Tensor:
     return torch.vmap(lambda c: vjp(c)[0])(cotangents)
 
 
-def _edge_gradients(model: Model, pair: TokenPair, bound: BoundMetric, steps: int, embeds) -> Tensor:
-    """Mean over interpolation steps of dM/d in_v for every downstream input v: [V, T, d_model]."""
+def _edge_gradients(
+    model: Model, pair: TokenPair, bound: BoundMetric, steps: int, embeds, schedule: str = "upstream"
+) -> Tensor:
+    """Mean over interpolation steps (``schedule``: see :func:`interpolations`) of dM/d in_v for
+    every downstream input v: [V, T, d_model]."""
     fam, L = model.family, model.n_layers
     total = None
     last = f"blocks.{L - 1}.resid_post"
     sites = [last] + [f"blocks.{layer}.mlp.in" for layer in range(L)]
-    for inputs, interpolate in interpolations(model, pair, steps, embeds=embeds):
+    for inputs, interpolate in interpolations(model, pair, steps, embeds=embeds, schedule=schedule):
         saved: list[dict] = [{"out": {}} for _ in range(L)]
         with per_query_heads(model, expand=True), hooked(model, _grad_hooks(model, saved)):
             run = model.run(inputs, capture=sites, interventions=[interpolate], grad=True)
@@ -200,11 +203,14 @@ def edge_attribution(
     pairs: Sequence[PromptPair] | Sequence[TokenPair],
     metric: str | Metric = "logit_diff",
     steps: int = 100,
+    schedule: str = "upstream",
 ) -> EdgeScores:
     """EAP-IG edge scores (Hanna et al. 2024; ``steps=1``: plain EAP, Syed et al. 2023, with
     gradients at the corrupted input), averaged over pairs and normalised by M(clean) -
     M(corrupt). ``pairs``: token pairs, or prompt pairs of equal token length (align pairs of
-    different lengths with :func:`lmscope.circuits.pairs.tokenize_pairs` first)."""
+    different lengths with :func:`lmscope.circuits.pairs.tokenize_pairs` first). ``schedule``:
+    ``"upstream"`` integrates over k = 0..steps-1 as the EAP-IG code, ``"paper"`` over
+    k = 1..steps as the Temporal Heads code's vendored copy (:func:`interpolations`)."""
     metric = get_metric(metric)
     token_pairs = as_token_pairs(model, pairs)
     up, down, valid = graph_nodes(model)
@@ -230,7 +236,7 @@ def edge_attribution(
             bound = bind(metric, pair, clean.logits[0, -1])
             per_pair.append((float(bound(clean.logits[:, -1])[0]), float(bound(corrupt.logits[:, -1])[0])))
             embeds = (clean.cache["embed"], corrupt.cache["embed"])
-            downstream = _edge_gradients(model, pair, bound, steps, embeds)
+            downstream = _edge_gradients(model, pair, bound, steps, embeds, schedule)
             total += torch.einsum("utd,vtd->uv", upstream.double(), downstream.double())
             advance(1)
     baselines = Baselines.mean(per_pair, check=True)

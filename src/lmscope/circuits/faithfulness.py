@@ -3,9 +3,11 @@ interchange-ablated (taken from the corrupted run), next to the full model.
 
 For a pair, the metric C of that run is reported next to the full model's B on the clean
 prompt and M(corrupt), normalised as (C - M(corrupt)) / (B - M(corrupt)) (NaN when B equals
-M(corrupt)), and as the CRS score of "Temporal Heads" (Park et al. 2025): 100 when C >= B, else
-100 * sf * exp(-|B - C| / |B|) with sf 1.0 when both are positive, 0.5 both negative,
-0.8 for B < 0 < C and 0.6 for B > 0 > C. Values are averaged over pairs before normalising.
+M(corrupt)), and as the CRS score of "Temporal Heads" (Park et al. 2025), as the paper's code
+computes it (:func:`crs`): 100 when B > 0 and C >= B, else 100 * sf * exp(-dist / |B|) with
+dist = max(0, B - C) for B > 0 and |C| for B <= 0, and sf 1.0 (B > 0, C >= 0), 0.6 (B > 0,
+C < 0), 0.8 (B <= 0, C >= 0), 0.5 (B <= 0, C < 0). Values are averaged over pairs before
+normalising.
 
 - An edge circuit (:class:`~lmscope.circuits.graph.Circuit`) ablates every edge outside it, as
   the EAP-IG code's ``evaluate_graph`` (Hanna et al. 2024): each downstream input (each head's
@@ -47,20 +49,26 @@ from lmscope.core.model import Model
 from lmscope.core.sites import Site
 
 
-def crs(baseline: float, circuit: float) -> float:
-    """Circuit reproduction score of "Temporal Heads" (Park et al. 2025), 0-100."""
+def crs(baseline: float, circuit: float, eps: float = 1e-9) -> float:
+    """Circuit reproduction score of "Temporal Heads" (Park et al., ACL 2025, arXiv 2502.14258),
+    0-100, exactly as the ``CRS`` function of the paper's ``1.circuit_construction.ipynb``
+    (alpha = 1): with B the full model's metric and C the circuit's,
+
+    - 100 when B > 0 and C >= B;
+    - else ``100 * sf * exp(-dist / max(|B|, eps))`` with ``dist = max(0, B - C)`` when B > 0
+      and ``|C|`` when B <= 0 (C = 0 is the target then), and the sign factor sf = 1.0 (B > 0,
+      C >= 0), 0.6 (B > 0, C < 0), 0.8 (B <= 0, C >= 0), 0.5 (B <= 0, C < 0).
+    """
     b, c = baseline, circuit
-    if c >= b:
+    if b > 0 and c >= b:
         return 100.0
-    if b > 0 and c > 0:
-        sf = 1.0
-    elif b < 0 and c < 0:
-        sf = 0.5
-    elif b < 0 < c:
-        sf = 0.8
+    if b > 0:
+        sf = 1.0 if c >= 0 else 0.6
+        dist = max(0.0, b - c)
     else:
-        sf = 0.6
-    return 100.0 * sf * math.exp(-abs(b - c) / abs(b)) if b != 0 else 0.0
+        sf = 0.8 if c >= 0 else 0.5
+        dist = abs(c)
+    return 100.0 * sf * math.exp(-dist / max(abs(b), eps))
 
 
 @dataclass
