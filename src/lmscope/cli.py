@@ -120,6 +120,78 @@ def scan(
 
 
 @app.command()
+def temporal(
+    model: ModelArg = DEFAULT_MODEL,
+    categories: Annotated[
+        str | None, typer.Option(help="comma-separated category keys, e.g. presidents,ceo,roman (default: all)")
+    ] = None,
+    data: Annotated[
+        list[Path] | None, typer.Option(help="category files or directories in the paper's format (repeatable)")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="EAP-IG steps (default 100; --quick: 5)")] = None,
+    schedule: Annotated[
+        str, typer.Option(help="EAP-IG schedule: paper (k=1..steps) or upstream (k=0..steps-1)")
+    ] = "paper",
+    top: Annotated[int, typer.Option(help="edges per circuit, by |score| (capped at the graph's)")] = 5000,
+    ratio: Annotated[float, typer.Option(help="a node is major in >= ceil(ratio n) of a group's n circuits")] = 0.9,
+    years: Annotated[int | None, typer.Option(help="only the first N years of each temporal category")] = None,
+    max_pairs: Annotated[int | None, typer.Option(help="at most N pairs per circuit (default: all)")] = None,
+    samples: Annotated[int | None, typer.Option(help="at most N samples per category for recall and ablation")] = None,
+    edits: Annotated[Path | None, typer.Option(help="JSONL of edit experiments (default: the paper's 15)")] = None,
+    no_edit: Annotated[bool, typer.Option("--no-edit", help="skip the value-editing sweep")] = False,
+    sample: Annotated[bool, typer.Option(help="sample when generating edits (default: greedy)")] = False,
+    seed: Annotated[int, typer.Option(help="seed for --sample")] = 42,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens generated per edit (the trigger window)")] = 50,
+    corpus: Annotated[
+        str, typer.Option(help="perplexity corpus: wikitext2, a text or JSONL file, or none")
+    ] = "wikitext2",
+    no_bos: Annotated[bool, typer.Option("--no-bos", help="do not prepend BOS (the paper's code does)")] = False,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("out/temporal"),
+    quick: Annotated[bool, typer.Option(help="a small run: 2 categories, 2 years, 2 pairs, 5 steps, 1 edit")] = False,
+) -> None:
+    """Temporal Heads (Park et al., ACL 2025): recall, circuits per year, temporal heads, ablation, lens, editing."""
+    from lmscope.temporal.data import select_categories
+    from lmscope.temporal.edit import load_experiments
+    from lmscope.temporal.workflow import QUICK, QUICK_CATEGORIES, TemporalSettings, run_study
+
+    keys = [k.strip() for k in categories.split(",") if k.strip()] if categories else None
+    if keys is None and quick and not data:
+        keys = list(QUICK_CATEGORIES)
+    chosen, problems = select_categories(keys, data or None)
+    if edits is not None:
+        load_experiments(edits)  # bad experiments fail before the model loads
+    base = QUICK if quick else TemporalSettings()
+    changes = {
+        "schedule": schedule, "top": top, "ratio": ratio, "sample": sample, "seed": seed,
+        "max_new_tokens": max_new_tokens, "bos": not no_bos, "edit": not no_edit,
+        "corpus": None if corpus == "none" else corpus, "edits": str(edits) if edits else None,
+    }  # fmt: skip
+    for key, value in (("steps", steps), ("years", years), ("max_pairs", max_pairs), ("recall_samples", samples)):
+        if value is not None:
+            changes[key] = value
+    settings = replace(base, **changes)
+    for problem in problems:
+        err.print(f"skipped: {problem}", soft_wrap=True, highlight=False)
+    out = output_dir(out)
+    m = load(model)
+    study = run_study(m, chosen, out, settings, name=model, problems=problems)
+    _print_study(m.name, study)
+    console.print(f"wrote {out / 'report.html'}, {out / 'results.json'}, graph_*.json and PNG plots")
+
+
+def _print_study(name: str, study) -> None:
+    recall_table = Table("category", "kind", "n", "accuracy", "p(gold)", "chance", title=f"{name}: recall")
+    for row in study.results["recall"].tables()[0].rows:
+        cells = [row["category"], row["kind"], str(row["n"])]
+        recall_table.add_row(*cells, *(f"{row[k]:.3f}" for k in ("accuracy", "gold probability", "chance")))
+    console.print(recall_table)
+    for key in ("recall", "circuits", "heads", "ablation", "edit"):
+        text = study.results[key].text()
+        if text:
+            console.print(f"{key}: {text}", highlight=False)
+
+
+@app.command()
 def locate(
     model: ModelArg = DEFAULT_MODEL,
     data: DataOpt = None,

@@ -94,7 +94,7 @@ class World:
 
         self.years = add([str(2000 + i) for i in range(N_YEARS)])
         self.subjects = add([f"{c}land" for c in "XYZWVUTS"[:N_SUBJECTS]])
-        self.leaders = add([f"leader{s}.{k}" for s in range(N_SUBJECTS) for k in range(TERMS)])
+        self.leaders = add([f"leader{s}_{k}" for s in range(N_SUBJECTS) for k in range(TERMS)])
         self.fruits = add([f"fruit{f}" for f in range(N_FRUITS)])
         self.colours = add([f"colour{c}" for c in range(N_COLOURS)])
         self.names = names
@@ -178,6 +178,66 @@ class World:
             )
             out.append(_pair(self.invariant_ids(f), self.invariant_ids(f2), self.colour_of[f], self.colour_of[f2]))
         return out[:n]
+
+    # -- the world as a tokenizer and data files in the paper's format ---------------------
+
+    TEMPORAL_TEMPLATE = "In year {time}, the leader of {subject} was"
+    INVARIANT_TEMPLATE = "As everyone knows, the colour of {subject} was"
+
+    def tokenizer(self) -> T.PreTrainedTokenizerFast:
+        """A word-level tokenizer whose ids are this world's (``"In year 2003, the leader of
+        Xland was"`` -> :meth:`temporal_ids` without BOS), adding no special tokens itself."""
+        from tokenizers import Tokenizer, models, pre_tokenizers
+
+        core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(self.names)}, unk_token="<pad>"))
+        core.pre_tokenizer = pre_tokenizers.Whitespace()
+        return T.PreTrainedTokenizerFast(
+            tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<pad>"
+        )
+
+    def write_data(self, directory) -> tuple[str, str]:
+        """The facts as the paper's files: ``Temporal/leaders.json`` (every (country, year),
+        candidates: the country's leaders) and ``Invariant/colours.json``; returns both paths."""
+        import json
+        from pathlib import Path
+
+        root = Path(directory)
+        (root / "Temporal").mkdir(parents=True, exist_ok=True)
+        (root / "Invariant").mkdir(parents=True, exist_ok=True)
+        name = lambda i: self.names[i]
+        temporal = {
+            "name": "synthetic leaders",
+            "prompt_templates": [self.TEMPORAL_TEMPLATE],
+            "prompt_templates_zs": [self.TEMPORAL_TEMPLATE],
+            "samples": [
+                {"subject": name(self.subjects[f.subject]), "object": name(f.answer), "time": name(self.years[f.year])}
+                for f in self.temporal_facts()
+            ],
+            "all_possible_objects": [
+                {"subject": name(self.subjects[s]), "objects": [name(i) for i in self.leaders_of(s)]}
+                for s in range(N_SUBJECTS)
+            ],
+        }
+        invariant = {
+            "name": "synthetic colours",
+            "prompt_templates": [self.INVARIANT_TEMPLATE],
+            "prompt_templates_zs": [self.INVARIANT_TEMPLATE],
+            "samples": [
+                {"subject": name(self.fruits[f.subject]), "object": name(f.answer)} for f in self.invariant_facts()
+            ],
+        }
+        paths = root / "Temporal" / "leaders.json", root / "Invariant" / "colours.json"
+        for path, data in zip(paths, (temporal, invariant), strict=True):
+            path.write_text(json.dumps(data, indent=1))
+        return str(paths[0]), str(paths[1])
+
+
+def save_model(model: lmscope.Model, directory) -> str:
+    """Save the trained model with :meth:`World.tokenizer` as a Hugging Face directory that
+    ``lmscope.load`` (and the CLI) reads."""
+    model.hf.save_pretrained(directory)
+    WORLD.tokenizer().save_pretrained(directory)
+    return str(directory)
 
 
 def _pair(clean: tuple[int, ...], corrupt: tuple[int, ...], answer: int, wrong: int) -> TokenPair:

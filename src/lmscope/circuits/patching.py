@@ -50,7 +50,7 @@ COMPONENTS = {"head": "attn.z", "attn": "attn.out", "mlp": "mlp.out", "resid": "
 
 
 @dataclass
-class _Chunk:
+class Chunk:
     """The base run's state for recomputing positions ``start..T-1``: per layer, the
     residual entering it at those positions, the arguments the model called it with (``args``,
     ``kwargs``; the residual among them is replaced when variants rerun the layer), and the
@@ -62,7 +62,7 @@ class _Chunk:
     final: Tensor
 
 
-class _PrefixKV:
+class PrefixKV:
     """Stands in for a KV cache in a layer call: prepends the base run's keys/values of the
     earlier positions (broadcast over the batch of variants) to the new ones."""
 
@@ -78,7 +78,7 @@ class _PrefixKV:
         return torch.cat([k, key], dim=-2), torch.cat([v, value], dim=-2)
 
 
-def _prefix_cache(model: Model, ids: Tensor, mask: Tensor, start: int) -> DynamicCache:
+def prefix_cache(model: Model, ids: Tensor, mask: Tensor, start: int) -> DynamicCache:
     """A KV cache of the prompt's positions before ``start`` (empty if ``start`` is 0)."""
     cache = DynamicCache(config=model.hf.config)
     if start > 0:
@@ -121,7 +121,7 @@ def _cropped(cache: DynamicCache, start: int) -> DynamicCache | None:
     return cropped
 
 
-def _chunk(model: Model, ids: Tensor, mask: Tensor, start: int, cache: DynamicCache) -> _Chunk:
+def layer_chunk(model: Model, ids: Tensor, mask: Tensor, start: int, cache: DynamicCache) -> Chunk:
     """Run the base prompt from ``start`` on after ``cache`` (its positions before ``start``),
     recording each layer's input and call arguments."""
     n = model.n_layers
@@ -141,7 +141,7 @@ def _chunk(model: Model, ids: Tensor, mask: Tensor, start: int, cache: DynamicCa
 
     with hooked(model, [hook for layer in range(n) for hook in record(layer)]):
         _, final = _continue(model, ids, mask, start, cache, [])
-    return _Chunk(hidden, calls, prefix, final[:, -1])
+    return Chunk(hidden, calls, prefix, final[:, -1])
 
 
 @dataclass
@@ -166,7 +166,7 @@ def _patch_rows(x: Tensor, start_row: int, variants: list[_Variant], src: Tensor
 
 
 def _run_variants(
-    model: Model, chunk: _Chunk, kind: str, by_layer: dict[int, list[_Variant]], sources: dict[int, Tensor], pos: Tensor
+    model: Model, chunk: Chunk, kind: str, by_layer: dict[int, list[_Variant]], sources: dict[int, Tensor], pos: Tensor
 ) -> Tensor:
     """Run every variant of one chunk as a batch that grows as variants join at their layer.
     Returns the final residual at the last position, [n_variants, d_model], in variant order
@@ -189,9 +189,9 @@ def _run_variants(
             patch = lambda x, _new=new, _row=start_row, _src=sources[layer]: _patch_rows(x, _row, _new, _src, pos)
             hooks.append(Hook(kind, layer, patch))
         if layer == model.n_layers - 1 and kind != "mlp.out":
-            hooks += _final_position_only(layer)
+            hooks += final_position_only(layer)
         args, kwargs = chunk.calls[layer]
-        kv = _PrefixKV(chunk.prefix, hidden.shape[0])
+        kv = PrefixKV(chunk.prefix, hidden.shape[0])
         args = tuple(kv if isinstance(a, Cache) else a for a in args)
         kwargs = {k: kv if isinstance(v, Cache) else v for k, v in kwargs.items()}
         with hooked(model, hooks):
@@ -200,7 +200,7 @@ def _run_variants(
     return hidden[:, -1]
 
 
-def _final_position_only(layer: int) -> list[Hook]:
+def final_position_only(layer: int) -> list[Hook]:
     """Hooks running the MLP of ``layer`` on the final position alone: at the last layer nothing
     reads the other positions' outputs (they get zeros)."""
     length = []
@@ -299,8 +299,8 @@ def _patch_pair(
     first = min(_first_difference(base[0][0], source[0][0], base[1][0], source[1][0]), T - 1)
     full = DynamicCache(config=model.hf.config)
     src, src_final = _continue(model, *source, 0, full, sites, keep=True)
-    prefix = _cropped(full, first) or _prefix_cache(model, *base, first)
-    chunk = _chunk(model, *base, first, prefix)
+    prefix = _cropped(full, first) or prefix_cache(model, *base, first)
+    chunk = layer_chunk(model, *base, first, prefix)
     src_logits = model.unembed(src_final[:, -1])
     base_logits = model.unembed(chunk.final)
     clean_logits, corrupt_logits = (src_logits, base_logits) if direction == "denoising" else (base_logits, src_logits)
@@ -321,7 +321,7 @@ def _patch_pair(
     for start in starts:
         if start != first:
             # the source differs from the base before ``start`` here: fill the base's own prefix
-            chunk = _chunk(model, *base, start, _prefix_cache(model, *base, start))
+            chunk = layer_chunk(model, *base, start, prefix_cache(model, *base, start))
         pos = torch.zeros(T - start, dtype=torch.bool, device=model.device)
         pos[0 if per_position else slice(None)] = True
         sources = {layer: src[name][:, start:] for layer, name in enumerate(sites)}

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from lmscope.core.model import Model
 from lmscope.core.progress import note
-from lmscope.reports.report import Section, write_report
-from lmscope.reports.results import Result, header, output_dir, save
+from lmscope.reports.report import PartWriter
+from lmscope.reports.results import Result, header, output_dir
 from lmscope.scan.parts import FULL, KV_CONFIGS, PARTS, QUICK, Part, ScanSettings
 
 __all__ = ["FULL", "KV_CONFIGS", "PARTS", "QUICK", "Part", "ScanResult", "ScanSettings", "scan"]
@@ -54,27 +54,15 @@ def scan(
     parts = list(PARTS if parts is None else parts)
     out = output_dir(out)
     name = name or model.name
-    payload = {**header("scan", name, model, asdict(settings)), "model_name": name, "timings": {}, "parts": {}}
-    result = ScanResult(payload, out)
-    sections = []
+    payload = {**header("scan", name, model, asdict(settings)), "model_name": name}
+    writer = PartWriter(out, f"lmscope scan: {name}", payload, planned=len(parts))
+    result = ScanResult(writer.payload, out)
     for part in parts:
         note(f"scan: {part.name}")
         start = time.perf_counter()
         part_result = part.run(model, settings)
         seconds = time.perf_counter() - start
-        payload["timings"][part.name] = seconds
-        payload["parts"][part.name] = part_result.to_json()
         result.results[part.name] = part_result
-        sections.append(Section(part.title, part.description, part_result, seconds))
-        save(out, payload, part_result.figures())
-        write_report(
-            out / "report.html",
-            f"lmscope scan: {name}",
-            sections,
-            planned=len(parts),
-            settings=payload["settings"],
-            versions=payload["versions"],
-            timings=payload["timings"],
-        )
+        writer.add(part.name, part.title, part.description, part_result, seconds)
         note(f"scan: {part.name} took {seconds:.1f} s")
     return result

@@ -392,7 +392,7 @@ class YearPairs:
     invariant: dict[str, PairSet]
 
 
-class _Tokens:
+class PromptTokens:
     """Tokenises prompts (with BOS prepended or not) and first answer tokens, each text once."""
 
     def __init__(self, model: Model, bos: bool):
@@ -419,7 +419,7 @@ class _Tokens:
         return joint[k]
 
 
-def _build(tokens: _Tokens, name: str, texts: list[PairText]) -> PairSet:
+def _build(tokens: PromptTokens, name: str, texts: list[PairText]) -> PairSet:
     """Token pairs of ``texts``, dropping (and counting) those whose prompts differ in length."""
     pairs, kept, dropped = [], [], 0
     for t in texts:
@@ -497,12 +497,12 @@ def temporal_pairs(
     ``bos``: prepend the BOS token, as the paper's code does. Pairs of unequal token lengths
     are dropped and counted."""
     label = f"{category.name} {year}" + (" (alias)" if alias else "")
-    return _build(_Tokens(model, bos), label, temporal_texts(category, year, template=template, alias=alias))
+    return _build(PromptTokens(model, bos), label, temporal_texts(category, year, template=template, alias=alias))
 
 
 def invariant_pairs(model: Model, category: InvariantCategory, *, template: int = 0, bos: bool = True) -> PairSet:
     """Token pairs of an invariant category (:func:`invariant_texts`); as :func:`temporal_pairs`."""
-    return _build(_Tokens(model, bos), category.name, invariant_texts(category, template=template))
+    return _build(PromptTokens(model, bos), category.name, invariant_texts(category, template=template))
 
 
 def pairs_by_year(
@@ -518,7 +518,7 @@ def pairs_by_year(
     """The pairs of each target year (all years of the samples by default; a year without pairs
     gets an empty :class:`PairSet`) and of each invariant category, to build one circuit per
     year and compare it with the invariant circuits, as the paper does."""
-    tokens = _Tokens(model, bos)
+    tokens = PromptTokens(model, bos)
     suffix = " (alias)" if alias else ""
     by_year = {
         str(y): _build(
@@ -528,3 +528,20 @@ def pairs_by_year(
     }
     invariant = {c.name: _build(tokens, c.name, invariant_texts(c, template=template)) for c in invariants}
     return YearPairs(category.name, by_year, invariant)
+
+
+def select_categories(
+    keys: Sequence[str] | None = None, paths: str | Path | Sequence[str | Path] | None = None
+) -> tuple[list[Category], list[Problem]]:
+    """The categories of ``paths`` (default: the bundled ones, see :func:`load_categories`) whose
+    file name or ``name`` contains one of ``keys`` (case-insensitive; None: all). A key that
+    matches nothing is an error naming the categories there are."""
+    categories, problems = load_categories(paths)
+    if not keys:
+        return categories, problems
+    matches = lambda c, k: k.lower() in Path(c.file).stem.lower() or k.lower() in c.name.lower()
+    unknown = [k for k in keys if not any(matches(c, k) for c in categories)]
+    if unknown:
+        names = ", ".join(Path(c.file).stem for c in categories)
+        raise LmscopeError(f"no category matches {', '.join(map(repr, unknown))} (categories: {names})")
+    return [c for c in categories if any(matches(c, k) for k in keys)], problems

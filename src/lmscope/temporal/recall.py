@@ -79,8 +79,26 @@ class Recall(Result):
         return (
             f"Multiple-choice recall ({self.templates}[{self.template}]{', chat template' if self.chat else ''}) "
             f"over {len(self.categories)} categories: mean accuracy {mean('accuracy'):.3f}, "
-            f"mean gold probability {mean('gold_probability'):.3f} (chance {mean('chance'):.3f})."
+            f"mean gold probability {mean('gold_probability'):.3f} (chance {mean('chance'):.3f}). "
+            + "; ".join(self.verdicts().values())
+            + "."
         )
+
+    def verdicts(self) -> dict[str, str]:
+        """Per kind, whether mean top-1 accuracy is within two binomial standard errors of chance
+        ("near chance") or above it, from the samples' count and mean chance."""
+        out = {}
+        for kind in ("temporal", "invariant"):
+            cats = [c for c in self.categories if c.kind == kind and c.n]
+            if not cats:
+                continue
+            n = sum(c.n for c in cats)
+            accuracy = sum(c.accuracy * c.n for c in cats) / n
+            chance = sum(c.chance * c.n for c in cats) / n
+            bound = chance + 2 * (chance * (1 - chance) / n) ** 0.5
+            verdict = "near chance" if accuracy <= bound else "above chance"
+            out[kind] = f"{kind} accuracy {accuracy:.3f} vs chance {chance:.3f} over {n} samples: {verdict}"
+        return out
 
     def tables(self) -> list[Table]:
         rows = [
@@ -116,6 +134,19 @@ class Recall(Result):
         ]
 
 
+def padded(model: Model, sequences: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+    """Token sequences as one right-padded batch: ``input_ids`` and ``attention_mask``
+    [n, longest], on the model's device (padding with the pad token, else 0)."""
+    pad = model.pad_id if model.pad_id is not None else 0
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device)}
+
+
 def sequence_logprobs(
     model: Model,
     sequences: Sequence[Sequence[int]],
@@ -131,16 +162,9 @@ def sequence_logprobs(
         raise LmscopeError("batch_size must be at least 1")
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     out = torch.zeros(len(sequences), dtype=torch.float64)
-    pad = model.pad_id if model.pad_id is not None else 0
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        width = max(len(sequences[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(chunk):
-            ids[row, : len(sequences[i])] = torch.as_tensor(list(sequences[i]), dtype=torch.long)
-            mask[row, : len(sequences[i])] = 1
-        inputs = {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device)}
+        inputs = padded(model, [sequences[i] for i in chunk])
         logits = model.run(inputs, interventions=interventions).logits
         logprobs = logits[:, :-1].float().log_softmax(-1).gather(-1, inputs["input_ids"][:, 1:, None])[..., 0]
         sums = (logprobs * inputs["attention_mask"][:, 1:]).sum(-1)
