@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import lmscope
+from lmscope.circuits.metrics import get_metric
 from lmscope.circuits.pairs import TokenPair
+from lmscope.circuits.patching import COMPONENTS, activation_patching
 from lmscope.cli import main
 from lmscope.quant.fake import KVQuant
 from tests.tiny import tiny_model
@@ -107,3 +109,43 @@ def kv_reference_interventions(model, kv: KVQuant, positions=None):
 def logits_under(model, ids, **hooks):
     with torch.no_grad(), model.hooks(**hooks):
         return model.hf(input_ids=ids, use_cache=False).logits
+
+
+# -- exact patching by the naive loop -------------------------------------------------------------
+
+
+def naive_score(model, pair, component, layer, head, position, direction, metric_name):
+    """One full forward with lmscope.patch, normalised like activation_patching."""
+    metric = get_metric(metric_name)
+    site = f"blocks.{layer}.{COMPONENTS[component]}"
+    clean_run = model.run(pair.clean[None], capture=[site])
+    corrupt_run = model.run(pair.corrupt[None], capture=[site])
+    clean_lp = clean_run.logits[0, -1].log_softmax(-1)
+    m = lambda logits: float(metric(logits[:, -1], pair, clean_lp)[0])
+    base, source = (pair.corrupt, clean_run) if direction == "denoising" else (pair.clean, corrupt_run)
+    iv = lmscope.patch(site, source.cache, head=head, positions=None if position is None else [position])
+    patched = m(model.run(base[None], interventions=[iv]).logits)
+    clean_m, corrupt_m = m(clean_run.logits), m(corrupt_run.logits)
+    return (patched - corrupt_m) / (clean_m - corrupt_m)
+
+
+def check_against_naive(
+    model, pair, component, per_position, direction="denoising", metric="logit_diff", cells=None, tol=1e-4
+):
+    """Every cell (or ``cells``) of exact patching within ``tol`` of :func:`naive_score`."""
+    result = activation_patching(model, [pair], component, per_position, direction, metric)
+    n_layers, n_pos, n_heads = result.scores.shape
+    all_cells = [(L, p, h) for L in range(n_layers) for p in range(n_pos) for h in range(n_heads)]
+    for L, p, h in cells or all_cells:
+        ref = naive_score(
+            model,
+            pair,
+            component,
+            L,
+            h if component == "head" else None,
+            p if per_position else None,
+            direction,
+            metric,
+        )
+        assert abs(float(result.scores[L, p, h]) - ref) <= tol, (L, p, h, float(result.scores[L, p, h]), ref)
+    return result

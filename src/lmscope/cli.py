@@ -36,6 +36,8 @@ TaskOpt = Annotated[str | None, typer.Option(help="built-in task: ioi, induction
 PairsOpt = Annotated[int | None, typer.Option("--n", help="number of pairs to generate for --task")]
 MetricOpt = Annotated[str, typer.Option(help="logit_diff, logprob, prob or kl")]
 AlignOpt = Annotated[str, typer.Option(help="strict, or final: left-pad pairs of unequal length")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (CUDA when available)")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
 
 
 @app.command()
@@ -58,11 +60,13 @@ def models() -> None:
 @app.command()
 def sites(
     model: ModelArg = DEFAULT_MODEL,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
     pos: Annotated[int, typer.Option(help="sequence length for the shapes")] = 8,
     layer: Annotated[int | None, typer.Option(help="only this layer's sites")] = None,
 ) -> None:
     """Table of site names with their shapes (batch 1, --pos tokens)."""
-    m = load(model)
+    m = load(model, device=device, dtype=dtype)
     if layer is not None:
         m.site(f"blocks.{layer}.resid_pre")  # validates the layer
     table = Table("site", "shape", title=f"{m.name}: sites (batch 1, {pos} tokens)")
@@ -77,6 +81,8 @@ def run(
     args: Annotated[list[str], typer.Argument(help="[MODEL] TEXT", show_default=False)],
     capture: Annotated[list[str], typer.Option("--capture", "-c", help="site to capture (repeatable)")] = [],  # noqa: B006
     save: Annotated[Path | None, typer.Option(help="write the captures to this .safetensors file")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
 ) -> None:
     """Run TEXT through MODEL and print the shapes and norms of the captured sites."""
     if len(args) > 2:
@@ -84,7 +90,7 @@ def run(
     model, text = (DEFAULT_MODEL, args[0]) if len(args) == 1 else args
     for name in capture:
         parse_site(name)  # a misspelt site fails before the model loads
-    m = load(model)
+    m = load(model, device=device, dtype=dtype)
     for name in capture:
         m.site(name)  # layer and head ranges
     result = m.run(text, capture=capture or [f"blocks.{m.n_layers - 1}.resid_post"])
@@ -101,6 +107,8 @@ def run(
 @app.command()
 def scan(
     model: ModelArg = DEFAULT_MODEL,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
     out: Annotated[Path, typer.Option(help="output directory")] = Path("out/scan"),
     quick: Annotated[bool, typer.Option(help="less data per part (a few minutes on a 2-core CPU)")] = False,
 ) -> None:
@@ -109,7 +117,7 @@ def scan(
     from lmscope.scan import scan as run_scan
 
     out = output_dir(out)
-    m = load(model)
+    m = load(model, device=device, dtype=dtype)
     result = run_scan(m, out, QUICK if quick else FULL, name=model)
     timings = Table("part", "seconds", title=f"{m.name}: scan{' (quick)' if quick else ''}")
     for part, seconds in result.payload["timings"].items():
@@ -122,6 +130,8 @@ def scan(
 @app.command()
 def temporal(
     model: ModelArg = DEFAULT_MODEL,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
     categories: Annotated[
         str | None, typer.Option(help="comma-separated category keys, e.g. presidents,ceo,roman (default: all)")
     ] = None,
@@ -173,7 +183,7 @@ def temporal(
     for problem in problems:
         err.print(f"skipped: {problem}", soft_wrap=True, highlight=False)
     out = output_dir(out)
-    m = load(model)
+    m = load(model, device=device, dtype=dtype)
     study = run_study(m, chosen, out, settings, name=model, problems=problems)
     _print_study(m.name, study)
     console.print(f"wrote {out / 'report.html'}, {out / 'results.json'}, graph_*.json and PNG plots")
@@ -194,6 +204,8 @@ def _print_study(name: str, study) -> None:
 @app.command()
 def locate(
     model: ModelArg = DEFAULT_MODEL,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
     data: DataOpt = None,
     task: TaskOpt = None,
     n: PairsOpt = None,
@@ -212,7 +224,7 @@ def locate(
     from lmscope.circuits.tasks import pairs_for
 
     out = output_dir(out)
-    m = load(model)
+    m = load(model, device=device, dtype=dtype)
     pairs = tokenize_pairs(m, pairs_for(m, data, task, n), align)
     results = run_locate(m, pairs, method, level, metric, steps, direction)
     settings = {
@@ -262,6 +274,8 @@ def _dash(value) -> str:
 @app.command()
 def circuit(
     model: ModelArg = DEFAULT_MODEL,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
     data: DataOpt = None,
     task: TaskOpt = None,
     n: PairsOpt = None,
@@ -280,7 +294,7 @@ def circuit(
     if (top is None) == (threshold is None):
         raise LmscopeError("give exactly one of --top N or --threshold X")
     out = output_dir(out)
-    m = load(model)
+    m = load(model, device=device, dtype=dtype)
     pairs = tokenize_pairs(m, pairs_for(m, data, task, n), align)
     scores = edge_attribution(m, pairs, metric, steps)
     chosen = select(scores, top=top, threshold=threshold)
@@ -320,6 +334,8 @@ def circuit(
 @app.command()
 def heads(
     model: ModelArg = DEFAULT_MODEL,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
     out: Annotated[Path, typer.Option(help="output directory")] = Path("out/heads"),
     length: Annotated[int, typer.Option(help="length of the repeated random sequence")] = 30,
     batch: Annotated[int, typer.Option(help="number of sequences")] = 8,
@@ -328,7 +344,7 @@ def heads(
     from lmscope.circuits.head_roles import ROLES, head_roles
 
     out = output_dir(out)
-    m = load(model)
+    m = load(model, device=device, dtype=dtype)
     roles = head_roles(m, batch=batch, length=length, loss=True)
     payload = {**header("heads", model, m, {"length": length, "batch": batch}), **roles.to_json()}
     # the PNGs keep this command's names: induction.png, ... (the scan's are heads_induction.png, ...)
@@ -349,6 +365,8 @@ WindowOpt = Annotated[int, typer.Option(help="tokens per window")]
 @app.command()
 def outliers(
     model: ModelArg = DEFAULT_MODEL,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
     corpus: CorpusOpt = "wikitext2",
     tokens: Annotated[int, typer.Option(help="number of corpus tokens")] = 4096,
     window: WindowOpt = 512,
@@ -363,7 +381,7 @@ def outliers(
     for name in site:
         parse_site(name)  # a misspelt site fails before the model loads
     out = output_dir(out)
-    m = load(model)
+    m = load(model, device=device, dtype=dtype)
     for name in site:
         m.site(name)
     text = load_corpus(m, corpus, max_tokens=tokens)
@@ -392,6 +410,8 @@ def outliers(
 @app.command()
 def kv(
     model: ModelArg = DEFAULT_MODEL,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
     corpus: CorpusOpt = "wikitext2",
     tokens: Annotated[int, typer.Option(help="number of corpus tokens")] = 2048,
     window: WindowOpt = 512,
@@ -402,7 +422,7 @@ def kv(
     from lmscope.quant.kv import kv_norms
 
     out = output_dir(out)
-    m = load(model)
+    m = load(model, device=device, dtype=dtype)
     text = load_corpus(m, corpus, max_tokens=tokens)
     norms = kv_norms(m, text, window=window)
     payload = {**header("kv", model, m, {"corpus": corpus, "tokens": len(text), "window": window}), **norms.to_json()}
@@ -421,6 +441,8 @@ def kv(
 @app.command()
 def quant(
     model: ModelArg = DEFAULT_MODEL,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
     kv_specs: Annotated[
         str, typer.Option("--kv", help="comma-separated KV settings, e.g. k4v2,k2v4,k4v4")
     ] = "k8v8,k4v4,k4v2,k2v4,k2v2",
@@ -448,7 +470,7 @@ def quant(
     kv_configs = parse_kv_specs(kv_specs, **options)  # bad specs fail before the model loads
     items = load_choices(choices) if choices is not None else None
     out = output_dir(out)
-    m = load(model)
+    m = load(model, device=device, dtype=dtype)
     text = load_corpus(m, corpus, max_tokens=tokens)
     wa = {"weight_bits": weights, "weight_group": weight_group, "act_bits": acts}
     kv_options = {"group_size": group, "k_axis": k_axis, "v_axis": v_axis, "kv_window": kv_window}

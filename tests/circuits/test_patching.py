@@ -10,43 +10,8 @@ import torch
 import lmscope
 from lmscope import tasks
 from lmscope.circuits.metrics import get_metric
-from lmscope.circuits.patching import COMPONENTS, activation_patching
-from tests.helpers import token_pair
-
-
-def naive_score(model, pair, component, layer, head, position, direction, metric_name):
-    """One full forward with lmscope.patch, normalised like activation_patching."""
-    metric = get_metric(metric_name)
-    site = f"blocks.{layer}.{COMPONENTS[component]}"
-    clean_run = model.run(pair.clean[None], capture=[site])
-    corrupt_run = model.run(pair.corrupt[None], capture=[site])
-    clean_lp = clean_run.logits[0, -1].log_softmax(-1)
-    m = lambda logits: float(metric(logits[:, -1], pair, clean_lp)[0])
-    base, source = (pair.corrupt, clean_run) if direction == "denoising" else (pair.clean, corrupt_run)
-    iv = lmscope.patch(site, source.cache, head=head, positions=None if position is None else [position])
-    patched = m(model.run(base[None], interventions=[iv]).logits)
-    clean_m, corrupt_m = m(clean_run.logits), m(corrupt_run.logits)
-    return (patched - corrupt_m) / (clean_m - corrupt_m)
-
-
-def check_against_naive(model, pair, component, per_position, direction="denoising", metric="logit_diff", cells=None):
-    result = activation_patching(model, [pair], component, per_position, direction, metric)
-    n_layers, n_pos, n_heads = result.scores.shape
-    all_cells = [(L, p, h) for L in range(n_layers) for p in range(n_pos) for h in range(n_heads)]
-    for L, p, h in cells or all_cells:
-        ref = naive_score(
-            model,
-            pair,
-            component,
-            L,
-            h if component == "head" else None,
-            p if per_position else None,
-            direction,
-            metric,
-        )
-        assert abs(float(result.scores[L, p, h]) - ref) <= 1e-4, (L, p, h, float(result.scores[L, p, h]), ref)
-    return result
-
+from lmscope.circuits.patching import activation_patching
+from tests.helpers import check_against_naive, token_pair
 
 FAMILIES = ["llama", "gpt2", "gemma2", "qwen3", "gpt_neox", "phi3", "mistral", "olmo2", "gemma3"]
 

@@ -125,7 +125,7 @@ def _greedy_reference(model, ids, interventions, steps):
 def test_generate_with_interventions_equals_naive_loop(tiny_models, name):
     model = tiny_models[name]
     ids = random_ids(model, batch=1, pos=6)
-    vec = torch.randn(model.d_model)
+    vec = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0))  # not the global RNG's
     ivs = [
         lmscope.add("blocks.1.resid_post", vec, coeff=3.0),
         lmscope.zero("blocks.0.attn.k", positions=[2], head=0),

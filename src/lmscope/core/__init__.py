@@ -16,19 +16,28 @@ from lmscope.core.sites import Site, parse_site
 def load(
     spec: str = DEFAULT_MODEL,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     dtype: torch.dtype | str | None = None,
     device_map=None,
+    max_memory: dict | None = None,
+    offload_folder: str | None = None,
 ) -> Model:
     """Load a causal LM with no network access.
 
     ``spec`` is a built-in alias (``smollm2-135m``, the default), a local Hugging Face
     model directory, a ``.gguf`` file (dequantised once, then cached), or a hub id
-    already in the local Hugging Face cache. ``dtype`` defaults to float32.
+    already in the local Hugging Face cache. ``device``: ``"auto"`` (CUDA when available, else
+    the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``; ``dtype``: float32 (default), bfloat16 or
+    float16, the weights' and activations' dtype (statistics still accumulate in float32 or
+    float64); ``device_map``: spread the model over devices (accelerate's ``device_map``, e.g.
+    ``"auto"``), within ``max_memory`` per device (``{"cpu": "300MB", 0: "20GB"}``), layers that
+    do not fit offloaded to ``offload_folder`` on disk.
     """
     from lmscope.core.loading import load_hf
 
-    hf, tokenizer, source = load_hf(spec, device=device, dtype=dtype, device_map=device_map)
+    hf, tokenizer, source = load_hf(
+        spec, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder
+    )
     return Model(hf, tokenizer, source=source, name=spec)
 
 

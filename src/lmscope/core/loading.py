@@ -141,11 +141,40 @@ def resolve(spec: str) -> tuple[str, Path | str]:
     return "hub", spec
 
 
-def load_hf(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None, device_map=None):
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"``: the first CUDA device when there is one, else the CPU; ``"cpu"``, ``"cuda"``,
+    ``"cuda:1"``, ... as given. A device this machine lacks is a one-line error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise LmscopeError(f"unknown device '{device}' (cpu, cuda, cuda:N or auto)") from e
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise LmscopeError(f"device '{device}': CUDA is not available on this machine (use cpu or auto)")
+        if resolved.index is not None and resolved.index >= count:
+            raise LmscopeError(f"device '{device}': this machine has {count} CUDA device(s)")
+    elif resolved.type != "cpu":
+        raise LmscopeError(f"unsupported device '{device}' (cpu, cuda, cuda:N or auto)")
+    return resolved
+
+
+def load_hf(
+    spec: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    device_map=None,
+    max_memory: dict | None = None,
+    offload_folder: str | None = None,
+):
     """Load ``(hf_model, tokenizer, source)`` for a spec; see :func:`lmscope.load`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    device = resolve_device(device)
     kind, where = resolve(spec)
     if kind == "gguf":
         where = convert_gguf(where)
@@ -155,7 +184,9 @@ def load_hf(spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype
         note(f"loading {spec} from {where}")
         with _quiet(hf_logging):
             tokenizer = AutoTokenizer.from_pretrained(where, **kw)
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, device_map=device_map, **kw)
+            if device_map is not None:
+                kw.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
     except OSError as e:
         if kind == "hub":
             raise LmscopeError(
@@ -188,7 +219,7 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     except AttributeError:
         value = None
     if not isinstance(value, torch.dtype):
-        raise LmscopeError(f"unknown dtype '{dtype}' (e.g. float32, bfloat16, float16)")
+        raise LmscopeError(f"unknown dtype '{dtype}' (float32, bfloat16 or float16)")
     return value
 
 

@@ -76,15 +76,16 @@ def _sym(g: Tensor, bits: int) -> Tensor:
 
 def _grouped(x: Tensor, dim: int, group_size: int | None, fn) -> Tensor:
     """Apply ``fn`` to groups [..., n_groups, group_size] along ``dim``; a last partial group is
-    padded by repeating its last element (which changes neither min nor max)."""
-    moved = x.movedim(dim, -1)
+    padded by repeating its last element (which changes neither min nor max). The arithmetic
+    runs in float32 (at least) whatever ``x``'s dtype; the result has ``x``'s dtype."""
+    moved = x.movedim(dim, -1).to(torch.promote_types(x.dtype, torch.float32))
     n = moved.shape[-1]
     g = group_size or n
     pad = (-n) % g
     if pad:
         moved = torch.cat([moved, moved[..., -1:].expand(*moved.shape[:-1], pad)], -1)
     out = fn(moved.unflatten(-1, (-1, g))).flatten(-2)[..., :n]
-    return out.movedim(-1, dim)
+    return out.movedim(-1, dim).to(x.dtype)
 
 
 # -- configurations -----------------------------------------------------------------------

@@ -1,0 +1,46 @@
+"""Models spread over devices: SmolLM2 with part of it offloaded to disk (a small
+``max_memory`` for the CPU, accelerate's ``device_map="auto"``) gives the in-memory model's
+numbers for capture, interventions, generation and exact patching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmscope
+from lmscope.circuits.pairs import tokenize_pairs
+from lmscope.circuits.patching import activation_patching
+from lmscope.circuits.tasks import pairs_for
+
+PROMPT = ["When Mary and John went to the store, John gave a drink to"]
+
+
+@pytest.fixture(scope="module")
+def offloaded(tmp_path_factory) -> lmscope.Model:
+    folder = tmp_path_factory.mktemp("offload")
+    return lmscope.load("smollm2-135m", device_map="auto", max_memory={"cpu": "300MB"}, offload_folder=str(folder))
+
+
+def test_part_of_the_model_is_on_disk(offloaded):
+    placed = set(offloaded.hf.hf_device_map.values())
+    assert "disk" in placed and "cpu" in placed
+    assert any(p.device.type == "meta" for p in offloaded.hf.parameters())  # weights not in memory
+
+
+def test_capture_interventions_generation_equal_in_memory(offloaded, smollm2):
+    ids = smollm2.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    sites = ["blocks.25.attn.z", "blocks.29.resid_post", "blocks.3.mlp.post"]
+    a, b = smollm2.run(ids, capture=sites), offloaded.run(ids, capture=sites)
+    assert torch.equal(a.logits, b.logits)
+    assert all(torch.equal(a.cache[s], b.cache[s]) for s in sites)
+    iv = [lmscope.zero("blocks.25.attn.z", head=3), lmscope.add("blocks.27.resid_post", torch.ones(576), coeff=0.5)]
+    assert torch.equal(smollm2.run(ids, interventions=iv).logits, offloaded.run(ids, interventions=iv).logits)
+    ga = smollm2.generate("The capital of France is", max_new_tokens=4)
+    gb = offloaded.generate("The capital of France is", max_new_tokens=4)
+    assert torch.equal(ga.ids, gb.ids)
+
+
+def test_exact_patching_equals_in_memory(offloaded, smollm2):
+    pairs = tokenize_pairs(smollm2, pairs_for(smollm2, task="ioi", n=1))
+    a, b = (activation_patching(m, pairs, "mlp", True) for m in (smollm2, offloaded))
+    assert torch.equal(a.scores, b.scores)
