@@ -11,6 +11,7 @@ import lmscope
 from lmscope.circuits.pairs import tokenize_pairs
 from lmscope.circuits.patching import activation_patching
 from lmscope.circuits.tasks import pairs_for
+from lmscope.core.errors import LmscopeError
 
 PROMPT = ["When Mary and John went to the store, John gave a drink to"]
 
@@ -44,3 +45,46 @@ def test_exact_patching_equals_in_memory(offloaded, smollm2):
     pairs = tokenize_pairs(smollm2, pairs_for(smollm2, task="ioi", n=1))
     a, b = (activation_patching(m, pairs, "mlp", True) for m in (smollm2, offloaded))
     assert torch.equal(a.scores, b.scores)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory) -> tuple[lmscope.Model, lmscope.Model]:
+    """A tiny Llama in memory and the same weights with most layers offloaded to disk."""
+    import transformers as T
+
+    from tests.tiny import tiny_model
+
+    model = tiny_model("llama")
+    root = tmp_path_factory.mktemp("tiny_offload")
+    model.hf.save_pretrained(root / "model")
+    hf = T.AutoModelForCausalLM.from_pretrained(
+        root / "model", device_map="auto", max_memory={"cpu": "60KB"}, offload_folder=str(root / "offload")
+    )
+    assert "disk" in set(hf.hf_device_map.values())
+    return model, lmscope.Model(hf, tokenizer=None, source="tiny llama, offloaded", name="tiny-llama-offloaded")
+
+
+def test_weight_reading_analyses_equal_in_memory(tiny_pair):
+    """EAP-IG edges, direct logit attribution and K/V weight norms read offloaded weights from
+    the offload's copy: the same numbers as in memory."""
+    from lmscope.circuits.edges import edge_attribution
+    from lmscope.circuits.lens import direct_logit_attribution
+    from lmscope.quant.kv import weight_norms
+    from tests.helpers import token_pair
+
+    memory, offloaded = tiny_pair
+    pair = token_pair(memory, pos=9, differ=(3, 6))
+    a, b = (edge_attribution(m, [pair], steps=2) for m in (memory, offloaded))
+    assert torch.allclose(a.scores, b.scores, atol=1e-6)
+    ids = pair.clean[None]
+    da, db = (direct_logit_attribution(m, ids, pair.answer, pair.wrong) for m in (memory, offloaded))
+    assert torch.equal(da.heads, db.heads) and torch.equal(da.mlps, db.mlps)
+    wa, wb = weight_norms(memory), weight_norms(offloaded)
+    assert wa == wb
+
+
+def test_in_place_weight_quantisation_refuses_offloaded_weights(tiny_pair):
+    from lmscope.quant.fake import quantized_weights
+
+    with pytest.raises(LmscopeError, match="without offload"), quantized_weights(tiny_pair[1], 4):
+        pass

@@ -57,6 +57,7 @@ from lmscope.core.anatomy import (
 from lmscope.core.hooks import Hook, hooked
 from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
+from lmscope.core.weights import parameter
 
 
 @dataclass
@@ -115,11 +116,15 @@ def graph_nodes(model: Model) -> tuple[list[str], list[str], Tensor]:
 
 
 def _norm_vjp(norm, x: Tensor, cotangents: Tensor) -> Tensor:
-    """J_norm(x)^T applied to each of ``cotangents`` [n, *x.shape] (identity without a norm)."""
+    """J_norm(x)^T applied to each of ``cotangents`` [n, *x.shape] (identity without a norm):
+    one forward of the norm, then a batched backward (a plain forward, so modules whose weights
+    accelerate loads on the fly work too)."""
     if norm is None:
         return cotangents
-    _, vjp = torch.func.vjp(norm, x)
-    return torch.vmap(lambda c: vjp(c)[0])(cotangents)
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        (grads,) = torch.autograd.grad(norm(x), x, cotangents, is_grads_batched=True)
+    return grads
 
 
 def _edge_gradients(
@@ -166,7 +171,7 @@ def _through_joint_norm(model: Model, layer: int, norm, k_in: Tensor, g_k: Tenso
     cot[torch.arange(H), :, :, kv_head_of(model)] = g_k.permute(2, 0, 1, 3)
     through = _norm_vjp(norm, k_in, cot.flatten(-2))  # [H, S, T, K * D]
     proj = model.layer_module(layer, model.family.k_proj)
-    return torch.einsum("hstk,kd->hstd", through, proj.weight)
+    return torch.einsum("hstk,kd->hstd", through, parameter(proj))
 
 
 def _grad_hooks(model: Model, saved: list[dict]) -> list[Hook]:

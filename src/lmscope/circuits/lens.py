@@ -69,6 +69,7 @@ from lmscope.core.anatomy import head_contributions, head_params, mlp_contributi
 from lmscope.core.errors import LmscopeError
 from lmscope.core.hooks import Hook, hooked
 from lmscope.core.model import Inputs, Model
+from lmscope.core.weights import parameter
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Table
 
@@ -183,8 +184,9 @@ class FinalNorm:
         norm = model.module(model.family.final_norm)
         if isinstance(norm, nn.LayerNorm):
             d = norm.normalized_shape[-1]
-            gain = norm.weight.float() if norm.weight is not None else torch.ones(d, device=model.device)
-            bias = norm.bias.float() if norm.bias is not None else None
+            weight, bias = parameter(norm), parameter(norm, "bias")
+            gain = weight.float() if weight is not None else torch.ones(d, device=model.device)
+            bias = bias.float() if bias is not None else None
             return cls(True, gain.detach(), None if bias is None else bias.detach(), float(norm.eps))
         eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None) or 1e-6
         ones = torch.ones(model.d_model, dtype=torch.float32, device=model.device)
@@ -359,7 +361,7 @@ def logit_lens(
     column, index = _positions(mask, position)
     sites = ["blocks.0.resid_pre", *(f"blocks.{layer}.resid_post" for layer in range(model.n_layers))]
     final_norm = FinalNorm.of(model) if norm == "final" else None
-    weight = model.module(model.family.unembed).weight
+    weight = parameter(model.module(model.family.unembed))
     k = min(top_k, weight.shape[0])
     parts: dict[str, list[Tensor]] = {key: [] for key in ("rank", "prob", "logit", "top_ids", "top_probs")}
     with torch.no_grad():
@@ -479,11 +481,12 @@ def _value_bias_output(model: Model, layer: int) -> Tensor:
     const = torch.zeros(H, D, device=model.device) if b_v is None else b_v.float()
     norm = model.layer_module(layer, fam.attn_norm) if fam.attn_norm else None
     if isinstance(norm, nn.LayerNorm) and norm.bias is not None:
-        const = const + torch.einsum("hdm,m->hd", w_v.float(), norm.bias.float())
+        const = const + torch.einsum("hdm,m->hd", w_v.float(), parameter(norm, "bias").float())
     if "norm" in fam.attn_contrib and bool(const.any()):
         raise LmscopeError("fold_value_biases: not defined for a model that normalises the attention output")
     o = model.layer_module(layer, fam.o_proj)
-    w_o = (o.weight if fam.conv1d else o.weight.T).unflatten(0, (H, D))  # [n_heads, d_head, d_model]
+    weight = parameter(o)
+    w_o = (weight if fam.conv1d else weight.T).unflatten(0, (H, D))  # [n_heads, d_head, d_model]
     return torch.einsum("hd,hde->he", const, w_o.float())
 
 
@@ -497,7 +500,7 @@ def _direction(model: Model, answer: Tensor, wrong: Tensor | None, center: bool)
     """The unembedding direction d [batch, d_model] of answer (minus wrong answer, or minus the
     mean row with ``center``) and the unembedding bias along it [batch] (float32)."""
     head = model.module(model.family.unembed)
-    weight, bias = head.weight, head.bias
+    weight, bias = parameter(head), parameter(head, "bias")
     d = weight[answer].float()
     c = bias[answer].float() if bias is not None else torch.zeros(len(answer), device=d.device)
     if wrong is not None:
@@ -767,7 +770,7 @@ def component_top_tokens(
     ids, mask = model.tokenize(prompts, padding_side="right")
     column, index = _positions(mask, position)
     norm = FinalNorm.of(model)
-    weight = model.module(model.family.unembed).weight
+    weight = parameter(model.module(model.family.unembed))
     shift = weight.mean(0, dtype=torch.float32) if center_unembed else None
     k = min(k, weight.shape[0])
     got_ids, got_logits = [], []

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from lmscope.core.hookpoints import point_modules
 from lmscope.core.hooks import Hook, hooked
+from lmscope.core.weights import parameter
 
 if TYPE_CHECKING:
     from lmscope.core.model import Model
@@ -63,9 +64,10 @@ def head_params(model: Model, layer: int, t: str) -> tuple[Tensor, Tensor | None
     """Weight rows [n_heads, d_head, d_model] and bias [n_heads, d_head] (or None) that each
     query head of ``layer`` reads for input ``t`` (``"q"``, ``"k"`` or ``"v"``)."""
     proj = _projection(model, layer, t)
-    weight = proj.weight.T if model.family.conv1d else proj.weight  # [out, d_model]
+    weight, bias = parameter(proj), parameter(proj, "bias")
+    weight = weight.T if model.family.conv1d else weight  # [out, d_model]
     index = _head_index(model, t)
-    return weight[index], (None if proj.bias is None else proj.bias[index])
+    return weight[index], (None if bias is None else bias[index])
 
 
 def kv_head_of(model: Model) -> Tensor:
@@ -83,11 +85,12 @@ def head_contributions(model: Model, layer: int, z: Tensor) -> Tensor:
     contributions sum to what the layer adds."""
     fam, H, D = model.family, model.n_heads, model.d_head
     o = model.layer_module(layer, fam.o_proj)
-    w_o = (o.weight if fam.conv1d else o.weight.T).unflatten(0, (H, D))  # [H, D, d]
+    weight, bias = parameter(o), parameter(o, "bias")
+    w_o = (weight if fam.conv1d else weight.T).unflatten(0, (H, D))  # [H, D, d]
     per_head = torch.einsum("...hd,hde->h...e", z, w_o)
     if "norm" not in fam.attn_contrib:
         return per_head
-    total = per_head.sum(0) + (o.bias if o.bias is not None else 0)
+    total = per_head.sum(0) + (bias if bias is not None else 0)
     return per_head * _norm_scale(model.layer_module(layer, fam.attn_contrib), total)
 
 

@@ -14,6 +14,7 @@ from lmscope.core.families import Family, family_for
 from lmscope.core.hooks import HookSession
 from lmscope.core.interventions import Intervention
 from lmscope.core.sites import Site, all_sites, parse_site
+from lmscope.core.weights import parameter
 
 Inputs = str | Sequence[str] | Tensor | Mapping[str, Tensor]
 
@@ -78,6 +79,11 @@ class Model:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the embedding's device (its execution device when accelerate
+        dispatched or offloaded the model)."""
+        hook = getattr(self.hf.get_input_embeddings(), "_hf_hook", None)
+        if getattr(hook, "execution_device", None) is not None:
+            return torch.device(hook.execution_device)
         return next(self.hf.parameters()).device
 
     @property
@@ -254,7 +260,7 @@ class Model:
         the final logit soft-capping, as the model's own forward applies them."""
         x = self.module(self.family.final_norm)(resid)
         head = self.module(self.family.unembed)
-        weight, bias = head.weight, head.bias
+        weight, bias = parameter(head), parameter(head, "bias")
         if tokens is not None:
             weight = weight[tokens]
             bias = None if bias is None else bias[tokens]

@@ -214,6 +214,10 @@ def quantized_weights(model: Model, bits: int, group_size: int | None = None) ->
         with torch.no_grad():
             for linear in block_linears(model):
                 w = linear.weight
+                if w.device.type == "meta":
+                    raise LmscopeError(
+                        "weight fake-quantisation changes weights in place: load the model without offload"
+                    )
                 saved.append((w, w.detach().clone()))
                 in_dim = 0 if type(linear).__name__ == "Conv1D" else 1  # Conv1D stores [in, out]
                 w.copy_(fake_quant_sym(w, bits, in_dim, group_size))
