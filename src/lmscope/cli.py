@@ -17,7 +17,7 @@ from rich.table import Table
 
 from lmscope import load
 from lmscope.core.errors import LmscopeError
-from lmscope.core.loading import ALIASES, DEFAULT_MODEL, cached_conversions
+from lmscope.core.loading import ALIASES, DEFAULT_MODEL, cached_conversions, parse_max_memory
 from lmscope.core.sites import parse_site
 from lmscope.reports.results import header, output_dir, save, write_json
 
@@ -38,6 +38,22 @@ MetricOpt = Annotated[str, typer.Option(help="logit_diff, logprob, prob or kl")]
 AlignOpt = Annotated[str, typer.Option(help="strict, or final: left-pad pairs of unequal length")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (CUDA when available)")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
+MaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option(help="spread the model over devices within these sizes, e.g. cpu=2GB,0=20GB (rest to disk)"),
+]
+OffloadOpt = Annotated[Path | None, typer.Option(help="folder for layers offloaded to disk (default: a temporary one)")]
+
+
+def _load(model: str, device: str, dtype: str, max_memory: str | None, offload_folder: Path | None):
+    """Load MODEL on ``device`` in ``dtype``; with ``max_memory``, spread over devices and disk
+    (accelerate's ``device_map="auto"``)."""
+    if max_memory is None:
+        return load(model, device=device, dtype=dtype)
+    import tempfile
+
+    folder = str(offload_folder) if offload_folder else tempfile.mkdtemp(prefix="lmscope-offload-")
+    return load(model, dtype=dtype, device_map="auto", max_memory=parse_max_memory(max_memory), offload_folder=folder)
 
 
 @app.command()
@@ -62,11 +78,13 @@ def sites(
     model: ModelArg = DEFAULT_MODEL,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
     pos: Annotated[int, typer.Option(help="sequence length for the shapes")] = 8,
     layer: Annotated[int | None, typer.Option(help="only this layer's sites")] = None,
 ) -> None:
     """Table of site names with their shapes (batch 1, --pos tokens)."""
-    m = load(model, device=device, dtype=dtype)
+    m = _load(model, device, dtype, max_memory, offload_folder)
     if layer is not None:
         m.site(f"blocks.{layer}.resid_pre")  # validates the layer
     table = Table("site", "shape", title=f"{m.name}: sites (batch 1, {pos} tokens)")
@@ -83,6 +101,8 @@ def run(
     save: Annotated[Path | None, typer.Option(help="write the captures to this .safetensors file")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
 ) -> None:
     """Run TEXT through MODEL and print the shapes and norms of the captured sites."""
     if len(args) > 2:
@@ -90,7 +110,7 @@ def run(
     model, text = (DEFAULT_MODEL, args[0]) if len(args) == 1 else args
     for name in capture:
         parse_site(name)  # a misspelt site fails before the model loads
-    m = load(model, device=device, dtype=dtype)
+    m = _load(model, device, dtype, max_memory, offload_folder)
     for name in capture:
         m.site(name)  # layer and head ranges
     result = m.run(text, capture=capture or [f"blocks.{m.n_layers - 1}.resid_post"])
@@ -109,6 +129,8 @@ def scan(
     model: ModelArg = DEFAULT_MODEL,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("out/scan"),
     quick: Annotated[bool, typer.Option(help="less data per part (a few minutes on a 2-core CPU)")] = False,
 ) -> None:
@@ -117,7 +139,7 @@ def scan(
     from lmscope.scan import scan as run_scan
 
     out = output_dir(out)
-    m = load(model, device=device, dtype=dtype)
+    m = _load(model, device, dtype, max_memory, offload_folder)
     result = run_scan(m, out, QUICK if quick else FULL, name=model)
     timings = Table("part", "seconds", title=f"{m.name}: scan{' (quick)' if quick else ''}")
     for part, seconds in result.payload["timings"].items():
@@ -132,6 +154,8 @@ def temporal(
     model: ModelArg = DEFAULT_MODEL,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
     categories: Annotated[
         str | None, typer.Option(help="comma-separated category keys, e.g. presidents,ceo,roman (default: all)")
     ] = None,
@@ -183,7 +207,7 @@ def temporal(
     for problem in problems:
         err.print(f"skipped: {problem}", soft_wrap=True, highlight=False)
     out = output_dir(out)
-    m = load(model, device=device, dtype=dtype)
+    m = _load(model, device, dtype, max_memory, offload_folder)
     study = run_study(m, chosen, out, settings, name=model, problems=problems)
     _print_study(m.name, study)
     console.print(f"wrote {out / 'report.html'}, {out / 'results.json'}, graph_*.json and PNG plots")
@@ -206,6 +230,8 @@ def locate(
     model: ModelArg = DEFAULT_MODEL,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
     data: DataOpt = None,
     task: TaskOpt = None,
     n: PairsOpt = None,
@@ -224,7 +250,7 @@ def locate(
     from lmscope.circuits.tasks import pairs_for
 
     out = output_dir(out)
-    m = load(model, device=device, dtype=dtype)
+    m = _load(model, device, dtype, max_memory, offload_folder)
     pairs = tokenize_pairs(m, pairs_for(m, data, task, n), align)
     results = run_locate(m, pairs, method, level, metric, steps, direction)
     settings = {
@@ -276,6 +302,8 @@ def circuit(
     model: ModelArg = DEFAULT_MODEL,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
     data: DataOpt = None,
     task: TaskOpt = None,
     n: PairsOpt = None,
@@ -294,7 +322,7 @@ def circuit(
     if (top is None) == (threshold is None):
         raise LmscopeError("give exactly one of --top N or --threshold X")
     out = output_dir(out)
-    m = load(model, device=device, dtype=dtype)
+    m = _load(model, device, dtype, max_memory, offload_folder)
     pairs = tokenize_pairs(m, pairs_for(m, data, task, n), align)
     scores = edge_attribution(m, pairs, metric, steps)
     chosen = select(scores, top=top, threshold=threshold)
@@ -336,6 +364,8 @@ def heads(
     model: ModelArg = DEFAULT_MODEL,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("out/heads"),
     length: Annotated[int, typer.Option(help="length of the repeated random sequence")] = 30,
     batch: Annotated[int, typer.Option(help="number of sequences")] = 8,
@@ -344,7 +374,7 @@ def heads(
     from lmscope.circuits.head_roles import ROLES, head_roles
 
     out = output_dir(out)
-    m = load(model, device=device, dtype=dtype)
+    m = _load(model, device, dtype, max_memory, offload_folder)
     roles = head_roles(m, batch=batch, length=length, loss=True)
     payload = {**header("heads", model, m, {"length": length, "batch": batch}), **roles.to_json()}
     # the PNGs keep this command's names: induction.png, ... (the scan's are heads_induction.png, ...)
@@ -367,6 +397,8 @@ def outliers(
     model: ModelArg = DEFAULT_MODEL,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
     corpus: CorpusOpt = "wikitext2",
     tokens: Annotated[int, typer.Option(help="number of corpus tokens")] = 4096,
     window: WindowOpt = 512,
@@ -381,7 +413,7 @@ def outliers(
     for name in site:
         parse_site(name)  # a misspelt site fails before the model loads
     out = output_dir(out)
-    m = load(model, device=device, dtype=dtype)
+    m = _load(model, device, dtype, max_memory, offload_folder)
     for name in site:
         m.site(name)
     text = load_corpus(m, corpus, max_tokens=tokens)
@@ -412,6 +444,8 @@ def kv(
     model: ModelArg = DEFAULT_MODEL,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
     corpus: CorpusOpt = "wikitext2",
     tokens: Annotated[int, typer.Option(help="number of corpus tokens")] = 2048,
     window: WindowOpt = 512,
@@ -422,7 +456,7 @@ def kv(
     from lmscope.quant.kv import kv_norms
 
     out = output_dir(out)
-    m = load(model, device=device, dtype=dtype)
+    m = _load(model, device, dtype, max_memory, offload_folder)
     text = load_corpus(m, corpus, max_tokens=tokens)
     norms = kv_norms(m, text, window=window)
     payload = {**header("kv", model, m, {"corpus": corpus, "tokens": len(text), "window": window}), **norms.to_json()}
@@ -443,6 +477,8 @@ def quant(
     model: ModelArg = DEFAULT_MODEL,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
     kv_specs: Annotated[
         str, typer.Option("--kv", help="comma-separated KV settings, e.g. k4v2,k2v4,k4v4")
     ] = "k8v8,k4v4,k4v2,k2v4,k2v2",
@@ -470,7 +506,7 @@ def quant(
     kv_configs = parse_kv_specs(kv_specs, **options)  # bad specs fail before the model loads
     items = load_choices(choices) if choices is not None else None
     out = output_dir(out)
-    m = load(model, device=device, dtype=dtype)
+    m = _load(model, device, dtype, max_memory, offload_folder)
     text = load_corpus(m, corpus, max_tokens=tokens)
     wa = {"weight_bits": weights, "weight_group": weight_group, "act_bits": acts}
     kv_options = {"group_size": group, "k_axis": k_axis, "v_axis": v_axis, "kv_window": kv_window}

@@ -88,3 +88,47 @@ def test_in_place_weight_quantisation_refuses_offloaded_weights(tiny_pair):
 
     with pytest.raises(LmscopeError, match="without offload"), quantized_weights(tiny_pair[1], 4):
         pass
+
+
+def test_every_analysis_equals_in_memory(tiny_pair):
+    """Attribution and EAP-IG node scores, faithfulness of a circuit, outlier statistics, K/V
+    norms and perplexity under KV and activation fake-quantisation, with most layers on disk."""
+    from lmscope.circuits.attribution import attribute
+    from lmscope.circuits.edges import edge_attribution
+    from lmscope.circuits.faithfulness import faithfulness
+    from lmscope.circuits.graph import select
+    from lmscope.quant.corpus import Corpus
+    from lmscope.quant.evaluation import perplexity
+    from lmscope.quant.fake import KVQuant, QuantConfig
+    from lmscope.quant.kv import kv_norms
+    from lmscope.quant.outliers import activation_stats
+    from tests.helpers import token_pair
+
+    memory, offloaded = tiny_pair
+    pair = token_pair(memory, pos=9, differ=(3, 6))
+    for method in ("attribution", "eap-ig"):
+        a, b = (attribute(m, [pair], method, steps=3).scores for m in (memory, offloaded))
+        assert torch.allclose(a, b, atol=1e-6), method
+    circuit = select(edge_attribution(memory, [pair], steps=2), top=20)
+    fa, fb = (faithfulness(m, [pair], circuit) for m in (memory, offloaded))
+    assert abs(fa.circuit - fb.circuit) < 1e-5 and abs(fa.crs - fb.crs) < 1e-3
+    corpus = Corpus("random", torch.randint(3, memory.d_vocab, (96,), generator=torch.Generator().manual_seed(2)))
+    sa, sb = (activation_stats(m, corpus, window=16) for m in (memory, offloaded))
+    assert all(torch.equal(sa.sites[s].m2, sb.sites[s].m2) for s in sa.sites)
+    ka, kb = (kv_norms(m, corpus, window=16).to_json() for m in (memory, offloaded))
+    assert ka == kb
+    config = QuantConfig(kv=KVQuant(4, 2, group_size=8), act_bits=8)
+    pa, pb = (perplexity(m, corpus, window=16, config=config)["perplexity"] for m in (memory, offloaded))
+    assert pa == pb and pa != perplexity(memory, corpus, window=16)["perplexity"]  # quantisation was on
+
+
+def test_max_memory_specs(capsys):
+    from lmscope.core.loading import parse_max_memory
+    from tests.helpers import run_cli
+
+    assert parse_max_memory("cpu=300MB,0=20GB") == {"cpu": "300MB", 0: "20GB"}
+    assert parse_max_memory(None) is None
+    with pytest.raises(LmscopeError, match="DEVICE=SIZE"):
+        parse_max_memory("cpu:300MB")
+    code, _, err = run_cli(capsys, "heads", "--max-memory", "cpu:1GB")
+    assert code == 2 and "DEVICE=SIZE" in err

@@ -15,6 +15,7 @@ import json
 
 import pytest
 
+import lmscope
 from lmscope.cli import main
 from tests.helpers import run_cli
 from tests.temporal import synthetic as syn
@@ -153,6 +154,37 @@ def test_outputs_and_resume(synthetic_run):
     assert second["parts"]["heads"] == first["parts"]["heads"]
     html = (out / "report.html").read_text()
     assert "Temporal heads" in html and "a1.h1" in html and "complete; lmscope" in html
+
+
+def test_offloaded_to_disk_gives_the_same_study(synthetic_run, tmp_path):
+    """The same command with most of the model offloaded to disk (``--max-memory``) reports the
+    same recall, temporal heads, ablation table and edit successes."""
+    first, _, out = synthetic_run
+    root = out.parent
+    argv = ["temporal", root / "model", "--data", root / "data", "--steps", 5, "--top", TOP,
+            "--edits", root / "edits.jsonl", "--max-new-tokens", 1, "--corpus", "none",
+            "--max-memory", "cpu=100KB", "--offload-folder", tmp_path / "offload", "--out", tmp_path / "out"]  # fmt: skip
+    assert _cli(*argv) == 0
+    check = lmscope.load(
+        str(root / "model"), device_map="auto", max_memory={"cpu": "100KB"}, offload_folder=str(tmp_path)
+    )
+    assert "disk" in set(check.hf.hf_device_map.values())  # these settings do put layers on disk
+    second = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert second["parts"]["heads"]["temporal_nodes"] == first["parts"]["heads"]["temporal_nodes"]
+    for part in ("recall", "ablation"):
+        assert _close(second["parts"][part], first["parts"][part]), part
+    assert second["parts"]["edit"]["successes"] == first["parts"]["edit"]["successes"]
+
+
+def _close(a, b, tol: float = 1e-5) -> bool:
+    """Nested JSON equal up to ``tol`` in floats."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= tol
+    return a == b
 
 
 def test_bad_input_is_one_line(capsys, tmp_path):

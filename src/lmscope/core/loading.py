@@ -161,6 +161,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
+def parse_max_memory(text: str | None) -> dict | None:
+    """``"cpu=300MB,0=20GB"`` -> ``{"cpu": "300MB", 0: "20GB"}``: accelerate's ``max_memory``,
+    per device (``cpu`` or a CUDA index) a size such as ``300MB`` or ``20GiB``."""
+    if not text:
+        return None
+    out: dict = {}
+    for item in text.split(","):
+        key, sep, size = item.strip().partition("=")
+        if not sep or not key or not size:
+            raise LmscopeError(f"bad --max-memory entry '{item}' (expected DEVICE=SIZE, e.g. cpu=300MB,0=20GB)")
+        out[int(key) if key.isdigit() else key] = size
+    return out
+
+
 def load_hf(
     spec: str,
     *,
