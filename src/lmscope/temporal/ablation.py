@@ -126,12 +126,14 @@ def ablation(
     corpus: Corpus | None = None,
     window: int = 512,
     recall_options: dict | None = None,
+    baseline: Recall | None = None,
     on_row: Callable[[Ablation], None] | None = None,
 ) -> Ablation:
     """Recall of ``categories`` (options of :func:`recall` in ``recall_options``) and the
     perplexity of ``corpus`` (windows of ``window`` tokens; None: skipped) with nothing zeroed,
     each of ``alone`` (default: every one of ``heads``) zeroed alone, and all ``heads`` zeroed
-    together (the last two only with heads).
+    together (the last two only with heads). ``baseline``: the recall of ``categories`` with
+    nothing zeroed, if already computed (with the same options), reused for the first row.
     ``on_row`` sees the table after each row (to save partial results)."""
     plans = [(NONE, [])]
     if heads:
@@ -141,7 +143,10 @@ def ablation(
     with progress_bar("ablation", len(plans)) as advance:
         for label, zeroed in plans:
             interventions = zero_heads(zeroed)
-            known = recall(model, categories, interventions=interventions, **(recall_options or {}))
+            if not zeroed and baseline is not None:
+                known = baseline
+            else:
+                known = recall(model, categories, interventions=interventions, **(recall_options or {}))
             ppl = None
             if corpus is not None:
                 with model.hooks(interventions=interventions):

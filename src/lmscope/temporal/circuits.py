@@ -29,7 +29,7 @@ from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
 from lmscope.reports.results import write_json
 from lmscope.temporal.data import PairSet
-from lmscope.temporal.heads import NodeSet
+from lmscope.temporal.heads import INVARIANT, NodeSet
 
 
 @dataclass(frozen=True)
@@ -46,19 +46,23 @@ class CircuitSettings:
 @dataclass
 class CategoryCircuit:
     """The circuit of one pair set: ``name`` (``"<category> <year>"`` or the invariant category),
-    ``group`` (the year, or ``"invariant"``), ``kind`` (temporal / invariant), the number of
+    ``group`` (the year, or ``"invariant"``; :attr:`kind` follows from it), the number of
     pairs used and dropped (unequal token lengths), the graph's edge count, the selected and
     pruned :class:`Circuit` and its :class:`Faithfulness` (with the paper's CRS)."""
 
     name: str
     group: str
-    kind: str
     n_pairs: int
     dropped: int
     graph_edges: int
     circuit: Circuit
     faithfulness: Faithfulness
     settings: CircuitSettings
+
+    @property
+    def kind(self) -> str:
+        """``"invariant"`` for the invariant group, else ``"temporal"``."""
+        return "invariant" if self.group == INVARIANT else "temporal"
 
     @property
     def nodes(self) -> set[str]:
@@ -111,7 +115,7 @@ def slug(name: str) -> str:
 
 
 def build_circuit(
-    model: Model, pairs: PairSet, group: str, kind: str, settings: CircuitSettings = CircuitSettings()
+    model: Model, pairs: PairSet, group: str, settings: CircuitSettings = CircuitSettings()
 ) -> CategoryCircuit:
     """EAP-IG on ``pairs`` (metric logit difference), the top ``settings.top`` edges (capped at
     the graph's edge count) pruned, and the circuit's faithfulness and CRS on the same pairs."""
@@ -124,7 +128,7 @@ def build_circuit(
     graph_edges = int(scores.valid.sum())
     circuit = select(scores, top=min(settings.top, graph_edges))
     faith = faithfulness(model, used, circuit, "logit_diff")
-    return CategoryCircuit(pairs.name, group, kind, len(used), pairs.dropped, graph_edges, circuit, faith, settings)
+    return CategoryCircuit(pairs.name, group, len(used), pairs.dropped, graph_edges, circuit, faith, settings)
 
 
 def save_circuit(circuit: CategoryCircuit, out: Path) -> Path:
@@ -143,7 +147,6 @@ def load_circuit(path: Path, settings: CircuitSettings, n_pairs: int) -> Categor
         return CategoryCircuit(
             data["name"],
             data["group"],
-            data["kind"],
             data["n_pairs"],
             data["dropped"],
             data["graph_edges"],

@@ -196,13 +196,12 @@ def study_circuits(
                 result.empty.append(pairs.name)
                 advance(1)
                 continue
-            kind = "invariant" if group == INVARIANT else "temporal"
             path = out / f"graph_{slug(pairs.name)}.json"
             circuit = load_circuit(path, settings.circuits, used) if path.exists() else None
             if circuit is not None:
                 result.resumed += 1
             else:
-                circuit = build_circuit(model, pairs, group, kind, settings.circuits)
+                circuit = build_circuit(model, pairs, group, settings.circuits)
                 save_circuit(circuit, out)
                 draw(circuit.circuit, out / f"graph_{circuit.slug}.png", title=circuit.name)
             result.circuits.append(circuit)
@@ -257,8 +256,8 @@ def run_study(
 
     known = [limit(c, settings.recall_samples) for c in categories]
     options = {"templates": settings.templates, "chat": settings.chat, "bos": settings.bos}
-    part("recall", "What the model knows", "Multiple-choice recall per category (paper notebook 5).",
-         lambda: recall(model, known, **options))  # fmt: skip
+    known_recall = part("recall", "What the model knows", "Multiple-choice recall per category (paper notebook 5).",
+                        lambda: recall(model, known, **options))  # fmt: skip
     circuits = part(
         "circuits",
         "Circuits per year and per invariant category",
@@ -276,7 +275,7 @@ def run_study(
             corpus = load_corpus(model, settings.corpus, max_tokens=settings.ppl_tokens)
         return ablation(
             model, heads.heads, known, alone=heads.ranked()[: settings.ablate_alone], corpus=corpus, window=min(settings.window, len(corpus) if corpus else 1),
-            recall_options=options, on_row=lambda partial: writer.update("ablation", partial),
+            recall_options=options, baseline=known_recall, on_row=lambda partial: writer.update("ablation", partial),
         )  # fmt: skip
 
     part("ablation", "Zero-ablating the temporal heads",
