@@ -16,8 +16,10 @@ from rich.console import Console
 from rich.table import Table
 
 from lmscope import load
+from lmscope.core import distributed, memory
 from lmscope.core.errors import LmscopeError
 from lmscope.core.loading import ALIASES, DEFAULT_MODEL, cached_conversions, parse_max_memory
+from lmscope.core.memory import PeakMemory
 from lmscope.core.sites import parse_site
 from lmscope.reports.results import header, output_dir, save, write_json
 
@@ -40,15 +42,34 @@ DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (CUDA wh
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
 MaxMemoryOpt = Annotated[
     str | None,
-    typer.Option(help="spread the model over devices within these sizes, e.g. cpu=2GB,0=20GB (rest to disk)"),
+    typer.Option(
+        help="memory per device, e.g. cpu=2GB,0=20GB: the model is spread within it (rest to disk); "
+        "a bare size (4GB) only bounds the working memory of gradient methods"
+    ),
 ]
 OffloadOpt = Annotated[Path | None, typer.Option(help="folder for layers offloaded to disk (default: a temporary one)")]
+
+
+def _bare_size(text: str) -> int:
+    try:
+        return memory.parse_size(text)
+    except LmscopeError:
+        raise LmscopeError(
+            f"bad --max-memory '{text}' (a size such as 4GB, or DEVICE=SIZE entries such as cpu=2GB,0=20GB)"
+        ) from None
+
+
+def _budget(max_memory: str | None) -> dict | str | None:
+    """``--max-memory`` as the gradient methods' budget: a bare size, or the per-device sizes."""
+    return max_memory if max_memory is None or "=" not in max_memory else parse_max_memory(max_memory)
 
 
 def _load(model: str, device: str, dtype: str, max_memory: str | None, offload_folder: Path | None):
     """Load MODEL on ``device`` in ``dtype``; with ``max_memory``, spread over devices and disk
     (accelerate's ``device_map="auto"``)."""
-    if max_memory is None:
+    if max_memory is None or "=" not in max_memory:  # no limit, or a working-memory budget only
+        if max_memory is not None:
+            _bare_size(max_memory)
         return load(model, device=device, dtype=dtype)
     import tempfile
 
@@ -252,7 +273,9 @@ def locate(
     out = output_dir(out)
     m = _load(model, device, dtype, max_memory, offload_folder)
     pairs = tokenize_pairs(m, pairs_for(m, data, task, n), align)
-    results = run_locate(m, pairs, method, level, metric, steps, direction)
+    budget = memory.budget(m.device, _budget(max_memory))
+    with PeakMemory(m.device) as peak:
+        results = run_locate(m, pairs, method, level, metric, steps, direction, max_memory=budget)
     settings = {
         "data": str(data) if data else None,
         "task": task,
@@ -267,6 +290,7 @@ def locate(
     payload = {
         **header("locate", model, m, settings),
         "metric": {"name": metric, "clean": results[0].clean, "corrupt": results[0].corrupt},
+        "memory": {"device": str(m.device), "budget_bytes": budget, "peak_bytes": peak.peak},
         "results": [r.to_json() for r in results],
     }
     save(out, payload, [figure for r in results for figure in r.figures()])
@@ -324,7 +348,9 @@ def circuit(
     out = output_dir(out)
     m = _load(model, device, dtype, max_memory, offload_folder)
     pairs = tokenize_pairs(m, pairs_for(m, data, task, n), align)
-    scores = edge_attribution(m, pairs, metric, steps)
+    budget = memory.budget(m.device, _budget(max_memory))
+    with PeakMemory(m.device) as peak:
+        scores = edge_attribution(m, pairs, metric, steps, max_memory=budget)
     chosen = select(scores, top=top, threshold=threshold)
     faith = faithfulness(m, pairs, chosen, metric)
     settings = {
@@ -342,6 +368,7 @@ def circuit(
     payload = {
         **header("circuit", model, m, settings),
         "metric": {"name": metric, "clean": scores.clean, "corrupt": scores.corrupt},
+        "memory": {"device": str(m.device), "budget_bytes": budget, "peak_bytes": peak.peak},
         "faithfulness": faith.to_json(),
         "circuit": graph,
         "edges": [{"from": u, "to": v, "score": s} for u, v, s in scores.edges()],
@@ -542,10 +569,14 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    console.quiet = not distributed.is_main()  # under torchrun, rank 0 prints the tables
     try:
         app(args=argv, prog_name="lmscope")  # usage errors: typer prints them, exit code 2
     except LmscopeError as e:
         if debug:
             raise
-        err.print(f"[red]error:[/red] {e}", soft_wrap=True, highlight=False)
+        if distributed.should_report(e):
+            err.print(f"[red]error:[/red] {e}", soft_wrap=True, highlight=False)
         sys.exit(2)
+    finally:
+        distributed.shutdown()

@@ -83,11 +83,24 @@ def test_weight_reading_analyses_equal_in_memory(tiny_pair):
     assert wa == wb
 
 
-def test_in_place_weight_quantisation_refuses_offloaded_weights(tiny_pair):
-    from lmscope.quant.fake import quantized_weights
+def test_weight_quantisation_of_offloaded_weights_equals_in_memory(tiny_pair):
+    """W4 (groups of 16) perplexity with most layers on disk equals the in-memory model's, the
+    quantised weights being read through accelerate's weights map; both models come back
+    unchanged."""
+    from lmscope.quant.corpus import Corpus
+    from lmscope.quant.evaluation import perplexity
+    from lmscope.quant.fake import QuantConfig, block_linears
 
-    with pytest.raises(LmscopeError, match="without offload"), quantized_weights(tiny_pair[1], 4):
-        pass
+    memory, offloaded = tiny_pair
+    corpus = Corpus("random", torch.randint(3, memory.d_vocab, (96,), generator=torch.Generator().manual_seed(4)))
+    config = QuantConfig(weight_bits=4, weight_group=16)
+    maps = [getattr(m, "_hf_hook", None) and m._hf_hook.weights_map for m in block_linears(offloaded)]
+    assert any(m is not None for m in maps)
+    plain = perplexity(memory, corpus, window=16)["perplexity"]
+    pa, pb = (perplexity(m, corpus, window=16, config=config)["perplexity"] for m in (memory, offloaded))
+    assert pa == pytest.approx(pb, rel=1e-6) and pa != plain
+    assert perplexity(offloaded, corpus, window=16)["perplexity"] == pytest.approx(plain, rel=1e-6)
+    assert [getattr(m, "_hf_hook", None) and m._hf_hook.weights_map for m in block_linears(offloaded)] == maps
 
 
 def test_every_analysis_equals_in_memory(tiny_pair):

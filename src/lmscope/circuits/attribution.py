@@ -28,6 +28,7 @@ from lmscope.circuits.metrics import Metric, get_metric
 from lmscope.circuits.pairs import Baselines, BoundMetric, PromptPair, TokenPair, as_token_pairs, bind
 from lmscope.circuits.patching import COMPONENTS
 from lmscope.circuits.scores import PatchResult
+from lmscope.core import distributed, memory
 from lmscope.core.errors import LmscopeError
 from lmscope.core.interventions import Intervention, apply
 from lmscope.core.model import Model
@@ -72,6 +73,25 @@ def interpolations(
         yield inputs, apply("embed", lambda x, a=alphas: corrupt_emb + a[:, None, None] * delta)
 
 
+def gradient_rows(model: Model, length: int, steps: int, budget: int, *, edges: bool = False, fixed: int = 0) -> int:
+    """How many interpolation steps of a ``length``-token pair run per forward and backward
+    within ``budget`` bytes (at least 1, at most ``steps``), ``fixed`` bytes being held already.
+
+    A step's cost is estimated per token and layer from the activations a backward pass keeps
+    (residual stream, norms, q/k/v, attention output: ~16 d_model; MLP: ~4 d_mlp; the attention
+    weights, 2 n_heads x length, where attention is not fused: on the CPU or with eager
+    attention), in the model's dtype; edges add the retained q/k/v gradients and inputs per layer
+    and one layer's per-head input gradients, [3 n_heads, length, d_model] three times."""
+    d, d_mlp, heads, layers = model.d_model, model.d_mlp, model.n_heads, model.n_layers
+    size = torch.finfo(model.hf.dtype).bits // 8
+    fused = model.device.type == "cuda" and getattr(model.hf.config, "_attn_implementation", "sdpa") != "eager"
+    per_token = 16 * d + 4 * d_mlp + (0 if fused else 2 * heads * length)
+    per_row = layers * length * per_token * size
+    if edges:
+        per_row += layers * length * 5 * d * size + 9 * heads * length * d * 4
+    return int(max(1, min(steps, (budget - fixed) // per_row)))
+
+
 def integrated_gradients(
     model: Model,
     metric: BoundMetric,
@@ -79,16 +99,17 @@ def integrated_gradients(
     steps: int,
     embeds: tuple[Tensor, Tensor] | None = None,
     schedule: str = "upstream",
+    rows: int = 16,
 ) -> dict[str, Tensor]:
     """Integrated gradients (Sundararajan et al. 2017) of a pair's bound metric at ``sites``: the
     mean over ``steps`` interpolated inputs (:func:`interpolations`, with its ``schedule``) of
-    dM/d(site), each ``[pos, ...]``.
+    dM/d(site), each ``[pos, ...]``, ``rows`` steps per forward and backward.
 
     ``steps=1`` is the plain gradient at the corrupted input (attribution patching), or at the
     clean input with ``schedule="paper"``."""
     grads: dict[str, Tensor] = {}
-    for inputs, interpolate in interpolations(model, metric.pair, steps, embeds=embeds, schedule=schedule):
-        run = model.run(inputs, capture=sites, interventions=[interpolate], grad=True)
+    for inputs, interpolate in interpolations(model, metric.pair, steps, rows, embeds, schedule):
+        run = model.run(inputs, capture=sites, interventions=[interpolate], grad=True, logits="last")
         metric(run.logits[:, -1]).sum().backward()
         for site in sites:
             g = run.cache[site].grad.sum(0)
@@ -106,6 +127,7 @@ def attribute(
     metric: str | Metric = "logit_diff",
     steps: int = 100,
     schedule: str = "upstream",
+    max_memory: int | str | dict | None = None,
 ) -> PatchResult:
     """Node scores by attribution patching (Nanda 2023) or EAP-IG (Hanna et al. 2024), denoising
     direction: per pair, ``(a_clean - a_corrupt) . dM/da`` with the gradient at the corrupted
@@ -119,6 +141,10 @@ def attribute(
     by the mean M(clean) - M(corrupt) (:meth:`~lmscope.circuits.pairs.Baselines.normalise`).
     ``schedule``: the interpolation steps of ``eap-ig`` (:func:`interpolations`: ``"upstream"``
     or ``"paper"``); ``attribution`` always takes the gradient at the corrupted input.
+    ``max_memory``: the working-memory budget (bytes, a size such as ``"4GB"``, or accelerate's
+    per-device dict; default: half the free memory of the model's device,
+    :func:`lmscope.core.memory.budget`), which sets the steps per backward
+    (:func:`gradient_rows`).
     """
     if method not in GRADIENT_METHODS:
         raise LmscopeError(f"unknown method '{method}' (choose from {', '.join(GRADIENT_METHODS)})")
@@ -136,21 +162,28 @@ def attribute(
     kind = COMPONENTS[component]
     sites = [f"blocks.{layer}.{kind}" for layer in range(model.n_layers)]
     n_steps, schedule = (1, "upstream") if method == "attribution" else (steps, schedule)
+    budget = memory.budget(model.device, max_memory)
+
+    def run_pair(pair: TokenPair) -> tuple[Tensor, tuple[float, float]]:
+        """One pair's node scores [n_layers, n_pos or 1, n_heads or 1] and (M(clean), M(corrupt))."""
+        with torch.no_grad():
+            clean = model.run(pair.inputs("clean"), capture=[*sites, "embed"])
+            corrupt = model.run(pair.inputs("corrupt"), capture=[*sites, "embed"])
+        bound = bind(metric, pair, clean.logits[0, -1])
+        baselines = (float(bound(clean.logits[:, -1])[0]), float(bound(corrupt.logits[:, -1])[0]))
+        embeds = (clean.cache["embed"], corrupt.cache["embed"])
+        rows = gradient_rows(model, len(pair.clean), n_steps, budget)
+        grads = integrated_gradients(model, bound, sites, n_steps, embeds, schedule, rows)
+        scores = [_node_scores((clean.cache[s][0] - corrupt.cache[s][0]) * grads[s], kind, per_position) for s in sites]
+        return torch.stack([s.cpu() for s in scores]), baselines
+
     totals = None
     per_pair = []
     with progress_bar(f"{method} ({component})", total=len(token_pairs)) as advance:
-        for pair in token_pairs:
-            with torch.no_grad():
-                clean = model.run(pair.inputs("clean"), capture=[*sites, "embed"])
-                corrupt = model.run(pair.inputs("corrupt"), capture=[*sites, "embed"])
-            bound = bind(metric, pair, clean.logits[0, -1])
-            per_pair.append((float(bound(clean.logits[:, -1])[0]), float(bound(corrupt.logits[:, -1])[0])))
-            embeds = (clean.cache["embed"], corrupt.cache["embed"])
-            grads = integrated_gradients(model, bound, sites, n_steps, embeds, schedule)
-            scores = torch.stack(
-                [_node_scores((clean.cache[s][0] - corrupt.cache[s][0]) * grads[s], kind, per_position) for s in sites]
-            )
+        # Under torchrun, pairs go round-robin to the ranks and add up in order on each.
+        for scores, baselines in distributed.ordered_map(token_pairs, run_pair):
             totals = scores if totals is None else totals + scores
+            per_pair.append(baselines)
             advance(1)
     baselines = Baselines.mean(per_pair)
     scores = baselines.normalise(totals / len(token_pairs), difference=True).float()

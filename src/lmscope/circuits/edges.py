@@ -40,9 +40,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lmscope.circuits.attribution import interpolations
+from lmscope.circuits.attribution import gradient_rows, interpolations
 from lmscope.circuits.metrics import Metric, get_metric
 from lmscope.circuits.pairs import Baselines, BoundMetric, PromptPair, TokenPair, as_token_pairs, bind
+from lmscope.core import distributed, memory
 from lmscope.core.anatomy import (
     QKV,
     head_contributions,
@@ -127,21 +128,36 @@ def _norm_vjp(norm, x: Tensor, cotangents: Tensor) -> Tensor:
     return grads
 
 
-def _edge_gradients(
-    model: Model, pair: TokenPair, bound: BoundMetric, steps: int, embeds, schedule: str = "upstream"
+def _edge_scores(
+    model: Model,
+    pair: TokenPair,
+    bound: BoundMetric,
+    steps: int,
+    embeds,
+    upstream: Tensor,
+    schedule: str = "upstream",
+    rows: int = 16,
 ) -> Tensor:
-    """Mean over interpolation steps (``schedule``: see :func:`interpolations`) of dM/d in_v for
-    every downstream input v: [V, T, d_model]."""
+    """Unnormalised edge scores of one pair, [U, V] float64: ``upstream`` [U, T, d] (each upstream
+    node's clean - corrupted output) dotted with the mean over interpolation steps (``schedule``:
+    see :func:`interpolations`) of dM/d in_v for every downstream input v. ``rows`` interpolation
+    steps run per forward and backward; each layer's input gradients, [3H, rows, T, d] at most,
+    are summed over steps and contracted with ``upstream`` at once, so the gradients of all
+    downstream inputs ([V, T, d]) are never held together (as the EAP-IG code's backward hooks)."""
     fam, L = model.family, model.n_layers
     total = None
     last = f"blocks.{L - 1}.resid_post"
     sites = [last] + [f"blocks.{layer}.mlp.in" for layer in range(L)]
-    for inputs, interpolate in interpolations(model, pair, steps, embeds=embeds, schedule=schedule):
+
+    def contract(grads: Tensor) -> Tensor:  # [v, T, d] -> [U, v] float64
+        return torch.einsum("utd,vtd->uv", upstream, grads.to(upstream)).double().cpu()
+
+    for inputs, interpolate in interpolations(model, pair, steps, rows, embeds, schedule):
         saved: list[dict] = [{"out": {}} for _ in range(L)]
         with per_query_heads(model, expand=True), hooked(model, _grad_hooks(model, saved)):
-            run = model.run(inputs, capture=sites, interventions=[interpolate], grad=True)
+            run = model.run(inputs, capture=sites, interventions=[interpolate], grad=True, logits="last")
             bound(run.logits[:, -1]).sum().backward()
-        grads = []
+        columns = []
         for layer in range(L):
             s = saved[layer]
             g = split_qkv(model, {name: out.grad for name, out in s["out"].items()})
@@ -153,12 +169,16 @@ def _edge_gradients(
             if k_norm is not None:  # back through the joint key norm, then the whole k projection
                 parts[1] = _through_joint_norm(model, layer, k_norm, s["k_in"], g["k"])
             per_head = torch.cat(parts)  # [3H, S, T, d] in the normalised space
-            heads = _norm_vjp(attn_norm, s["attn_in"], per_head)
-            mlp = _norm_vjp(mlp_norm, s["mlp_in"], run.cache[f"blocks.{layer}.mlp.in"].grad[None])
-            grads += [heads, mlp]
-        grads.append(run.cache[last].grad[None])
-        step_sum = torch.cat(grads).detach().sum(1)  # [V, T, d]
-        total = step_sum if total is None else total + step_sum
+            del parts, g
+            heads = _norm_vjp(attn_norm, s["attn_in"], per_head).detach().sum(1)  # [3H, T, d]
+            del per_head
+            mlp = _norm_vjp(mlp_norm, s["mlp_in"], run.cache[f"blocks.{layer}.mlp.in"].grad[None]).detach().sum(1)
+            columns += [contract(heads), contract(mlp)]
+            saved[layer] = None  # free this layer's activations before the next
+        columns.append(contract(run.cache[last].grad.detach().sum(0)[None]))
+        del run, saved
+        step_scores = torch.cat(columns, 1)  # [U, V]
+        total = step_scores if total is None else total + step_scores
     model.hf.zero_grad(set_to_none=True)
     return total / steps
 
@@ -209,40 +229,53 @@ def edge_attribution(
     metric: str | Metric = "logit_diff",
     steps: int = 100,
     schedule: str = "upstream",
+    max_memory: int | str | dict | None = None,
 ) -> EdgeScores:
     """EAP-IG edge scores (Hanna et al. 2024; ``steps=1``: plain EAP, Syed et al. 2023, with
     gradients at the corrupted input), averaged over pairs and normalised by M(clean) -
     M(corrupt). ``pairs``: token pairs, or prompt pairs of equal token length (align pairs of
     different lengths with :func:`lmscope.circuits.pairs.tokenize_pairs` first). ``schedule``:
     ``"upstream"`` integrates over k = 0..steps-1 as the EAP-IG code, ``"paper"`` over
-    k = 1..steps as the Temporal Heads code's vendored copy (:func:`interpolations`)."""
+    k = 1..steps as the Temporal Heads code's vendored copy (:func:`interpolations`).
+    ``max_memory``: the working-memory budget (a size, accelerate's per-device dict, or None:
+    half the free memory of the model's device), which sets the steps per backward
+    (:func:`~lmscope.circuits.attribution.gradient_rows`)."""
+    budget = memory.budget(model.device, max_memory)
     metric = get_metric(metric)
     token_pairs = as_token_pairs(model, pairs)
     up, down, valid = graph_nodes(model)
     L = model.n_layers
     sites = ["embed", "blocks.0.resid_pre"] + [f"blocks.{layer}.attn.z" for layer in range(L)]
+
+    def run_pair(pair: TokenPair) -> tuple[Tensor, tuple[float, float]]:
+        """One pair's unnormalised edge scores [U, V] (float64) and (M(clean), M(corrupt))."""
+        with torch.no_grad():
+            with mlp_contributions(model) as clean_mlp:
+                clean = model.run(pair.inputs("clean", model.device), capture=sites)
+            with mlp_contributions(model) as corrupt_mlp:
+                corrupt = model.run(pair.inputs("corrupt", model.device), capture=sites)
+            outs = [clean.cache["blocks.0.resid_pre"] - corrupt.cache["blocks.0.resid_pre"]]
+            for layer in range(L):
+                z = f"blocks.{layer}.attn.z"
+                heads = head_contributions(model, layer, clean.cache[z]) - head_contributions(
+                    model, layer, corrupt.cache[z]
+                )
+                outs += [heads[:, 0], (clean_mlp[layer] - corrupt_mlp[layer])]
+            upstream = torch.cat(outs)  # [U, T, d]
+        bound = bind(metric, pair, clean.logits[0, -1])
+        baselines = (float(bound(clean.logits[:, -1])[0]), float(bound(corrupt.logits[:, -1])[0]))
+        embeds = (clean.cache["embed"], corrupt.cache["embed"])
+        del clean, corrupt, clean_mlp, corrupt_mlp, outs
+        rows = gradient_rows(model, len(pair.clean), steps, budget, edges=True, fixed=upstream.numel() * 4)
+        return _edge_scores(model, pair, bound, steps, embeds, upstream.float(), schedule, rows), baselines
+
     total = torch.zeros(len(up), len(down), dtype=torch.float64)
     per_pair = []
     with progress_bar("EAP-IG edges", total=len(token_pairs)) as advance:
-        for pair in token_pairs:
-            with torch.no_grad():
-                with mlp_contributions(model) as clean_mlp:
-                    clean = model.run(pair.inputs("clean", model.device), capture=sites)
-                with mlp_contributions(model) as corrupt_mlp:
-                    corrupt = model.run(pair.inputs("corrupt", model.device), capture=sites)
-                outs = [clean.cache["blocks.0.resid_pre"] - corrupt.cache["blocks.0.resid_pre"]]
-                for layer in range(L):
-                    z = f"blocks.{layer}.attn.z"
-                    heads = head_contributions(model, layer, clean.cache[z]) - head_contributions(
-                        model, layer, corrupt.cache[z]
-                    )
-                    outs += [heads[:, 0], (clean_mlp[layer] - corrupt_mlp[layer])]
-                upstream = torch.cat(outs)  # [U, T, d]
-            bound = bind(metric, pair, clean.logits[0, -1])
-            per_pair.append((float(bound(clean.logits[:, -1])[0]), float(bound(corrupt.logits[:, -1])[0])))
-            embeds = (clean.cache["embed"], corrupt.cache["embed"])
-            downstream = _edge_gradients(model, pair, bound, steps, embeds, schedule)
-            total += torch.einsum("utd,vtd->uv", upstream.double(), downstream.double())
+        # Under torchrun, pairs go round-robin to the ranks and add up in order on each.
+        for scores, baselines in distributed.ordered_map(token_pairs, run_pair):
+            total += scores
+            per_pair.append(baselines)
             advance(1)
     baselines = Baselines.mean(per_pair, check=True)
     scores = baselines.normalise(total / len(token_pairs), difference=True).float() * valid

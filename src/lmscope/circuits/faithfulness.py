@@ -32,6 +32,7 @@ from lmscope.circuits.edges import graph_nodes
 from lmscope.circuits.graph import Circuit
 from lmscope.circuits.metrics import Metric, get_metric
 from lmscope.circuits.pairs import Baselines, PromptPair, TokenPair, as_token_pairs, bind
+from lmscope.core import distributed
 from lmscope.core.anatomy import (
     QKV,
     head_contributions,
@@ -226,8 +227,9 @@ def faithfulness(
         f"blocks.{layer}.{k}" for layer in range(model.n_layers) for k in ("attn.z", "mlp.out")
     ]
     token_pairs = as_token_pairs(model, pairs)
-    per_pair, circuit_total = [], 0.0
-    for pair in token_pairs:
+
+    def run_pair(pair: TokenPair) -> tuple[float, float, float]:
+        """M(clean), M(corrupt) and M(circuit) of one pair."""
         clean = pair.inputs("clean", model.device)
         clean_run = model.run(clean)
         with mlp_contributions(model) as corrupt_mlp:
@@ -238,8 +240,13 @@ def faithfulness(
                 circuit_run = model.run(clean)
         else:
             circuit_run = model.run(clean, interventions=ablate_outside(model, circuit, corrupt_run.cache))
-        per_pair.append((float(bound(clean_run.logits[:, -1])[0]), float(bound(corrupt_run.logits[:, -1])[0])))
-        circuit_total += float(bound(circuit_run.logits[:, -1])[0])
+        return tuple(float(bound(run.logits[:, -1])[0]) for run in (clean_run, corrupt_run, circuit_run))
+
+    per_pair, circuit_total = [], 0.0
+    # Under torchrun, pairs go round-robin to the ranks and add up in order on each.
+    for clean_value, corrupt_value, circuit_value in distributed.ordered_map(token_pairs, run_pair):
+        per_pair.append((clean_value, corrupt_value))
+        circuit_total += circuit_value
     baselines = Baselines.mean(per_pair, check=False)
     c = circuit_total / len(token_pairs)
     return Faithfulness(baselines.clean, c, baselines.corrupt, baselines.normalise(c), crs(baselines.clean, c))

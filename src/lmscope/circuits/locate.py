@@ -32,6 +32,7 @@ def locate(
     metric: str | Metric = "logit_diff",
     steps: int = 100,
     direction: str = "denoising",
+    max_memory: int | str | dict | None = None,
 ) -> list[PatchResult]:
     """Score the components of ``level`` by ``method``: ``exact`` activation patching (Meng et al.
     2022; Wang et al. 2022), ``attribution`` patching (Nanda 2023) or ``eap-ig`` (Hanna et al.
@@ -39,7 +40,8 @@ def locate(
     component, normalised so the corrupted run scores 0 and the clean run 1.
 
     ``pairs``: token pairs, or prompt pairs of equal length (tokenise pairs of different lengths
-    with :func:`~lmscope.circuits.pairs.tokenize_pairs` and ``align="final"`` first)."""
+    with :func:`~lmscope.circuits.pairs.tokenize_pairs` and ``align="final"`` first).
+    ``max_memory``: the gradient methods' working-memory budget (see :func:`attribute`)."""
     if method not in METHODS:
         raise LmscopeError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     if level not in LEVELS:
@@ -52,6 +54,6 @@ def locate(
         if method == "exact":
             r = activation_patching(model, token_pairs, component, per_position, direction, metric)
         else:
-            r = attribute(model, token_pairs, method, component, per_position, metric, steps)
+            r = attribute(model, token_pairs, method, component, per_position, metric, steps, max_memory=max_memory)
         results.append(r)
     return results

@@ -41,6 +41,7 @@ from transformers.cache_utils import Cache
 from lmscope.circuits.metrics import Metric, get_metric
 from lmscope.circuits.pairs import Baselines, BoundMetric, PromptPair, TokenPair, as_token_pairs, bind
 from lmscope.circuits.scores import PatchResult
+from lmscope.core import distributed
 from lmscope.core.errors import LmscopeError
 from lmscope.core.hooks import Hook, hooked
 from lmscope.core.model import Model, position_ids
@@ -259,10 +260,13 @@ def activation_patching(
     per_pair = []
     work = sum(n_layers * (len(p.clean) if per_position else 1) for p in token_pairs)
     with torch.no_grad(), progress_bar(f"patching {component}s ({direction})", total=work) as advance:
-        for pair in token_pairs:
-            values, clean_corrupt = _patch_pair(
-                model, pair, kind, per_position, direction, metric, n_heads, max_batch, advance
-            )
+
+        def run_pair(pair: TokenPair) -> tuple[Tensor, tuple[float, float]]:
+            share = lambda n: advance(n * distributed.world_size())
+            return _patch_pair(model, pair, kind, per_position, direction, metric, n_heads, max_batch, share)
+
+        # Under torchrun, pairs go round-robin to the ranks and add up in order on each.
+        for values, clean_corrupt in distributed.ordered_map(token_pairs, run_pair):
             totals += values
             per_pair.append(clean_corrupt)
     baselines = Baselines.mean(per_pair)

@@ -32,12 +32,23 @@ def load(
     float64); ``device_map``: spread the model over devices (accelerate's ``device_map``, e.g.
     ``"auto"``), within ``max_memory`` per device (``{"cpu": "300MB", 0: "20GB"}``), layers that
     do not fit offloaded to ``offload_folder`` on disk.
-    """
-    from lmscope.core.loading import load_hf
 
+    Under torchrun (several processes) the first call joins the process group
+    (:mod:`lmscope.core.distributed`); rank 0 loads first (a GGUF file is converted once, by
+    it), then the others; on CUDA each rank takes ``cuda:LOCAL_RANK``.
+    """
+    from lmscope.core import distributed
+    from lmscope.core.loading import load_hf, resolve_device
+
+    if distributed.requested():
+        distributed.init("cuda" if device_map is None and resolve_device(device).type == "cuda" else "cpu")
+        if not distributed.is_main():
+            distributed.barrier()
     hf, tokenizer, source = load_hf(
         spec, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder
     )
+    if distributed.is_main():
+        distributed.barrier()
     return Model(hf, tokenizer, source=source, name=spec)
 
 

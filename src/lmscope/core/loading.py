@@ -144,8 +144,10 @@ def resolve(spec: str) -> tuple[str, Path | str]:
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"``: the first CUDA device when there is one, else the CPU; ``"cpu"``, ``"cuda"``,
     ``"cuda:1"``, ... as given. A device this machine lacks is a one-line error."""
+    from lmscope.core.distributed import local_device
+
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -158,7 +160,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
             raise LmscopeError(f"device '{device}': this machine has {count} CUDA device(s)")
     elif resolved.type != "cpu":
         raise LmscopeError(f"unsupported device '{device}' (cpu, cuda, cuda:N or auto)")
-    return resolved
+    return local_device(resolved)
 
 
 def parse_max_memory(text: str | None) -> dict | None:

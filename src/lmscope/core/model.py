@@ -201,7 +201,7 @@ class Model:
         interventions: Sequence[Intervention] = (),
         *,
         padding_side: str = "right",
-        logits: bool = True,
+        logits: bool | str = True,
         **options,
     ) -> RunResult:
         """One forward pass over a batch, capturing sites and applying interventions.
@@ -210,6 +210,8 @@ class Model:
         so a left-padded prompt sees the same positions as alone. ``logits=False`` runs only
         Hugging Face's ``base_model`` (no unembedding, a fifth of SmolLM2's forward) when the
         caller needs captured activations only; the ``logits`` site then cannot be captured.
+        ``logits="last"`` computes the last position's logits only ([batch, 1, vocab]; Hugging
+        Face's ``logits_to_keep=1``), which spares a gradient run the whole [batch, pos, vocab].
         ``options`` (``to_cpu``, ``grad``, ``stop_after``) are :class:`~lmscope.core.hooks.HookSession`'s;
         with ``grad`` the forward records gradients.
         """
@@ -220,7 +222,8 @@ class Model:
         forward = self.hf if logits else self.hf.base_model
         result = None
         with torch.set_grad_enabled(options.get("grad", False)), session:
-            out = forward(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=False)
+            keep = {"logits_to_keep": 1} if logits == "last" else {}
+            out = forward(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=False, **keep)
             result = out.logits if logits else None
         return RunResult(result, session.cache, ids, mask)
 

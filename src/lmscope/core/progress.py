@@ -18,8 +18,9 @@ console = Console(stderr=True)
 
 
 def enabled() -> bool:
-    """Whether progress output is on: unless ``LMSCOPE_QUIET`` is set (to anything but 0)."""
-    return os.environ.get("LMSCOPE_QUIET", "") in ("", "0")
+    """Whether progress output is on: unless ``LMSCOPE_QUIET`` is set (to anything but 0), and
+    only on rank 0 of a torch.distributed run (torchrun's ``RANK``)."""
+    return os.environ.get("LMSCOPE_QUIET", "") in ("", "0") and os.environ.get("RANK", "0") == "0"
 
 
 def _progress() -> Progress:

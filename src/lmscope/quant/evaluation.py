@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmscope.core import distributed
 from lmscope.core.errors import LmscopeError
 from lmscope.core.jsonl import read_jsonl
 from lmscope.core.model import Model
@@ -55,24 +56,29 @@ def perplexity(
     if stride > window:
         raise LmscopeError(f"stride {stride} is longer than the window {window}")
     windows = corpus.windows(window, stride)
-    total, count = 0.0, 0
+    batches = list(zip(range(0, len(windows), batch_size), windows.split(batch_size)))
+
+    def batch_nll(item: tuple[int, Tensor]) -> list[Tensor]:
+        first, batch = item
+        nll = _token_nll(model, batch)
+        scored = torch.ones_like(nll, dtype=torch.bool)
+        context = window - stride - 1  # predictions of the tokens before the last `stride`
+        if context > 0:
+            scored[:, :context] = False
+        if first == 0:
+            scored[0] = True
+        advance(len(batch) * distributed.world_size())
+        return [torch.tensor([float(nll[scored].double().sum()), float(scored.sum())], dtype=torch.float64)]
+
     start = time.perf_counter()
     with (
         torch.no_grad(),
         quantized(model, config or QuantConfig()),
         progress_bar(label, len(windows)) as advance,
     ):
-        for first, batch in zip(range(0, len(windows), batch_size), windows.split(batch_size)):
-            nll = _token_nll(model, batch)
-            scored = torch.ones_like(nll, dtype=torch.bool)
-            context = window - stride - 1  # predictions of the tokens before the last `stride`
-            if context > 0:
-                scored[:, :context] = False
-            if first == 0:
-                scored[0] = True
-            total += float(nll[scored].double().sum())
-            count += int(scored.sum())
-            advance(len(batch))
+        # Under torchrun each rank sums its share of the batches, then the ranks' sums add up.
+        (sums,) = distributed.shard_sum(batches, batch_nll)
+    total, count = float(sums[0]), int(sums[1])
     seconds = time.perf_counter() - start
     mean = total / count
     return {

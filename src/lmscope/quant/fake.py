@@ -41,6 +41,7 @@ from lmscope.core.errors import LmscopeError
 from lmscope.core.hookpoints import point_modules
 from lmscope.core.hooks import Hook, hooked
 from lmscope.core.model import Model
+from lmscope.core.weights import transformed
 
 if TYPE_CHECKING:
     from lmscope.quant.kv import KVSummary
@@ -207,25 +208,16 @@ def block_linears(model: Model) -> list[nn.Module]:
 
 @contextlib.contextmanager
 def quantized_weights(model: Model, bits: int, group_size: int | None = None) -> Iterator[None]:
-    """Fake-quantise the block linear weights in place (symmetric, per output channel, groups of
-    ``group_size`` inputs); the original weights come back on exit, also after an error."""
-    saved = []
-    try:
-        with torch.no_grad():
-            for linear in block_linears(model):
-                w = linear.weight
-                if w.device.type == "meta":
-                    raise LmscopeError(
-                        "weight fake-quantisation changes weights in place: load the model without offload"
-                    )
-                saved.append((w, w.detach().clone()))
-                in_dim = 0 if type(linear).__name__ == "Conv1D" else 1  # Conv1D stores [in, out]
-                w.copy_(fake_quant_sym(w, bits, in_dim, group_size))
+    """Fake-quantise the block linear weights (symmetric, per output channel, groups of
+    ``group_size`` inputs): in place, the originals restored on exit (also after an error); weights
+    accelerate has offloaded to the CPU or disk are quantised as each forward loads them
+    (:func:`lmscope.core.weights.transformed`)."""
+    with contextlib.ExitStack() as stack:
+        for linear in block_linears(model):
+            in_dim = 0 if type(linear).__name__ == "Conv1D" else 1  # Conv1D stores [in, out]
+            quantize = lambda w, d=in_dim: fake_quant_sym(w, bits, d, group_size)
+            stack.enter_context(transformed(linear, quantize))
         yield
-    finally:
-        with torch.no_grad():
-            for w, original in saved:
-                w.copy_(original)
 
 
 def quantized_activations(model: Model, bits: int, group_size: int | None = None) -> contextlib.AbstractContextManager:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lmscope.core import distributed
 from lmscope.core.anatomy import head_params
 from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
@@ -36,11 +37,6 @@ class KVStats:
     n_kv_heads: int
     d_head: int
     n_tokens: int = 0
-
-    def update(self, layer: int, t: str, x: Tensor) -> None:
-        """Add keys or values ``x`` [batch, pos, n_kv_heads, d_head] of ``layer`` (``t`` is "k" or "v")."""
-        flat = x.detach().flatten(0, 1).flatten(1).float()
-        self.gram[t][layer] += (flat.T @ flat).double()
 
     def norms(self, t: str) -> dict:
         """Per layer: Frobenius and spectral norm of the whole layer's matrix and, per KV head,
@@ -158,20 +154,27 @@ def _singular_values(gram: Tensor) -> Tensor:
 def kv_stats(model: Model, corpus: Corpus, *, window: int = 512, batch_size: int = 4) -> KVStats:
     """Stream ``corpus`` (non-overlapping windows of ``window`` tokens) and accumulate the Gram
     matrices of every layer's keys and values."""
-    width = model.n_kv_heads * model.d_head
-    gram = {t: torch.zeros(model.n_layers, width, width, dtype=torch.float64) for t in "kv"}
-    stats = KVStats(gram, model.n_kv_heads, model.d_head)
     sites = [f"blocks.{layer}.attn.{t}" for layer in range(model.n_layers) for t in "kv"]
-    windows = corpus.windows(window)
-    with torch.no_grad(), progress_bar("key/value statistics", windows.numel()) as advance:
-        for batch in windows.split(batch_size):
+    batches = corpus.windows(window).split(batch_size)
+
+    def batch_grams(batch: Tensor) -> list[Tensor]:
+        with torch.no_grad():
             cache = model.run(batch.to(model.device), capture=sites, logits=False).cache
-            for layer in range(model.n_layers):
-                for t in "kv":
-                    stats.update(layer, t, cache[f"blocks.{layer}.attn.{t}"])
-            stats.n_tokens += batch.numel()
-            advance(batch.numel())
-    return stats
+        advance(batch.numel() * distributed.world_size())
+        return [
+            torch.stack([_gram(cache[f"blocks.{layer}.attn.{t}"]) for layer in range(model.n_layers)]) for t in "kv"
+        ]
+
+    # Under torchrun each rank sums its share of the batches, then the ranks' sums add up.
+    with progress_bar("key/value statistics", sum(b.numel() for b in batches)) as advance:
+        keys, values = distributed.shard_sum(batches, batch_grams)
+    return KVStats({"k": keys, "v": values}, model.n_kv_heads, model.d_head, sum(b.numel() for b in batches))
+
+
+def _gram(x: Tensor) -> Tensor:
+    """X^T X of keys or values ``x`` [batch, pos, n_kv_heads, d_head], on the CPU in float64."""
+    flat = x.detach().flatten(0, 1).flatten(1).float()
+    return (flat.T @ flat).double().cpu()
 
 
 def kv_norms(model: Model, corpus: Corpus, *, window: int = 512, batch_size: int = 4) -> KVNorms:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lmscope.core import distributed
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
@@ -113,8 +114,13 @@ class SiteStats:
 
     def update(self, x: Tensor, tokens: Tensor) -> None:
         """Add ``x`` [n, d] whose rows are the global token indices ``tokens`` [n]."""
+        self.merge_(SiteStats.of(x, tokens, self.k))
+
+    @classmethod
+    def of(cls, x: Tensor, tokens: Tensor, k: int = 16) -> SiteStats:
+        """The statistics of ``x`` [n, d] alone, its rows being the token indices ``tokens`` [n]."""
         x = x.detach().float()
-        batch = SiteStats(self.d, self.k)
+        batch = cls(x.shape[-1], k)
         batch.n = x.shape[0]
         # Sums of powers of x - shift (shift: the float32 batch mean), then corrected to the
         # exact mean shift + d in float64: channels with a large offset keep full precision.
@@ -132,13 +138,13 @@ class SiteStats:
         top, row = mag.max(0)
         batch.absmax, batch.absmax_token = top.double(), tokens[row]
         batch.hist = torch.bincount((mag.view(torch.int32) >> _HIST_SHIFT).flatten(), minlength=_HIST_BINS).double()
-        k = min(self.k, mag.numel())
+        k = min(k, mag.numel())
         _, flat = mag.flatten().topk(k)
         batch.top_value = x.flatten()[flat].double()
-        batch.top_channel = flat % self.d
-        batch.top_token = tokens[flat // self.d]
+        batch.top_channel = flat % batch.d
+        batch.top_token = tokens[flat // batch.d]
         batch.osp_sum = float(osp_token_kurtosis(x).double().sum())
-        self.merge_(batch)
+        return batch
 
     def merge_(self, other: SiteStats, token_offset: int = 0) -> SiteStats:
         """Merge ``other`` into this one (Pébay's pairwise formulas for the central sums);
@@ -405,18 +411,21 @@ def activation_stats(
     windows = corpus.windows(window)
     ids = windows.flatten()
     batches = windows.split(batch_size) if protocol == "in-context" else ids.split(window * batch_size)
-    stats: dict[str, SiteStats] = {}
-    start = 0
-    with torch.no_grad(), progress_bar(f"activation statistics ({protocol})", ids.numel()) as advance:
-        for batch in batches:
-            inputs = batch if protocol == "in-context" else batch.unsqueeze(1)
+    starts = torch.tensor([0, *(len(b.flatten()) for b in batches)]).cumsum(0).tolist()
+
+    def batch_stats(i: int) -> dict[str, SiteStats]:
+        batch = batches[i]
+        inputs = batch if protocol == "in-context" else batch.unsqueeze(1)
+        with torch.no_grad():
             cache = model.run(inputs.to(model.device), capture=names, logits="logits" in names).cache
-            tokens = torch.arange(start, start + batch.numel())
+        tokens = torch.arange(starts[i], starts[i] + batch.numel())
+        return {name: SiteStats.of(cache[name].flatten(0, 1).flatten(1).cpu(), tokens, top_k) for name in names}
+
+    stats: dict[str, SiteStats] = {}
+    with progress_bar(f"activation statistics ({protocol})", ids.numel()) as advance:
+        # Under torchrun, batches go round-robin to the ranks and merge in order on each.
+        for i, part in enumerate(distributed.ordered_map(range(len(batches)), batch_stats)):
             for name in names:
-                x = cache[name].flatten(0, 1).flatten(1)
-                if name not in stats:
-                    stats[name] = SiteStats(x.shape[-1], top_k)
-                stats[name].update(x.cpu(), tokens)
-            start += batch.numel()
-            advance(batch.numel())
-    return OutlierStats(stats, protocol, model.n_layers, start, ids.clone())
+                stats.setdefault(name, SiteStats(part[name].d, top_k)).merge_(part[name])
+            advance(batches[i].numel())
+    return OutlierStats(stats, protocol, model.n_layers, starts[-1], ids.clone())

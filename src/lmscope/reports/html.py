@@ -23,6 +23,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from lmscope.core import distributed
+
 __all__ = ["Report", "bars", "heatmap", "lines", "plotly_js", "table_html"]
 
 _PLOT_CONFIG = {"responsive": True, "displaylogo": False}
@@ -419,6 +421,8 @@ class Report:
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Write the report atomically (temporary file in the same folder, then rename); returns the path."""
         path = Path(path)
+        if not distributed.is_main():  # under torchrun only rank 0 writes files
+            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         text = self.render()
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -16,6 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from lmscope.core import distributed
+
 Target = str | Path | IO[bytes]
 
 
@@ -29,6 +31,8 @@ def _save(fig: Figure, target: Target) -> Path | IO[bytes]:
     fig.tight_layout()
     if isinstance(target, (str, Path)):
         target = Path(target)
+        if not distributed.is_main():  # under torchrun only rank 0 writes files
+            return target
     fig.savefig(target, dpi=120, format="png")
     return target
 

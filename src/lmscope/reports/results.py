@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmscope.core import distributed
 from lmscope.core.errors import LmscopeError
 from lmscope.reports.figures import Figure
 
@@ -137,10 +138,11 @@ def output_dir(path: str | Path) -> Path:
 
 
 def header(command: str, model_name: str, model: Model, settings: dict) -> dict:
-    """The start of every ``results.json``: the command, its settings (with the model as given),
-    the package versions and the model card."""
+    """The start of every ``results.json``: the command, the number of processes (torchrun's
+    ranks), its settings (with the model as given), the package versions and the model card."""
     return {
         "command": command,
+        "processes": distributed.world_size(),
         "settings": {"model": model_name, **settings},
         "versions": versions(),
         "model": model.card(),
@@ -157,8 +159,10 @@ def save(out: str | Path, payload: dict, figures: Iterable[Figure] = ()) -> Path
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
-    """Write ``payload`` as JSON atomically."""
+    """Write ``payload`` as JSON atomically (under torchrun, on rank 0 only)."""
     path = Path(path)
+    if not distributed.is_main():
+        return path
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.write_text(json.dumps(payload, indent=1, default=float))

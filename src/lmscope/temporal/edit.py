@@ -64,6 +64,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
 from lmscope.circuits.patching import Chunk, PrefixKV, final_position_only, layer_chunk, prefix_cache
+from lmscope.core import distributed
 from lmscope.core.errors import LmscopeError
 from lmscope.core.hooks import Hook, hooked
 from lmscope.core.interventions import Intervention, apply
@@ -353,14 +354,25 @@ def _first_tokens(model: Model, target: _Target, rows: Sequence[_Row], decoding:
     """The first generated token under each row's edit, in the order of ``rows``."""
     order = sorted(range(len(rows)), key=lambda i: rows[i].layer)
     tokens = [0] * len(rows)
-    with torch.no_grad():
-        for start in range(0, len(order), max_batch):
-            group = order[start : start + max_batch]
+
+    def pick(group: list[int]) -> list[int]:
+        with torch.no_grad():
             resid = _final_resid(model, target, [rows[i] for i in group])
-            picked = decoding.pick(model.unembed(resid), decoding.generators(len(group), model.device))
-            for i, token in zip(group, picked.tolist()):
-                tokens[i] = token
+            return decoding.pick(model.unembed(resid), decoding.generators(len(group), model.device)).tolist()
+
+    groups = _batches(order, max_batch)
+    # Under torchrun, the batches of head edits go round-robin to the ranks.
+    for group, picked in zip(groups, distributed.ordered_map(groups, pick)):
+        for i, token in zip(group, picked):
+            tokens[i] = token
     return tokens
+
+
+def _batches(items: list, max_batch: int) -> list[list]:
+    """``items`` in consecutive batches of at most ``max_batch``, and at least one batch per rank
+    under torchrun when there are enough items."""
+    size = max(1, min(max_batch, -(-len(items) // distributed.world_size())))
+    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 def _generate(model: Model, target: _Target, rows: Sequence[_Row | None], decoding: Decoding) -> list[list[int]]:
@@ -690,8 +702,11 @@ def _sweep_target(
         where.append(own)
     new: list[list[int]] = []
     if len(rows) > 1:  # the unedited row rides along only when candidates generate
-        for start in range(0, len(rows), max_batch):
-            new += _generate(model, target, rows[start : start + max_batch], decoding)
+        # Under torchrun, the batches of candidate edits go round-robin to the ranks.
+        for generated in distributed.ordered_map(
+            _batches(rows, max_batch), lambda batch: _generate(model, target, batch, decoding)
+        ):
+            new += generated
     prompt = target.ids[0].tolist()
     texts = [_decode(model, ids) for ids in new]
     outcomes = []

@@ -1,0 +1,111 @@
+"""Memory: sizes as users write them, the working-memory budget of a device, and peak use.
+
+Gradient methods size their chunks (integrated-gradient steps per backward pass) to a budget:
+what ``--max-memory`` gives for the device that computes, else what is free there now (CUDA:
+``torch.cuda.mem_get_info``; CPU: the kernel's ``MemAvailable``), less a safety margin.
+:class:`PeakMemory` measures what a block of work used above its starting point: on CUDA the
+caching allocator's peak (``torch.cuda.max_memory_allocated``), on the CPU the peak resident set
+size sampled every few milliseconds by a thread (``/proc/self/statm``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from typing import Self
+
+import torch
+
+from lmscope.core.errors import LmscopeError
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+# Fraction of the free memory a default budget takes: the rest is left to the allocator's
+# fragmentation, other processes and what the estimate misses.
+_DEFAULT_SHARE = 0.5
+
+
+def parse_size(text: str | int) -> int:
+    """``"300MB"`` -> 300_000_000, ``"2GiB"`` -> 2 * 2**30, plain integers are bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]I?B|B)?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise LmscopeError(f"bad memory size '{text}' (e.g. 300MB, 20GB, 2GiB)")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device`` now: CUDA's free memory, or the kernel's ``MemAvailable``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30  # no /proc (not Linux): assume 8 GiB
+
+
+def budget(device: torch.device, max_memory: dict | str | int | None = None) -> int:
+    """Working-memory budget in bytes on ``device``: ``max_memory`` for it (a size, or
+    accelerate's per-device dict, keyed by CUDA index or ``"cpu"``), else half of what is free."""
+    device = torch.device(device)
+    if isinstance(max_memory, dict):
+        key = "cpu" if device.type == "cpu" else (device.index or 0)
+        max_memory = max_memory.get(key, max_memory.get(str(key)))
+    if max_memory is not None:
+        return parse_size(max_memory)
+    return int(free_memory(device) * _DEFAULT_SHARE)
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """Context manager: ``peak`` = the most memory in use on ``device`` during the block, in
+    bytes above what was in use when it began (CUDA: allocated tensors; CPU: resident set size,
+    sampled every ``interval`` seconds, so a spike shorter than that can be missed)."""
+
+    def __init__(self, device: torch.device | str = "cpu", interval: float = 0.002):
+        self.device = torch.device(device)
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> Self:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            self._start = self._max = _rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._max = max(self._max, _rss())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._start
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._max, _rss()) - self._start
