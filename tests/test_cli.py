@@ -100,6 +100,20 @@ def test_locate_writes_results_and_plot(capsys, tmp_path, smollm2, command):
     assert results["metric"]["clean"] > 0 > results["metric"]["corrupt"]
 
 
+def test_gradient_methods_take_a_memory_budget(capsys, tmp_path, smollm2):
+    """``--max-memory 1GB`` (a bare size) bounds the working memory of EAP-IG without spreading
+    the model; results.json records the budget and the peak; a bad size is a one-line error."""
+    out = tmp_path / "eap"
+    data = str(_pairs_file(tmp_path, [IOI]))
+    args = ("locate", "--data", data, "--method", "eap-ig", "--steps", "3", "--out", str(out))
+    code, _, _ = run_cli(capsys, *args, "--max-memory", "1GB")
+    assert code == 0
+    memory = json.loads((out / "results.json").read_text())["memory"]
+    assert memory["budget_bytes"] == 10**9 and memory["peak_bytes"] > 0
+    code, _, err = run_cli(capsys, *args, "--max-memory", "lots")
+    assert code == 2 and "bad --max-memory 'lots'" in err and len(err.strip().splitlines()) == 1
+
+
 def test_circuit_and_heads_commands(capsys, tmp_path):
     out = tmp_path / "circuit"
     code, printed, _ = run_cli(
@@ -108,6 +122,8 @@ def test_circuit_and_heads_commands(capsys, tmp_path):
     assert code == 0 and "CRS" in printed
     graph = json.loads((out / "graph.json").read_text())
     assert "logits" in graph["nodes"] and graph["edges"] and (out / "circuit.png").is_file()
+    memory = json.loads((out / "results.json").read_text())["memory"]
+    assert memory["device"] == "cpu" and memory["budget_bytes"] > 0 and memory["peak_bytes"] > 0
     code, printed, _ = run_cli(capsys, "heads", "--out", str(tmp_path / "heads"), "--batch", "2", "--length", "10")
     assert code == 0 and "induction" in printed
     assert (tmp_path / "heads" / "induction.png").is_file()

@@ -96,3 +96,25 @@ def test_paper_schedule_integrates_over_k_1_to_steps(tiny_models):
     torch.testing.assert_close(a[1, 0], want)
     with pytest.raises(LmscopeError, match="unknown schedule"):
         attribute(model, [pair], "eap-ig", "head", schedule="k=1")
+
+
+def test_steps_per_backward_follow_the_budget(smollm2):
+    """gradient_rows: one step when the budget holds less than one, all steps when it holds
+    them all, and more steps for more memory; a longer prompt or edges cost more per step."""
+    from lmscope.circuits.attribution import gradient_rows
+
+    assert gradient_rows(smollm2, 16, 100, budget=1) == 1
+    assert gradient_rows(smollm2, 16, 100, budget=10**13) == 100
+    rows = [gradient_rows(smollm2, 16, 100, budget=b) for b in (2**28, 2**30, 2**32)]
+    assert 1 < rows[0] < rows[1] < rows[2] <= 100
+    assert gradient_rows(smollm2, 256, 100, budget=2**30) < rows[1]
+    assert gradient_rows(smollm2, 16, 100, budget=2**30, edges=True) < rows[1]
+
+
+@pytest.mark.parametrize("method", ["attribution", "eap-ig"])
+def test_scores_do_not_depend_on_the_budget(tiny_models, method):
+    """One step per backward (a 1-byte budget) or all of them at once: the same scores."""
+    model = tiny_models["llama"]
+    pairs = [token_pair(model, pos=8, differ=(2, 5), seed=s) for s in range(2)]
+    small, large = (attribute(model, pairs, method, steps=5, max_memory=b).scores for b in (1, "100GB"))
+    torch.testing.assert_close(small, large, rtol=0, atol=1e-5)

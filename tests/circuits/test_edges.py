@@ -146,3 +146,28 @@ def test_paper_schedule_edges_sum_to_paper_schedule_nodes(tiny_models):
         for head in range(model.n_heads):
             assert abs(sums[f"a{layer}.h{head}"] - float(heads[layer, head])) < 1e-5 * (1 + scale)
     assert not torch.allclose(paper.scores, upstream.scores)
+
+
+def test_edge_scores_do_not_depend_on_the_budget(tiny_models):
+    """One interpolation step per backward or all five at once: the same edge scores."""
+    model = tiny_models["qwen2"]
+    pairs = [token_pair(model, pos=8, differ=(2, 5), seed=s) for s in range(2)]
+    small, large = (edge_attribution(model, pairs, steps=5, max_memory=b).scores for b in (1, 10**11))
+    torch.testing.assert_close(small, large, rtol=0, atol=1e-5)
+
+
+def test_a_smaller_budget_lowers_peak_memory(smollm2):
+    """SmolLM2, one 40-token pair, 8 steps: with a budget of one step per backward the peak
+    resident memory is well under that of all 8 steps at once."""
+    from lmscope.circuits.pairs import TokenPair
+    from lmscope.core.memory import PeakMemory
+
+    ids, ones = torch.arange(1000, 1040), torch.ones(40, dtype=torch.long)
+    pair = TokenPair(ids, ids.flip(0), torch.tensor([5]), torch.tensor([6]), ones, ones.clone())
+    peaks = {}
+    for name, budget in (("one step", 1), ("all steps", 10**12)):
+        edge_attribution(smollm2, [pair], steps=8, max_memory=budget)  # warm the allocator
+        with PeakMemory("cpu") as peak:
+            edge_attribution(smollm2, [pair], steps=8, max_memory=budget)
+        peaks[name] = peak.peak
+    assert peaks["one step"] < 0.6 * peaks["all steps"], peaks
