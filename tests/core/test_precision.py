@@ -82,15 +82,6 @@ def test_cli_device_and_dtype_errors_are_one_line(capsys, tmp_path):
     assert code == 2 and "unknown dtype 'float8'" in err
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_capture_matches_the_plain_forward():
-    model = lmscope.load("smollm2-135m", device="cuda", dtype="bfloat16")
-    ids = model.tokenizer(["The capital of France is"], return_tensors="pt").to("cuda")
-    with torch.no_grad():
-        plain = model.hf(**ids)
-    assert torch.equal(model.run(ids["input_ids"]).logits, plain.logits)
-
-
 def test_fake_quantisation_arithmetic_runs_in_float32():
     """Quantising a bfloat16 tensor gives the float32 computation's result rounded to bfloat16:
     scales and levels are not computed in bfloat16 (which holds only 8 significant bits)."""
