@@ -149,11 +149,21 @@ def test_paper_schedule_edges_sum_to_paper_schedule_nodes(tiny_models):
 
 
 def test_edge_scores_do_not_depend_on_the_budget(tiny_models):
-    """One interpolation step per backward or all five at once: the same edge scores."""
+    """One interpolation step per backward, two with the gradients held over chunks, or all five
+    at once: the same edge scores."""
     model = tiny_models["qwen2"]
     pairs = [token_pair(model, pos=8, differ=(2, 5), seed=s) for s in range(2)]
-    small, large = (edge_attribution(model, pairs, steps=5, max_memory=b).scores for b in (1, 10**11))
+    from lmscope.circuits.attribution import step_bytes
+    from lmscope.circuits.edges import _chunking
+
+    up, down, _ = graph_nodes(model)
+    fixed, held = len(up) * 8 * model.d_model * 4, len(down) * 8 * model.d_model * 4
+    middle = fixed + held + 2 * step_bytes(model, 8, edges=True)  # two steps per backward, gradients held
+    assert _chunking(model, 8, 5, middle, fixed, len(down)) == (2, True)
+    assert _chunking(model, 8, 5, 1, fixed, len(down)) == (1, False)
+    small, held_run, large = (edge_attribution(model, pairs, steps=5, max_memory=b).scores for b in (1, middle, 10**11))
     torch.testing.assert_close(small, large, rtol=0, atol=1e-5)
+    torch.testing.assert_close(held_run, large, rtol=0, atol=1e-5)
 
 
 def test_a_smaller_budget_lowers_peak_memory(smollm2):

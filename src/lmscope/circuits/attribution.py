@@ -70,26 +70,32 @@ def interpolations(
             "input_ids": pair.corrupt[None].expand(n, -1),
             "attention_mask": pair.corrupt_mask[None].expand(n, -1),
         }
-        yield inputs, apply("embed", lambda x, a=alphas: corrupt_emb + a[:, None, None] * delta)
+        # A leaf that requires grad: the gradient flows from here even with frozen weights.
+        yield inputs, apply("embed", lambda x, a=alphas: (corrupt_emb + a[:, None, None] * delta).requires_grad_())
 
 
-def gradient_rows(model: Model, length: int, steps: int, budget: int, *, edges: bool = False, fixed: int = 0) -> int:
-    """How many interpolation steps of a ``length``-token pair run per forward and backward
-    within ``budget`` bytes (at least 1, at most ``steps``), ``fixed`` bytes being held already.
-
-    A step's cost is estimated per token and layer from the activations a backward pass keeps
-    (residual stream, norms, q/k/v, attention output: ~16 d_model; MLP: ~4 d_mlp; the attention
-    weights, 2 n_heads x length, where attention is not fused: on the CPU or with eager
-    attention), in the model's dtype; edges add the retained q/k/v gradients and inputs per layer
-    and one layer's per-head input gradients, [3 n_heads, length, d_model] three times."""
+def step_bytes(model: Model, length: int, *, edges: bool = False) -> int:
+    """Estimated memory of one interpolation step of a ``length``-token pair in a forward and
+    backward pass: per token and layer, the activations a backward keeps (residual stream,
+    norms, q/k/v, attention output: ~16 d_model; MLP: ~4 d_mlp; the attention weights, 2 n_heads
+    x length, where attention is not fused: on the CPU or with eager attention), in the model's
+    dtype; edges add the retained q/k/v gradients and inputs per layer and one layer's per-head
+    input gradients, [3 n_heads, length, d_model] three times, in float32."""
     d, d_mlp, heads, layers = model.d_model, model.d_mlp, model.n_heads, model.n_layers
     size = torch.finfo(model.hf.dtype).bits // 8
     fused = model.device.type == "cuda" and getattr(model.hf.config, "_attn_implementation", "sdpa") != "eager"
     per_token = 16 * d + 4 * d_mlp + (0 if fused else 2 * heads * length)
-    per_row = layers * length * per_token * size
+    per_step = layers * length * per_token * size
     if edges:
-        per_row += layers * length * 5 * d * size + 9 * heads * length * d * 4
-    return int(max(1, min(steps, (budget - fixed) // per_row)))
+        per_step += layers * length * 5 * d * size + 9 * heads * length * d * 4
+    return per_step
+
+
+def gradient_rows(model: Model, length: int, steps: int, budget: int, *, edges: bool = False, fixed: int = 0) -> int:
+    """How many interpolation steps of a ``length``-token pair run per forward and backward
+    within ``budget`` bytes, ``fixed`` bytes being held already (:func:`step_bytes` each; at
+    least 1, at most ``steps``)."""
+    return int(max(1, min(steps, (budget - fixed) // step_bytes(model, length, edges=edges))))
 
 
 def integrated_gradients(
@@ -109,8 +115,9 @@ def integrated_gradients(
     clean input with ``schedule="paper"``."""
     grads: dict[str, Tensor] = {}
     for inputs, interpolate in interpolations(model, metric.pair, steps, rows, embeds, schedule):
-        run = model.run(inputs, capture=sites, interventions=[interpolate], grad=True, logits="last")
-        metric(run.logits[:, -1]).sum().backward()
+        with model.frozen():  # activation gradients only
+            run = model.run(inputs, capture=sites, interventions=[interpolate], grad=True, logits="last")
+            metric(run.logits[:, -1]).sum().backward()
         for site in sites:
             g = run.cache[site].grad.sum(0)
             grads[site] = g if site not in grads else grads[site] + g

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lmscope.circuits.attribution import gradient_rows, interpolations
+from lmscope.circuits.attribution import gradient_rows, interpolations, step_bytes
 from lmscope.circuits.metrics import Metric, get_metric
 from lmscope.circuits.pairs import Baselines, BoundMetric, PromptPair, TokenPair, as_token_pairs, bind
 from lmscope.core import distributed, memory
@@ -128,6 +128,19 @@ def _norm_vjp(norm, x: Tensor, cotangents: Tensor) -> Tensor:
     return grads
 
 
+def _chunking(model: Model, length: int, steps: int, budget: int, fixed: int, n_down: int) -> tuple[int, bool]:
+    """Steps per backward and whether to hold the step-summed input gradients of every downstream
+    node ([V, T, d], float32) until the last chunk, contracting them with the upstream outputs
+    once (faster), rather than after each chunk (the least memory)."""
+    rows = gradient_rows(model, length, steps, budget, edges=True, fixed=fixed)
+    if rows >= steps:
+        return rows, False  # one chunk: nothing to hold
+    held = n_down * length * model.d_model * 4
+    if budget - fixed - held >= step_bytes(model, length, edges=True):
+        return gradient_rows(model, length, steps, budget, edges=True, fixed=fixed + held), True
+    return rows, False
+
+
 def _edge_scores(
     model: Model,
     pair: TokenPair,
@@ -137,24 +150,31 @@ def _edge_scores(
     upstream: Tensor,
     schedule: str = "upstream",
     rows: int = 16,
+    hold: bool = False,
 ) -> Tensor:
     """Unnormalised edge scores of one pair, [U, V] float64: ``upstream`` [U, T, d] (each upstream
     node's clean - corrupted output) dotted with the mean over interpolation steps (``schedule``:
     see :func:`interpolations`) of dM/d in_v for every downstream input v. ``rows`` interpolation
     steps run per forward and backward; each layer's input gradients, [3H, rows, T, d] at most,
     are summed over steps and contracted with ``upstream`` at once, so the gradients of all
-    downstream inputs ([V, T, d]) are never held together (as the EAP-IG code's backward hooks)."""
+    downstream inputs ([V, T, d]) are never held together (as the EAP-IG code's backward hooks),
+    unless ``hold``: then their step sums are kept over the chunks and contracted once."""
     fam, L = model.family, model.n_layers
     total = None
     last = f"blocks.{L - 1}.resid_post"
     sites = [last] + [f"blocks.{layer}.mlp.in" for layer in range(L)]
 
-    def contract(grads: Tensor) -> Tensor:  # [v, T, d] -> [U, v] float64
-        return torch.einsum("utd,vtd->uv", upstream, grads.to(upstream)).double().cpu()
+    flat_upstream = upstream.flatten(1)  # [U, T * d]
+
+    def contract(grads: Tensor) -> Tensor:  # [v, T, d] -> [U, v] float64 (one matmul)
+        return (flat_upstream @ grads.to(upstream).flatten(1).T).double().cpu()
+
+    def keep(grads: Tensor) -> Tensor:  # a layer's input gradients, summed over the chunk's steps
+        return grads.to(upstream) if hold else contract(grads)
 
     for inputs, interpolate in interpolations(model, pair, steps, rows, embeds, schedule):
         saved: list[dict] = [{"out": {}} for _ in range(L)]
-        with per_query_heads(model, expand=True), hooked(model, _grad_hooks(model, saved)):
+        with per_query_heads(model, expand=True), hooked(model, _grad_hooks(model, saved)), model.frozen():
             run = model.run(inputs, capture=sites, interventions=[interpolate], grad=True, logits="last")
             bound(run.logits[:, -1]).sum().backward()
         columns = []
@@ -173,14 +193,15 @@ def _edge_scores(
             heads = _norm_vjp(attn_norm, s["attn_in"], per_head).detach().sum(1)  # [3H, T, d]
             del per_head
             mlp = _norm_vjp(mlp_norm, s["mlp_in"], run.cache[f"blocks.{layer}.mlp.in"].grad[None]).detach().sum(1)
-            columns += [contract(heads), contract(mlp)]
+            columns += [keep(heads), keep(mlp)]
             saved[layer] = None  # free this layer's activations before the next
-        columns.append(contract(run.cache[last].grad.detach().sum(0)[None]))
+        columns.append(keep(run.cache[last].grad.detach().sum(0)[None]))
         del run, saved
-        step_scores = torch.cat(columns, 1)  # [U, V]
-        total = step_scores if total is None else total + step_scores
+        # held: step sums of the input gradients [V, T, d]; else this chunk's scores [U, V]
+        chunk = torch.cat(columns, 0 if hold else 1)
+        total = chunk if total is None else total + chunk
     model.hf.zero_grad(set_to_none=True)
-    return total / steps
+    return (contract(total) if hold else total) / steps
 
 
 def _through_joint_norm(model: Model, layer: int, norm, k_in: Tensor, g_k: Tensor) -> Tensor:
@@ -266,8 +287,8 @@ def edge_attribution(
         baselines = (float(bound(clean.logits[:, -1])[0]), float(bound(corrupt.logits[:, -1])[0]))
         embeds = (clean.cache["embed"], corrupt.cache["embed"])
         del clean, corrupt, clean_mlp, corrupt_mlp, outs
-        rows = gradient_rows(model, len(pair.clean), steps, budget, edges=True, fixed=upstream.numel() * 4)
-        return _edge_scores(model, pair, bound, steps, embeds, upstream.float(), schedule, rows), baselines
+        rows, hold = _chunking(model, len(pair.clean), steps, budget, fixed=upstream.numel() * 4, n_down=len(down))
+        return _edge_scores(model, pair, bound, steps, embeds, upstream.float(), schedule, rows, hold), baselines
 
     total = torch.zeros(len(up), len(down), dtype=torch.float64)
     per_pair = []

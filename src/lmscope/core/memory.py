@@ -5,11 +5,13 @@ what ``--max-memory`` gives for the device that computes, else what is free ther
 ``torch.cuda.mem_get_info``; CPU: the kernel's ``MemAvailable``), less a safety margin.
 :class:`PeakMemory` measures what a block of work used above its starting point: on CUDA the
 caching allocator's peak (``torch.cuda.max_memory_allocated``), on the CPU the peak resident set
-size sampled every few milliseconds by a thread (``/proc/self/statm``).
+size sampled every few milliseconds by a thread (``/proc/self/statm``), after returning the memory
+earlier work freed to the system (glibc's ``malloc_trim``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import threading
@@ -64,6 +66,15 @@ def budget(device: torch.device, max_memory: dict | str | int | None = None) -> 
     return int(free_memory(device) * _DEFAULT_SHARE)
 
 
+def _trim() -> None:
+    """Return freed heap memory to the system (glibc ``malloc_trim``), so that the resident set
+    size is the memory in use, not what earlier work freed; a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _rss() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -91,6 +102,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
+            _trim()
             self._start = self._max = _rss()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()

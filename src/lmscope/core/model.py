@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -172,6 +173,20 @@ class Model:
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side=padding_side)
             ids, mask = enc["input_ids"], enc["attention_mask"]
         return ids.to(self.device), mask.to(self.device)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Inside the block no parameter requires gradients, so a backward pass computes the
+        gradients of activations only (gradient attribution needs no weight gradients: skipping
+        them saves a model-sized buffer and its time); the flags come back on exit."""
+        params = [p for p in self.hf.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
     def hooks(
         self, capture: Sequence[str | Site] = (), interventions: Sequence[Intervention] = (), **options
