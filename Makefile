@@ -37,6 +37,10 @@ bench: setup
 	$(BIN)/python bench/bench_patching.py
 	$(BIN)/python bench/bench_quant.py
 	$(BIN)/python bench/method_agreement.py
+	test -d /tmp/eapig_src || git clone --depth 1 https://github.com/hannamw/EAP-IG /tmp/eapig_src
+	test -d /tmp/tl3_site || $(BIN)/pip install --quiet --no-deps --target /tmp/tl3_site transformer-lens==3.9.0 better-abc
+	$(BIN)/python bench/bench_eap_ig.py
+	$(BIN)/python bench/bench_scaling.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -82,6 +82,19 @@ def test_a_failure_on_one_rank_stops_every_rank(tmp_path):
     assert seen[1] == "LmscopeError: rank 1: ValueError: item 3 is broken | report=False"
 
 
+def test_bad_input_under_torchrun_is_one_line(tmp_path):
+    """An out-of-range site found after loading, on both ranks: one error line, exit code 2 from
+    each process (torchrun then reports the failed processes), no hang, no results written."""
+    out = tmp_path / "bad"
+    args = ["-m", "lmscope", "outliers", "--tokens", "256", "--window", "128", "--site", "blocks.99.resid_post"]
+    done = torchrun(2, *args, "--out", str(out), timeout=180)
+    assert done.returncode != 0
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
+    assert lines == ["error: site 'blocks.99.resid_post': layer 99 out of range (model has 30 layers)"]
+    assert "exitcode  : 2" in done.stderr or "exitcode: 2" in done.stderr.replace(" ", "")
+    assert not (out / "results.json").exists()
+
+
 def test_cli_under_torchrun_rank0_writes_the_one_process_numbers(tmp_path):
     """``torchrun -m lmscope outliers``: one results.json, written by rank 0, with the numbers
     of one process; tables printed once."""

@@ -174,8 +174,8 @@ def attribute(
     def run_pair(pair: TokenPair) -> tuple[Tensor, tuple[float, float]]:
         """One pair's node scores [n_layers, n_pos or 1, n_heads or 1] and (M(clean), M(corrupt))."""
         with torch.no_grad():
-            clean = model.run(pair.inputs("clean"), capture=[*sites, "embed"])
-            corrupt = model.run(pair.inputs("corrupt"), capture=[*sites, "embed"])
+            clean = model.run(pair.inputs("clean"), capture=[*sites, "embed"], logits="last")
+            corrupt = model.run(pair.inputs("corrupt"), capture=[*sites, "embed"], logits="last")
         bound = bind(metric, pair, clean.logits[0, -1])
         baselines = (float(bound(clean.logits[:, -1])[0]), float(bound(corrupt.logits[:, -1])[0]))
         embeds = (clean.cache["embed"], corrupt.cache["embed"])

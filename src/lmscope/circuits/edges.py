@@ -272,9 +272,9 @@ def edge_attribution(
         """One pair's unnormalised edge scores [U, V] (float64) and (M(clean), M(corrupt))."""
         with torch.no_grad():
             with mlp_contributions(model) as clean_mlp:
-                clean = model.run(pair.inputs("clean", model.device), capture=sites)
+                clean = model.run(pair.inputs("clean", model.device), capture=sites, logits="last")
             with mlp_contributions(model) as corrupt_mlp:
-                corrupt = model.run(pair.inputs("corrupt", model.device), capture=sites)
+                corrupt = model.run(pair.inputs("corrupt", model.device), capture=sites, logits="last")
             outs = [clean.cache["blocks.0.resid_pre"] - corrupt.cache["blocks.0.resid_pre"]]
             for layer in range(L):
                 z = f"blocks.{layer}.attn.z"

@@ -167,9 +167,10 @@ def shard_sum(items: Sequence[T], fn: Callable[[T], Sequence[torch.Tensor]]) -> 
 
 
 def should_report(e: BaseException) -> bool:
-    """Whether this rank prints ``e``: an error every rank learned at an exchange is printed by
-    rank 0 alone (one line for the whole run); any other error by the rank that raised it."""
-    return is_main() or not getattr(e, "shared", False)
+    """Whether this rank prints the error ``e``: rank 0 alone, so that an error every rank met
+    (bad input) prints once, and one that a single rank met inside an exchange prints once,
+    naming that rank (:class:`RankFailed`)."""
+    return is_main()
 
 
 def shutdown() -> None:
