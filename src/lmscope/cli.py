@@ -59,9 +59,16 @@ def _bare_size(text: str) -> int:
         ) from None
 
 
-def _budget(max_memory: str | None) -> dict | str | None:
-    """``--max-memory`` as the gradient methods' budget: a bare size, or the per-device sizes."""
-    return max_memory if max_memory is None or "=" not in max_memory else parse_max_memory(max_memory)
+def _budget(m, max_memory: str | None) -> int:
+    """``--max-memory`` as the gradient methods' budget in bytes on the model's device: a bare
+    size, or that device's entry (default: half its free memory, :func:`lmscope.core.memory.budget`)."""
+    sizes = max_memory if max_memory is None or "=" not in max_memory else parse_max_memory(max_memory)
+    return memory.budget(m.device, sizes)
+
+
+def _memory_record(m, budget: int, peak: PeakMemory) -> dict:
+    """The ``memory`` entry of results.json: device, budget and peak above the start, in bytes."""
+    return {"device": str(m.device), "budget_bytes": budget, "peak_bytes": peak.peak}
 
 
 def _load(model: str, device: str, dtype: str, max_memory: str | None, offload_folder: Path | None):
@@ -273,7 +280,7 @@ def locate(
     out = output_dir(out)
     m = _load(model, device, dtype, max_memory, offload_folder)
     pairs = tokenize_pairs(m, pairs_for(m, data, task, n), align)
-    budget = memory.budget(m.device, _budget(max_memory))
+    budget = _budget(m, max_memory)
     with PeakMemory(m.device) as peak:
         results = run_locate(m, pairs, method, level, metric, steps, direction, max_memory=budget)
     settings = {
@@ -290,7 +297,7 @@ def locate(
     payload = {
         **header("locate", model, m, settings),
         "metric": {"name": metric, "clean": results[0].clean, "corrupt": results[0].corrupt},
-        "memory": {"device": str(m.device), "budget_bytes": budget, "peak_bytes": peak.peak},
+        "memory": _memory_record(m, budget, peak),
         "results": [r.to_json() for r in results],
     }
     save(out, payload, [figure for r in results for figure in r.figures()])
@@ -348,7 +355,7 @@ def circuit(
     out = output_dir(out)
     m = _load(model, device, dtype, max_memory, offload_folder)
     pairs = tokenize_pairs(m, pairs_for(m, data, task, n), align)
-    budget = memory.budget(m.device, _budget(max_memory))
+    budget = _budget(m, max_memory)
     with PeakMemory(m.device) as peak:
         scores = edge_attribution(m, pairs, metric, steps, max_memory=budget)
     chosen = select(scores, top=top, threshold=threshold)
@@ -368,7 +375,7 @@ def circuit(
     payload = {
         **header("circuit", model, m, settings),
         "metric": {"name": metric, "clean": scores.clean, "corrupt": scores.corrupt},
-        "memory": {"device": str(m.device), "budget_bytes": budget, "peak_bytes": peak.peak},
+        "memory": _memory_record(m, budget, peak),
         "faithfulness": faith.to_json(),
         "circuit": graph,
         "edges": [{"from": u, "to": v, "score": s} for u, v, s in scores.edges()],
@@ -575,7 +582,7 @@ def main(argv: list[str] | None = None) -> None:
     except LmscopeError as e:
         if debug:
             raise
-        if distributed.should_report(e):
+        if distributed.is_main():  # under torchrun, one line for the whole run
             err.print(f"[red]error:[/red] {e}", soft_wrap=True, highlight=False)
         sys.exit(2)
     finally:

@@ -73,7 +73,7 @@ def fail(out: Path) -> None:
         list(distributed.ordered_map(range(4), fn))
         seen = "no error"
     except LmscopeError as e:
-        seen = f"{type(e).__name__}: {e} | report={distributed.should_report(e)}"
+        seen = f"{type(e).__name__}: {e} | report={distributed.is_main()}"
     Path(f"{out}.rank{distributed.rank()}").write_text(seen)
 
 

@@ -121,7 +121,6 @@ def integrated_gradients(
         for site in sites:
             g = run.cache[site].grad.sum(0)
             grads[site] = g if site not in grads else grads[site] + g
-    model.hf.zero_grad(set_to_none=True)
     return {site: g / steps for site, g in grads.items()}
 
 

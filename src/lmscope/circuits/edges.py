@@ -200,7 +200,6 @@ def _edge_scores(
         # held: step sums of the input gradients [V, T, d]; else this chunk's scores [U, V]
         chunk = torch.cat(columns, 0 if hold else 1)
         total = chunk if total is None else total + chunk
-    model.hf.zero_grad(set_to_none=True)
     return (contract(total) if hold else total) / steps
 
 

@@ -15,7 +15,8 @@ batches) round-robin, item i to rank ``i % world``:
 
 An exception on one rank reaches every rank at the next exchange: the rank that failed raises
 it, the others raise :class:`RankFailed` naming it, so all stop with one line instead of
-waiting for the lost rank. Only rank 0 writes files and shows progress. With one process
+waiting for the lost rank. Only rank 0 writes files, shows progress and prints errors (so an
+error every rank met, such as bad input, prints once). With one process
 (no ``WORLD_SIZE``, or 1) every function here is the plain loop.
 """
 
@@ -94,16 +95,12 @@ def _failure(e: BaseException) -> str:
 def _raise_if_failed(errors: Sequence[str | None], own: BaseException | None) -> None:
     """After an exchange: re-raise this rank's own error, or :class:`RankFailed` for another's."""
     if own is not None:
-        error = own if isinstance(own, LmscopeError) else LmscopeError(f"rank {rank()}: {_failure(own)}")
-        error.shared = True
-        if error is own:
+        if isinstance(own, LmscopeError):
             raise own
-        raise error from own
+        raise LmscopeError(f"rank {rank()}: {_failure(own)}") from own
     for r, error in enumerate(errors):
         if error is not None:
-            failed = RankFailed(f"rank {r}: {error}")
-            failed.shared = True
-            raise failed
+            raise RankFailed(f"rank {r}: {error}")
 
 
 def _gather(payload: object) -> list:
@@ -164,13 +161,6 @@ def shard_sum(items: Sequence[T], fn: Callable[[T], Sequence[torch.Tensor]]) -> 
         dist.all_reduce(moved)
         out.append(moved.to(part.device))
     return out
-
-
-def should_report(e: BaseException) -> bool:
-    """Whether this rank prints the error ``e``: rank 0 alone, so that an error every rank met
-    (bad input) prints once, and one that a single rank met inside an exchange prints once,
-    naming that rank (:class:`RankFailed`)."""
-    return is_main()
 
 
 def shutdown() -> None:
