@@ -71,17 +71,53 @@ def _memory_record(m, budget: int, peak: PeakMemory) -> dict:
     return {"device": str(m.device), "budget_bytes": budget, "peak_bytes": peak.peak}
 
 
-def _load(model: str, device: str, dtype: str, max_memory: str | None, offload_folder: Path | None):
+def _load(model: str, device: str, dtype: str, max_memory: str | None, offload_folder: Path | None, certify=True):
     """Load MODEL on ``device`` in ``dtype``; with ``max_memory``, spread over devices and disk
-    (accelerate's ``device_map="auto"``)."""
+    (accelerate's ``device_map="auto"``). A model whose family has no entry gets a derived one,
+    used only once its certificate passes (the entry is printed for the table)."""
     if max_memory is None or "=" not in max_memory:  # no limit, or a working-memory budget only
         if max_memory is not None:
             _bare_size(max_memory)
-        return load(model, device=device, dtype=dtype)
-    import tempfile
+        m = load(model, device=device, dtype=dtype, derive=True)
+    else:
+        import tempfile
 
-    folder = str(offload_folder) if offload_folder else tempfile.mkdtemp(prefix="lmscope-offload-")
-    return load(model, dtype=dtype, device_map="auto", max_memory=parse_max_memory(max_memory), offload_folder=folder)
+        folder = str(offload_folder) if offload_folder else tempfile.mkdtemp(prefix="lmscope-offload-")
+        m = load(
+            model,
+            dtype=dtype,
+            device_map="auto",
+            max_memory=parse_max_memory(max_memory),
+            offload_folder=folder,
+            derive=True,
+        )
+    if m.derived:
+        from lmscope.core.derive import entry_source
+        from lmscope.verify import certify as run_certificate
+        from lmscope.verify import require
+
+        err.print(f"family '{m.hf.config.model_type}' has no entry; derived from the module tree:")
+        err.print(entry_source(m.hf.config.model_type, m.family), soft_wrap=True, highlight=False, markup=False)
+        if certify:
+            require(run_certificate(m))
+            err.print("its certificate passed; add the entry to the table or a --families file to skip this check")
+    return m
+
+
+@app.callback()
+def _options(
+    families: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="LMSCOPE_FAMILIES",
+            help="TOML/JSON file of family entries {model_type: {field: value}} (private or remote-code models)",
+        ),
+    ] = None,
+) -> None:
+    if families is not None:
+        from lmscope.core.families import load_families
+
+        load_families(families)
 
 
 @app.command()
@@ -150,6 +186,39 @@ def run(
     console.print(f"next token: {next_token!r}")
     if save is not None:
         console.print(f"saved {len(result.cache)} tensors to {result.cache.save(save)}")
+
+
+@app.command()
+def verify(
+    model: ModelArg = DEFAULT_MODEL,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
+    check: Annotated[list[str], typer.Option("--check", help="run only this check (repeatable)")] = [],  # noqa: B006
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("out/verify"),
+) -> None:
+    """Correctness certificate of MODEL: every check against an independent reference (exit 1 if one fails)."""
+    from lmscope.verify import certify
+
+    out = output_dir(out)
+    m = _load(model, device, dtype, max_memory, offload_folder, certify=False)
+    cert = certify(m, check or None)
+    payload = header("verify", model, m, {"checks": check or "all", "derived_family": m.derived})
+    payload["certificate"] = cert.to_json()
+    write_json(out / "results.json", payload)
+    table = Table("check", "result", "detail", title=f"{m.name}: certificate ({m.hf.config.model_type})")
+    colour = {"pass": "green", "fail": "red", "n/a": "yellow"}
+    for c in cert.checks:
+        table.add_row(c.name, f"[{colour[c.status]}]{c.status}[/]", c.detail)
+    console.print(table)
+    counts = cert.counts()
+    console.print(
+        f"{counts['pass']} passed, {counts['fail']} failed, {counts['n/a']} not applicable; wrote {out / 'results.json'}"
+    )
+    if not cert.passed:
+        err.print(f"[red]refused:[/red] failed check(s): {', '.join(cert.failed)}", highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command()

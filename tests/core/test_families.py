@@ -44,6 +44,12 @@ def test_required_families_are_in_the_table():
 
 
 def test_unsupported_family_names_supported_ones_and_table():
-    hf = T.AutoModelForCausalLM.from_config(T.BloomConfig(vocab_size=32, hidden_size=16, n_layer=1, n_head=2))
-    with pytest.raises(lmscope.LmscopeError, match=r"'bloom' is not supported \(supported: .*llama.*\).*FAMILIES"):
+    hf = T.AutoModelForCausalLM.from_config(T.XLMConfig(vocab_size=32, emb_dim=16, n_layers=1, n_heads=2))
+    with pytest.raises(lmscope.LmscopeError, match=r"'xlm' is not supported \(supported: .*llama.*\).*FAMILIES"):
+        lmscope.Model(hf, None)
+
+
+def test_left_out_family_says_why():
+    hf = T.AutoModelForCausalLM.from_config(T.MambaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1))
+    with pytest.raises(lmscope.LmscopeError, match=r"'mamba' is not supported: state-space"):
         lmscope.Model(hf, None)

@@ -21,6 +21,7 @@ def load(
     device_map=None,
     max_memory: dict | None = None,
     offload_folder: str | None = None,
+    derive: bool = False,
 ) -> Model:
     """Load a causal LM with no network access.
 
@@ -31,7 +32,9 @@ def load(
     float16, the weights' and activations' dtype (statistics still accumulate in float32 or
     float64); ``device_map``: spread the model over devices (accelerate's ``device_map``, e.g.
     ``"auto"``), within ``max_memory`` per device (``{"cpu": "300MB", 0: "20GB"}``), layers that
-    do not fit offloaded to ``offload_folder`` on disk.
+    do not fit offloaded to ``offload_folder`` on disk. ``derive``: a model whose family has no
+    entry gets one derived from its module tree (:mod:`lmscope.core.derive`; ``Model.derived`` is
+    then True: certify it with :func:`lmscope.verify.certify` before trusting its results).
 
     Under torchrun (several processes) the first call joins the process group
     (:mod:`lmscope.core.distributed`); rank 0 loads first (a GGUF file is converted once, by
@@ -49,7 +52,19 @@ def load(
     )
     if distributed.is_main():
         distributed.barrier()
-    return Model(hf, tokenizer, source=source, name=spec)
+    from lmscope.core.derive import derive_family
+    from lmscope.core.errors import UnknownFamily
+    from lmscope.core.families import family_for
+
+    try:
+        family, derived = family_for(hf.config.model_type), False
+    except UnknownFamily:
+        if not derive:
+            raise
+        family, derived = derive_family(hf), True
+    model = Model(hf, tokenizer, source=source, name=spec, family=family)
+    model.derived = derived
+    return model
 
 
 __all__ = [

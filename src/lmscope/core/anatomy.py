@@ -89,7 +89,7 @@ def head_contributions(model: Model, layer: int, z: Tensor) -> Tensor:
     w_o = (weight if fam.conv1d else weight.T).unflatten(0, (H, D))  # [H, D, d]
     per_head = torch.einsum("...hd,hde->h...e", z, w_o)
     if "norm" not in fam.attn_contrib:
-        return per_head
+        return per_head * model.residual_scale if model.residual_scale != 1 else per_head
     total = per_head.sum(0) + (bias if bias is not None else 0)
     return per_head * _norm_scale(model.layer_module(layer, fam.attn_contrib), total)
 
@@ -110,7 +110,7 @@ def mlp_contributions(model: Model) -> Iterator[list[Tensor | None]]:
 
     def keep(layer: int):
         def fn(x: Tensor) -> None:
-            outputs[layer] = x
+            outputs[layer] = x * model.residual_scale if model.residual_scale != 1 else x
 
         return fn
 

@@ -18,8 +18,12 @@ attn_contrib
     The module whose output is what the layer adds to the residual stream after
     attention (the attention itself, or a post-attention norm / dropout). Used for
     ``resid_mid`` = ``resid_pre`` + contribution.
-mlp, mlp_down
+mlp, mlp_down, mlp_up
     The MLP and its down projection (whose input is the neuron activation ``mlp.post``).
+    ``mlp`` is ``None`` where the MLP's linears sit directly in the layer (OPT, XGLM, BioGPT):
+    then ``mlp.in`` is the input of ``mlp_up`` (the first linear) and ``mlp.out`` the output of
+    ``mlp_down``. In a mixture-of-experts layer ``mlp`` is the sparse block and ``mlp_down`` is
+    absent (there is no single neuron activation).
 attn_norm, mlp_norm
     The norms between the residual stream and the attention / MLP inputs (``None`` when
     the block reads the residual directly, as OLMo 2 does).
@@ -30,12 +34,23 @@ conv1d
     Weights are stored (in, out) as in GPT-2's ``Conv1D`` rather than ``nn.Linear``'s (out, in).
 parallel_residual
     Config attribute that, when true, makes attention and MLP read the same residual
-    (no ``resid_mid`` exists).
+    (no ``resid_mid`` exists); ``True`` where they always do (GPT-J, Phi, Cohere).
 mlp_contrib
     The module whose output the layer adds to the residual stream after the MLP (the MLP, or
     a post-feedforward norm).
-k_norm
-    The key norm inside attention, where the model has one (a path the model may lack).
+k_norm, q_norm
+    The key / query norms inside attention, where the model has them (paths a model may lack).
+pos_embed
+    A learned position embedding added to the token embedding (GPT-2, OPT), if any.
+attn_interface
+    Whether attention runs through transformers' attention interface, where lmscope reads
+    ``attn.q/k/v/pattern``; families that compute attention inline (GPT-Neo, GPT-J, BLOOM, Falcon,
+    MPT, CodeGen) have every other site but not those.
+router, experts
+    Mixture-of-experts layers: the router (whose output is the router logits, or a tuple
+    starting with them) and the experts module, called as ``experts(hidden [tokens, d_model],
+    top_k_index [tokens, k], top_k_weights [tokens, k])`` as transformers 5 MoE blocks do.
+    A layer without these modules is dense (DeepSeek's first layers, Qwen's ``mlp_only_layers``).
 
 Where a tensor is read or written on these modules is the other table,
 :mod:`lmscope.core.hookpoints`.
@@ -55,8 +70,8 @@ class Family:
     attn: str
     o_proj: str
     attn_contrib: str
-    mlp: str
-    mlp_down: str
+    mlp: str | None
+    mlp_down: str | None
     attn_norm: str | None
     mlp_norm: str | None
     q_proj: str | None = None
@@ -65,9 +80,15 @@ class Family:
     qkv_proj: str | None = None
     qkv_layout: str = "concat"
     conv1d: bool = False
-    parallel_residual: str | None = None
+    parallel_residual: str | bool | None = None
     mlp_contrib: str = "mlp"
     k_norm: str | None = None
+    q_norm: str | None = None
+    mlp_up: str | None = None
+    pos_embed: str | None = None
+    attn_interface: bool = True
+    router: str | None = None
+    experts: str | None = None
 
 
 LLAMA = Family(
@@ -86,72 +107,390 @@ LLAMA = Family(
     k_proj="self_attn.k_proj",
     v_proj="self_attn.v_proj",
     k_norm="self_attn.k_norm",  # present in Qwen 3, Gemma 3, OLMo 2
+    q_norm="self_attn.q_norm",
 )
 
-# Gemma 2/3 normalise the attention output before adding it to the residual, and the
-# MLP input with a separate pre-feedforward norm.
-GEMMA2 = replace(
-    LLAMA,
-    attn_contrib="post_attention_layernorm",
-    mlp_norm="pre_feedforward_layernorm",
-    mlp_contrib="post_feedforward_layernorm",
-)
-# OLMo 2 normalises attention and MLP outputs only (no norm on their inputs).
-OLMO2 = replace(
-    LLAMA,
-    attn_contrib="post_attention_layernorm",
-    attn_norm=None,
-    mlp_norm=None,
-    mlp_contrib="post_feedforward_layernorm",
+# Multi-head latent attention (DeepSeek V2/V3): q/k/v come from low-rank projections with a norm
+# in between, so there are no per-head q/k/v weights (the sites attn.q/k/v/pattern still exist).
+_LATENT = replace(
+    LLAMA, q_proj=None, k_proj=None, v_proj=None, k_norm=None, q_norm=None, router="mlp.gate", experts="mlp.experts"
 )
 
+# One entry per ``config.model_type``. Most entries were proposed by ``lmscope.core.derive`` from the
+# family's module tree and kept once ``lmscope verify`` passed on a tiny model of the family
+# (tests/verify); the README's family matrix lists the results.
 FAMILIES: dict[str, Family] = {
-    "llama": LLAMA,
-    "mistral": LLAMA,
-    "qwen2": LLAMA,
-    "qwen3": LLAMA,
-    "gemma": LLAMA,
-    "gemma2": GEMMA2,
-    "gemma3_text": GEMMA2,
-    "olmo2": OLMO2,
-    "phi3": replace(
+    "afmoe": replace(
         LLAMA,
-        attn_contrib="resid_attn_dropout",
+        attn_contrib="post_attention_layernorm",
+        mlp_norm="pre_mlp_layernorm",
+        mlp_contrib="post_mlp_layernorm",
+        router="mlp.router",
+        experts="mlp.experts",
+    ),
+    "apertus": replace(LLAMA, attn_norm="attention_layernorm", mlp_norm="feedforward_layernorm"),
+    "arcee": LLAMA,
+    "aria_text": replace(LLAMA, mlp_down=None, router="mlp.router", experts="mlp.experts"),
+    "biogpt": replace(
+        LLAMA,
+        layers="biogpt.layers",
+        embed="biogpt.embed_tokens",
+        final_norm="biogpt.layer_norm",
+        unembed="output_projection",
+        o_proj="self_attn.out_proj",
+        mlp=None,
+        mlp_down="fc2",
+        attn_norm="self_attn_layer_norm",
+        mlp_norm="final_layer_norm",
+        mlp_contrib="fc2",
+        mlp_up="fc1",
+        pos_embed="biogpt.embed_positions",
+    ),
+    "bitnet": LLAMA,
+    "bloom": replace(
+        LLAMA,
+        layers="transformer.h",
+        embed="transformer.word_embeddings_layernorm",
+        final_norm="transformer.ln_f",
+        attn="self_attention",
+        o_proj="self_attention.dense",
+        attn_contrib="self_attention.dense",
+        mlp=None,
+        mlp_up="mlp.dense_h_to_4h",
+        mlp_down="mlp.dense_4h_to_h",
+        mlp_contrib="mlp.dense_4h_to_h",
         q_proj=None,
         k_proj=None,
         v_proj=None,
-        qkv_proj="self_attn.qkv_proj",
-    ),
-    "gpt2": Family(
+        qkv_proj="self_attention.query_key_value",
+        qkv_layout="per_head",
+        attn_interface=False,
+    ),  # attention and MLP add the residual themselves: their contributions are the output projections' outputs
+    "codegen": replace(
+        LLAMA,
         layers="transformer.h",
         embed="transformer.wte",
         final_norm="transformer.ln_f",
-        unembed="lm_head",
+        attn="attn",
+        o_proj="attn.out_proj",
+        attn_contrib="attn",
+        mlp_down="mlp.fc_out",
+        attn_norm="ln_1",
+        mlp_norm="ln_1",
+        q_proj=None,
+        k_proj=None,
+        v_proj=None,
+        qkv_proj="attn.qkv_proj",
+        parallel_residual=True,
+        attn_interface=False,
+    ),
+    "cohere": replace(LLAMA, mlp_norm="input_layernorm", parallel_residual=True),
+    "cohere2": replace(LLAMA, mlp_norm="input_layernorm", parallel_residual=True),
+    "cohere2_moe": replace(
+        LLAMA,
+        mlp_down=None,
+        mlp_norm="input_layernorm",
+        parallel_residual=True,
+        router="mlp.gate",
+        experts="mlp.experts",
+    ),
+    "cwm": LLAMA,
+    "deepseek_v2": _LATENT,
+    "deepseek_v3": _LATENT,
+    "doge": LLAMA,
+    "dots1": replace(LLAMA, router="mlp.gate", experts="mlp.experts"),
+    "ernie4_5": LLAMA,
+    "ernie4_5_moe": replace(LLAMA, router="mlp.gate", experts="mlp.experts"),
+    "exaone4": replace(
+        LLAMA,
+        attn_contrib="post_attention_layernorm",
+        attn_norm=None,
+        mlp_norm=None,
+        mlp_contrib="post_feedforward_layernorm",
+    ),
+    "exaone_moe": replace(LLAMA, router="mlp.gate", experts="mlp.experts"),
+    "falcon": replace(
+        LLAMA,
+        layers="transformer.h",
+        embed="transformer.word_embeddings",
+        final_norm="transformer.ln_f",
+        attn="self_attention",
+        o_proj="self_attention.dense",
+        attn_contrib="self_attention",
+        mlp_down="mlp.dense_4h_to_h",
+        mlp_norm="input_layernorm",
+        q_proj=None,
+        k_proj=None,
+        v_proj=None,
+        qkv_proj="self_attention.query_key_value",
+        parallel_residual=True,
+        attn_interface=False,
+    ),
+    "flex_olmo": replace(
+        LLAMA,
+        attn_contrib="post_attention_layernorm",
+        mlp_down=None,
+        attn_norm=None,
+        mlp_norm=None,
+        mlp_contrib="post_feedforward_layernorm",
+        router="mlp.gate",
+        experts="mlp.experts",
+    ),
+    "gemma": LLAMA,
+    "gemma2": replace(
+        LLAMA,
+        attn_contrib="post_attention_layernorm",
+        mlp_norm="pre_feedforward_layernorm",
+        mlp_contrib="post_feedforward_layernorm",
+    ),
+    "gemma3_text": replace(
+        LLAMA,
+        attn_contrib="post_attention_layernorm",
+        mlp_norm="pre_feedforward_layernorm",
+        mlp_contrib="post_feedforward_layernorm",
+    ),
+    "glm": LLAMA,
+    "glm4": replace(LLAMA, attn_contrib="post_self_attn_layernorm", mlp_contrib="post_mlp_layernorm"),
+    "glm4_moe": replace(LLAMA, router="mlp.gate", experts="mlp.experts"),
+    "gpt2": replace(
+        LLAMA,
+        layers="transformer.h",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
         attn="attn",
         o_proj="attn.c_proj",
         attn_contrib="attn",
-        mlp="mlp",
         mlp_down="mlp.c_proj",
         attn_norm="ln_1",
         mlp_norm="ln_2",
+        q_proj=None,
+        k_proj=None,
+        v_proj=None,
         qkv_proj="attn.c_attn",
         conv1d=True,
+        pos_embed="transformer.wpe",
     ),
-    "gpt_neox": Family(
+    "gpt_bigcode": replace(
+        LLAMA,
+        layers="transformer.h",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        attn="attn",
+        o_proj="attn.c_proj",
+        attn_contrib="attn",
+        mlp_down="mlp.c_proj",
+        attn_norm="ln_1",
+        mlp_norm="ln_2",
+        q_proj=None,
+        k_proj=None,
+        v_proj=None,
+        qkv_proj="attn.c_attn",
+        pos_embed="transformer.wpe",
+    ),
+    "gpt_neo": replace(
+        LLAMA,
+        layers="transformer.h",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        attn="attn.attention",
+        o_proj="attn.attention.out_proj",
+        attn_contrib="attn",
+        mlp_down="mlp.c_proj",
+        attn_norm="ln_1",
+        mlp_norm="ln_2",
+        q_proj="attn.attention.q_proj",
+        k_proj="attn.attention.k_proj",
+        v_proj="attn.attention.v_proj",
+        pos_embed="transformer.wpe",
+        attn_interface=False,
+    ),
+    "gpt_neox": replace(
+        LLAMA,
         layers="gpt_neox.layers",
         embed="gpt_neox.embed_in",
         final_norm="gpt_neox.final_layer_norm",
-        unembed="lm_head",
         attn="attention",
         o_proj="attention.dense",
         attn_contrib="post_attention_dropout",
-        mlp="mlp",
         mlp_down="mlp.dense_4h_to_h",
-        attn_norm="input_layernorm",
         mlp_norm="post_attention_layernorm",
+        q_proj=None,
+        k_proj=None,
+        v_proj=None,
         qkv_proj="attention.query_key_value",
         qkv_layout="per_head",
         parallel_residual="use_parallel_residual",
+    ),
+    "gpt_oss": replace(LLAMA, mlp_down=None, router="mlp.router", experts="mlp.experts"),
+    "gptj": replace(
+        LLAMA,
+        layers="transformer.h",
+        embed="transformer.wte",
+        final_norm="transformer.ln_f",
+        attn="attn",
+        o_proj="attn.out_proj",
+        attn_contrib="attn",
+        mlp_down="mlp.fc_out",
+        attn_norm="ln_1",
+        mlp_norm="ln_1",
+        q_proj="attn.q_proj",
+        k_proj="attn.k_proj",
+        v_proj="attn.v_proj",
+        parallel_residual=True,
+        attn_interface=False,
+    ),
+    "granite": LLAMA,
+    "granitemoe": replace(
+        LLAMA,
+        mlp="block_sparse_moe",
+        mlp_down=None,
+        mlp_contrib="block_sparse_moe",
+        router="block_sparse_moe.router",
+        experts="block_sparse_moe.experts",
+    ),
+    "granitemoeshared": replace(
+        LLAMA,
+        mlp="block_sparse_moe",
+        mlp_down=None,
+        mlp_contrib="block_sparse_moe",
+        router="block_sparse_moe.router",
+        experts="block_sparse_moe.experts",
+    ),
+    "helium": LLAMA,
+    "hunyuan_v1_dense": replace(LLAMA, k_norm="self_attn.key_layernorm", q_norm="self_attn.query_layernorm"),
+    "hunyuan_v1_moe": replace(
+        LLAMA,
+        mlp_down=None,
+        k_norm="self_attn.key_layernorm",
+        q_norm="self_attn.query_layernorm",
+        router="mlp.gate",
+        experts="mlp.experts",
+    ),
+    "hy_v3": replace(LLAMA, router="mlp.gate", experts="mlp.experts"),
+    "hyperclovax": replace(LLAMA, attn_contrib="post_norm1", mlp_contrib="post_norm2"),
+    "internlm3": LLAMA,
+    "jais2": LLAMA,
+    "kolibri1": replace(
+        LLAMA,
+        attn_contrib="post_self_attn_layernorm",
+        mlp_down=None,
+        mlp_contrib="post_mlp_layernorm",
+        router="mlp.gate",
+        experts="mlp.experts",
+    ),
+    "llama": LLAMA,
+    "llama4_text": replace(
+        LLAMA,
+        mlp="feed_forward",
+        mlp_down=None,
+        mlp_contrib="feed_forward",
+        k_norm="self_attn.qk_norm",
+        q_norm="self_attn.qk_norm",
+    ),  # its MoE (every expert on every token, sigmoid-scaled inputs) has no moe.* sites
+    "mellum": replace(LLAMA, mlp_down=None, router="mlp.gate", experts="mlp.experts"),
+    "minimax_m2": replace(LLAMA, mlp_down=None, router="mlp.gate", experts="mlp.experts"),
+    "ministral": LLAMA,
+    "ministral3": LLAMA,
+    "mistral": LLAMA,
+    "mixtral": replace(LLAMA, mlp_down=None, router="mlp.gate", experts="mlp.experts"),
+    "mpt": replace(
+        LLAMA,
+        layers="transformer.blocks",
+        embed="transformer.wte",
+        final_norm="transformer.norm_f",
+        attn="attn",
+        o_proj="attn.out_proj",
+        attn_contrib="attn",
+        mlp=None,
+        mlp_up="ffn.up_proj",
+        mlp_down="ffn.down_proj",
+        mlp_contrib="ffn.down_proj",
+        attn_norm="norm_1",
+        mlp_norm="norm_2",
+        q_proj=None,
+        k_proj=None,
+        v_proj=None,
+        qkv_proj="attn.Wqkv",
+        attn_interface=False,
+    ),  # the MLP adds the residual itself
+    "nemotron": LLAMA,
+    "olmo": LLAMA,
+    "olmo2": replace(
+        LLAMA,
+        attn_contrib="post_attention_layernorm",
+        attn_norm=None,
+        mlp_norm=None,
+        mlp_contrib="post_feedforward_layernorm",
+    ),
+    "olmo3": replace(
+        LLAMA,
+        attn_contrib="post_attention_layernorm",
+        attn_norm=None,
+        mlp_norm=None,
+        mlp_contrib="post_feedforward_layernorm",
+    ),
+    "olmoe": replace(LLAMA, mlp_down=None, router="mlp.gate", experts="mlp.experts"),
+    "opt": replace(
+        LLAMA,
+        layers="model.decoder.layers",
+        embed="model.decoder.embed_tokens",
+        final_norm="model.decoder.final_layer_norm",
+        o_proj="self_attn.out_proj",
+        mlp=None,
+        mlp_down="fc2",
+        attn_norm="self_attn_layer_norm",
+        mlp_norm="final_layer_norm",
+        mlp_contrib="fc2",
+        mlp_up="fc1",
+        pos_embed="model.decoder.embed_positions",
+    ),
+    "persimmon": replace(
+        LLAMA,
+        final_norm="model.final_layernorm",
+        o_proj="self_attn.dense",
+        mlp_down="mlp.dense_4h_to_h",
+        q_proj=None,
+        k_proj=None,
+        v_proj=None,
+        qkv_proj="self_attn.query_key_value",
+        qkv_layout="per_head",
+        k_norm="self_attn.k_layernorm",
+        q_norm="self_attn.q_layernorm",
+    ),
+    "phi": replace(
+        LLAMA,
+        final_norm="model.final_layernorm",
+        o_proj="self_attn.dense",
+        mlp_down="mlp.fc2",
+        mlp_norm="input_layernorm",
+        parallel_residual=True,
+    ),
+    "phi3": replace(
+        LLAMA, attn_contrib="resid_attn_dropout", q_proj=None, k_proj=None, v_proj=None, qkv_proj="self_attn.qkv_proj"
+    ),
+    "phimoe": replace(LLAMA, mlp_down=None, router="mlp.router", experts="mlp.experts"),
+    "qwen2": LLAMA,
+    "qwen2_moe": replace(LLAMA, router="mlp.gate", experts="mlp.experts"),
+    "qwen3": LLAMA,
+    "qwen3_moe": replace(LLAMA, mlp_down=None, router="mlp.gate", experts="mlp.experts"),
+    "seed_oss": LLAMA,
+    "smollm3": LLAMA,
+    "solar_open": replace(LLAMA, mlp_down=None, router="mlp.gate", experts="mlp.experts"),
+    "stablelm": LLAMA,
+    "starcoder2": replace(LLAMA, mlp_down="mlp.c_proj"),
+    "vaultgemma": replace(LLAMA, mlp_norm="pre_feedforward_layernorm"),
+    "xglm": replace(
+        LLAMA,
+        final_norm="model.layer_norm",
+        o_proj="self_attn.out_proj",
+        mlp=None,
+        mlp_down="fc2",
+        attn_norm="self_attn_layer_norm",
+        mlp_norm="final_layer_norm",
+        mlp_contrib="fc2",
+        mlp_up="fc1",
+        pos_embed="model.embed_positions",
+        attn_interface=False,
     ),
 }
 
@@ -159,15 +498,98 @@ FAMILIES: dict[str, Family] = {
 ALIASES = {"gemma3": "gemma3_text"}
 
 
+# Decoder-only text families of transformers 5 that have no entry, and why (shown when one is loaded).
+_SSM = "state-space / recurrent layers, not attention + MLP blocks"
+_HYBRID = "hybrid layers (linear attention or state-space mixed with attention)"
+LEFT_OUT: dict[str, str] = {
+    **dict.fromkeys(["mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm"], _SSM),
+    **dict.fromkeys(
+        [
+            "jamba",
+            "bamba",
+            "zamba",
+            "zamba2",
+            "falcon_h1",
+            "granitemoehybrid",
+            "nemotron_h",
+            "qwen3_next",
+            "qwen3_5",
+            "qwen3_5_text",
+            "qwen3_5_moe",
+            "qwen3_5_moe_text",
+            "lfm2",
+            "lfm2_moe",
+            "minimax",
+            "olmo_hybrid",
+            "kimi_linear",
+            "recurrent_gemma",
+            "bailing_hybrid",
+        ],
+        _HYBRID,
+    ),
+    "jetmoe": "mixture-of-attention-heads layers (attention experts; no single output projection)",
+    "diffllama": "differential attention (two softmax maps subtracted per head)",
+    "dbrx": "not yet: experts stored as flattened 2-D weights (the resection reference needs per-expert weights)",
+    "minicpm3": "not yet: residual and logit scaling by dim_model_base not modelled",
+    "nanochat": "not yet: parameter-free norms applied as functions, not modules",
+    "gemma4_text": "not yet: per-layer configurations (head_dim varies by layer)",
+    "glm4_moe_lite": "not yet: latent attention projections not derived",
+    "openai-gpt": "post-norm blocks without a final norm",
+    "ctrl": "not yet: attention projections named Wq/Wk/Wv",
+}
+
+# Entries from a user's file (``--families``, :func:`load_families`), consulted before the table.
+USER_FAMILIES: dict[str, Family] = {}
+
+
 def family_for(model_type: str) -> Family:
-    """The table entry for a ``config.model_type``; a clear error if it has none."""
-    from lmscope.core.errors import LmscopeError
+    """The table entry for a ``config.model_type`` (a user file's first); a clear error if it has none."""
+    from lmscope.core.errors import UnknownFamily
 
     key = ALIASES.get(model_type, model_type)
+    if key in USER_FAMILIES:
+        return USER_FAMILIES[key]
+    if key in LEFT_OUT:
+        raise UnknownFamily(f"model family '{model_type}' is not supported: {LEFT_OUT[key]}")
     if key not in FAMILIES:
-        supported = ", ".join(sorted(FAMILIES))
-        raise LmscopeError(
-            f"model family '{model_type}' is not supported (supported: {supported}); "
-            "add an entry to FAMILIES in lmscope/families.py"
+        raise UnknownFamily(
+            f"model family '{model_type}' is not supported (supported: {', '.join(sorted(FAMILIES))}); "
+            "add an entry to FAMILIES in lmscope/core/families.py or a --families file"
         )
     return FAMILIES[key]
+
+
+def load_families(path) -> dict[str, Family]:
+    """Register the entries of a TOML or JSON file, ``{model_type: {field: value, ...}}``; an
+    entry may start from another with ``base = "llama"``. Returns the new entries; a clear error
+    for a file that cannot be read or an unknown field."""
+    import json
+    import tomllib
+    from dataclasses import fields
+    from pathlib import Path
+
+    from lmscope.core.errors import LmscopeError
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (OSError, ValueError) as e:
+        raise LmscopeError(f"cannot read families file {path}: {str(e).splitlines()[0]}") from None
+    known = {f.name for f in fields(Family)}
+    added = {}
+    for model_type, entry in data.items():
+        if not isinstance(entry, dict):
+            raise LmscopeError(f"{path}: entry '{model_type}' is not a table of fields")
+        entry = dict(entry)
+        base = entry.pop("base", None)
+        bad = sorted(set(entry) - known)
+        if bad:
+            raise LmscopeError(f"{path}: entry '{model_type}' has unknown field(s) {', '.join(bad)}")
+        try:
+            family = replace(family_for(base), **entry) if base else Family(**entry)
+        except TypeError as e:
+            raise LmscopeError(f"{path}: entry '{model_type}': {e}") from None
+        added[model_type] = family
+    USER_FAMILIES.update(added)
+    return added

@@ -19,6 +19,9 @@ residual the attention reads enters its norm, or the attention itself where ther
 Tensors: ``main`` is the first input (``args[0]`` or ``hidden_states``) of a ``pre`` point and
 the main output (the first element of a tuple) of a ``post`` point; ``logits`` is the output's
 ``.logits``; ``call`` hands the callback the whole ``(args, kwargs)`` of the call, read-only.
+``io`` hands the callback the module and its whole call: ``fn(module, args, kwargs)`` before it
+runs (returning None, or new ``(args, kwargs)``), ``fn(module, args, kwargs, output)`` after it
+(returning None, or a new output); mixture-of-experts routing is edited this way.
 ``heads`` splits the last axis into ``[n_heads, d_head]`` (and joins it again on write).
 """
 
@@ -30,14 +33,14 @@ from torch import nn
 
 from lmscope.core.errors import LmscopeError
 
-GLOBAL_ROLES = ("embed", "final_norm", "unembed", "root")
+GLOBAL_ROLES = ("embed", "pos_embed", "final_norm", "unembed", "root")
 
 
 @dataclass(frozen=True)
 class HookPoint:
     roles: tuple[str, ...]
     when: str  # "pre": before the module runs; "post": after
-    tensor: str = "main"  # "main", "logits" or "call"
+    tensor: str = "main"  # "main", "logits", "call" or "io"
     heads: bool = False
 
     @property
@@ -56,15 +59,16 @@ HOOK_POINTS: dict[str, HookPoint] = {
     "resid_post": _point("block", "post"),
     "attn.z": _point("o_proj", "pre", heads=True),
     "attn.out": _point("o_proj", "post"),
-    "mlp.in": _point("mlp", "pre"),
+    "mlp.in": _point(("mlp", "mlp_up"), "pre"),
     "mlp.post": _point("mlp_down", "pre"),
-    "mlp.out": _point("mlp", "post"),
+    "mlp.out": _point(("mlp", "mlp_down"), "post"),
     "final_norm": _point("final_norm", "post"),
     "logits": _point("root", "post", tensor="logits"),
     # -- internal points ----------------------------------------------------------------------
     "model.call": _point("root", "pre", tensor="call"),  # the model's call (e.g. its KV cache)
     "block.call": _point("block", "pre", tensor="call"),  # a decoder layer's call arguments
     "attn.resid_in": _point(("attn_norm", "attn"), "pre"),  # the residual stream attention reads
+    "attn.in": _point("attn", "pre"),  # the attention module's input (after its norm)
     "attn.q_proj": _point("q_proj", "post"),  # projection outputs [..., heads * d_head]
     "attn.k_proj": _point("k_proj", "post"),
     "attn.v_proj": _point("v_proj", "post"),
@@ -72,10 +76,15 @@ HOOK_POINTS: dict[str, HookPoint] = {
     "attn.k_norm.in": _point("k_norm", "pre"),  # a key norm's input and output (Qwen 3, OLMo 2)
     "attn.k_norm": _point("k_norm", "post"),
     "attn.contrib": _point("attn_contrib", "post"),  # what attention adds to the residual stream
-    "mlp.resid_in": _point(("mlp_norm", "mlp"), "pre"),  # the residual stream the MLP reads
+    "mlp.resid_in": _point(("mlp_norm", "mlp", "mlp_up"), "pre"),  # the residual stream the MLP reads
     "mlp.contrib": _point("mlp_contrib", "post"),  # what the MLP adds to the residual stream
     "final_norm.in": _point("final_norm", "pre"),  # the residual stream the unembedding reads
+    "pos_embed": _point("pos_embed", "post"),  # learned position embeddings (GPT-2, OPT)
     "linears.in": _point("linears", "pre"),  # inputs of every linear layer of a block
+    # mixture-of-experts blocks (see lmscope.core.moe)
+    "moe.router": _point("router", "post", tensor="io"),  # router: logits (and its routing)
+    "moe.experts": _point("experts", "pre", tensor="io"),  # experts(hidden, top_k_index, top_k_weights)
+    "moe.experts.out": _point("experts", "post", tensor="io"),  # the routed experts' summed output
 }
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Self
 
@@ -76,7 +76,25 @@ def hooked(model: Model, hooks: Iterable[Hook]) -> Iterator[None]:
                 if point.when == "pre":
                     handles.append(module.register_forward_pre_hook(wrapped, with_kwargs=True))
                 else:
-                    handles.append(module.register_forward_hook(wrapped))
+                    handles.append(module.register_forward_hook(wrapped, with_kwargs=point.tensor == "io"))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def traced(modules: Mapping[str, nn.Module], record: Callable) -> Iterator[None]:
+    """Observe calls of arbitrary ``modules`` (before any family is known, e.g. to derive one):
+    ``record(name, args, kwargs, output)`` after each call. Removed on exit, also on error."""
+    handles: list = []
+    try:
+        for name, module in modules.items():
+
+            def post(module, args, kwargs, out, name=name):
+                record(name, args, kwargs, out)
+
+            handles.append(module.register_forward_hook(post, with_kwargs=True))
         yield
     finally:
         for handle in handles:
@@ -91,6 +109,8 @@ def _wrap(point, fn: Callable, heads: tuple[int, int]) -> Callable:
             fn(args, kwargs)
 
         return observe
+    if point.tensor == "io":
+        return fn
     if point.when == "pre":
 
         def pre(module, args, kwargs):
@@ -187,9 +207,9 @@ class _Sites:
         self.captures: dict[tuple[str, int | None], list[Site]] = defaultdict(list)
         self.edits: dict[tuple[str, int | None], list[Intervention]] = defaultdict(list)
         for site in capture:
-            self.captures[site.kind, site.layer].append(site)
+            self.captures[site.key, site.layer].append(site)
         for iv in interventions:
-            self.edits[iv.site.kind, iv.site.layer].append(iv)
+            self.edits[iv.site.key, iv.site.layer].append(iv)
 
     def keys(self) -> set[tuple[str, int | None]]:
         return set(self.captures) | set(self.edits)
@@ -205,9 +225,9 @@ class _Sites:
         return x
 
     def _store(self, site: Site, x: Tensor, offset: int) -> None:
-        value = x if site.head is None else x.select(site.head_axis, site.head)
-        if not self.grad:
-            value = value.detach()
+        value = x if site.head_axis is None or site.head is None else x.select(site.head_axis, site.head)
+        if not self.grad:  # a copy: some models later modify a module's output in place (Falcon)
+            value = value.detach().clone()
         elif value.requires_grad:
             value.retain_grad()
         elif value.is_leaf:  # e.g. an input replaced by an intervention: make it a leaf of the graph
@@ -253,6 +273,7 @@ class HookSession:
         self.sites = _Sites(capture, interventions, to_cpu, grad)
         self._stack: contextlib.ExitStack | None = None
         self._offset = 0
+        self._batch_pos: tuple[int, int] | None = None
         self._resid_pre: dict[int, Tensor] = {}
 
     @property
@@ -298,6 +319,10 @@ class HookSession:
         for kind in ("attn.z", "attn.out", "mlp.in", "mlp.post", "mlp.out", "resid_post"):
             if kind in kinds:
                 hooks.append(Hook(kind, layer, self._site_hook(kind, layer)))
+        if any(k.startswith("moe.") for k in kinds):
+            from lmscope.core.moe import session_hooks  # the MoE sites' callbacks
+
+            hooks += session_hooks(self.model, layer, self.sites, lambda: self._offset)
         return hooks
 
     def _attention_context(self) -> contextlib.AbstractContextManager:
@@ -317,12 +342,19 @@ class HookSession:
         past = kwargs.get("past_key_values")
         self._offset = past.get_seq_length() if past is not None else 0
         self._resid_pre.clear()
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = ids if ids is not None else kwargs.get("inputs_embeds")
+        self._batch_pos = tuple(ids.shape[:2]) if ids is not None else None
 
     def _site_hook(self, kind: str, layer: int | None) -> Callable:
         heads = hook_point(kind).heads
 
         def fn(x: Tensor) -> Tensor | None:
-            new = self.sites.process(kind, layer, x, self._offset)
+            flat = x.ndim == 2 and self._batch_pos is not None  # tokens flattened (OPT's MLP)
+            site_x = x.view(*self._batch_pos, -1) if flat else x
+            new = self.sites.process(kind, layer, site_x, self._offset)
+            if flat:
+                return None if new is site_x else new.reshape(x.shape)
             # with grad, a split-heads view is written back so its captured .grad fills
             return new if new is not x or (heads and self.sites.grad) else None
 
@@ -337,11 +369,13 @@ class HookSession:
         return fn
 
     def _resid_mid_hook(self, layer: int) -> Callable:
+        scale = self.model.residual_scale
+
         def fn(contrib: Tensor) -> Tensor | None:
             pre = self._resid_pre[layer]
-            mid = pre + contrib
+            mid = pre + contrib * scale if scale != 1 else pre + contrib
             new = self.sites.process("resid_mid", layer, mid, self._offset)
-            return None if new is mid else new - pre
+            return None if new is mid else (new - pre) / scale
 
         return fn
 

@@ -57,7 +57,7 @@ class Intervention:
             absolute = torch.tensor(keep, device=x.device)
             local = absolute - offset
         idx = _index(self.site, x.ndim, local)
-        if self.site.head is None and self.positions is None:
+        if (self.site.head is None or self.site.head_axis is None) and self.positions is None:
             return self.replace(x, absolute).to(x.dtype)
         out = x.clone()
         out[idx] = self.replace(out[idx], absolute).to(x.dtype)
@@ -68,7 +68,7 @@ def _index(site: Site, ndim: int, positions: slice | Tensor) -> tuple:
     """Index tuple selecting ``positions`` (and ``site.head``) of a whole-site tensor."""
     idx: list = [slice(None)] * ndim
     idx[site.pos_axis] = positions
-    if site.head is not None:
+    if site.head is not None and site.head_axis is not None:
         idx[site.head_axis] = site.head
     return tuple(idx)
 
@@ -142,9 +142,10 @@ def patch(
     """
     s = _site(site, head)
     if isinstance(source, Mapping):
-        if s.name not in source:
-            raise LmscopeError(f"patch source has no '{s.name}' (captured: {', '.join(source) or 'none'})")
-        source = source[s.name]
+        key = str(s) if s.kind == "moe.expert" else s.name  # an expert's output is a whole site
+        if key not in source:
+            raise LmscopeError(f"patch source has no '{key}' (captured: {', '.join(source) or 'none'})")
+        source = source[key]
     src = source
     return Intervention(s, lambda x, pos: _take(src, s, pos, x), _positions(positions))
 

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lmscope.core import moe
 from lmscope.core.cache import ActivationCache
 from lmscope.core.errors import LmscopeError
 from lmscope.core.families import Family, family_for
 from lmscope.core.hooks import HookSession
 from lmscope.core.interventions import Intervention
-from lmscope.core.sites import Site, all_sites, parse_site
+from lmscope.core.sites import ATTN_INTERFACE_KINDS, MOE_KINDS, Site, all_sites, parse_site
 from lmscope.core.weights import parameter
 
 Inputs = str | Sequence[str] | Tensor | Mapping[str, Tensor]
@@ -48,19 +49,23 @@ class Model:
     its family's table entry, and dimensions (``n_layers``, ``n_heads``, ``n_kv_heads``,
     ``d_model``, ``d_head``, ``d_mlp``, ``d_vocab``)."""
 
-    def __init__(self, hf: nn.Module, tokenizer, source: str = "", name: str = ""):
+    def __init__(self, hf: nn.Module, tokenizer, source: str = "", name: str = "", family: Family | None = None):
         self.hf = hf
         self.tokenizer = tokenizer
         self.source = source
         self.name = name or source
         config = hf.config
-        self.family: Family = family_for(config.model_type)
+        self.family: Family = family or family_for(config.model_type)
+        self.derived = False  # True when the family entry was derived from the module tree
         self.n_layers = len(self.module(self.family.layers))
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
+        if getattr(config, "multi_query", False):  # GPT-BigCode: one key/value head
+            self.n_kv_heads = 1
         self.d_model = config.hidden_size
         self.d_head = self._in_features(self.layer_module(0, self.family.o_proj)) // self.n_heads
-        self.d_mlp = self._in_features(self.layer_module(0, self.family.mlp_down))
+        downs = [self.layer_module(i, self.family.mlp_down) for i in self.layers_with("mlp_down")]
+        self.d_mlp = self._in_features(downs[0]) if downs else None
         self.d_vocab = config.vocab_size
 
     # -- structure -----------------------------------------------------------------
@@ -73,6 +78,21 @@ class Model:
         """A submodule of decoder layer ``layer`` by dotted path ('' is the layer)."""
         block = self.module(self.family.layers)[layer]
         return block.get_submodule(path) if path else block
+
+    def has_module(self, layer: int, path: str | None) -> bool:
+        """Whether decoder layer ``layer`` has a module at ``path`` (layers of one model differ:
+        dense and mixture-of-experts layers, say)."""
+        if path is None:
+            return False
+        try:
+            self.layer_module(layer, path)
+        except AttributeError:
+            return False
+        return True
+
+    def layers_with(self, role: str) -> list[int]:
+        """The layers that have the family's module ``role`` (e.g. ``"experts"``, ``"mlp_down"``)."""
+        return [i for i in range(self.n_layers) if self.has_module(i, getattr(self.family, role))]
 
     def _in_features(self, linear: nn.Module) -> int:
         w = linear.weight
@@ -94,9 +114,16 @@ class Model:
     def site(self, name: str | Site, head: int | None = None) -> Site:
         """Parse and validate a site name against this model's layers and heads."""
         site = name if isinstance(name, Site) else parse_site(name, head)
+        if site.kind in ATTN_INTERFACE_KINDS and not self.family.attn_interface:
+            raise LmscopeError(
+                f"site '{site}': {self.hf.config.model_type} computes attention inline, so attn.q/k/v/pattern "
+                "cannot be read (every other site can)"
+            )
         if site.layer is not None and not 0 <= site.layer < self.n_layers:
             raise LmscopeError(f"site '{site}': layer {site.layer} out of range (model has {self.n_layers} layers)")
-        if site.head is not None:
+        if site.kind in MOE_KINDS:
+            moe.check_site(self, site)
+        elif site.head is not None:
             n = self.n_kv_heads if site.kind in ("attn.k", "attn.v") else self.n_heads
             if not 0 <= site.head < n:
                 what = "KV heads" if n == self.n_kv_heads and site.kind in ("attn.k", "attn.v") else "heads"
@@ -123,16 +150,30 @@ class Model:
             "logits": (batch, pos, self.d_vocab),
         }
         sites = [parse_site(name) for name in all_sites(self.n_layers)]
-        return [(str(site), d[site.kind]) for site in sites if self._has(site.kind)]
+        shapes = [(str(site), d[site.kind]) for site in sites if self._has(site.kind, site.layer)]
+        for layer in self.layers_with("experts"):
+            for kind in ("moe.router", "moe.weights"):
+                shapes.append((f"blocks.{layer}.{kind}", (batch, pos, moe.n_experts(self, layer))))
+        return shapes
 
-    def _has(self, kind: str) -> bool:
+    def _has(self, kind: str, layer: int | None = None) -> bool:
+        if kind in ATTN_INTERFACE_KINDS:
+            return self.family.attn_interface
+        if kind == "mlp.post":
+            return layer is None or self.has_module(layer, self.family.mlp_down)
         return kind != "resid_mid" or not self.parallel_residual
 
     @property
     def parallel_residual(self) -> bool:
         """Whether attention and MLP read the same residual stream (no ``resid_mid``)."""
         flag = self.family.parallel_residual
-        return bool(flag and getattr(self.hf.config, flag, False))
+        return flag is True or bool(isinstance(flag, str) and getattr(self.hf.config, flag, False))
+
+    @property
+    def residual_scale(self) -> float:
+        """The factor each layer multiplies attention and MLP outputs by before adding them to
+        the residual stream (Granite's ``residual_multiplier``; 1 elsewhere)."""
+        return float(getattr(self.hf.config, "residual_multiplier", None) or 1.0)
 
     def card(self) -> dict:
         """A summary of the model: family, size, dimensions, dtype, source."""
@@ -283,7 +324,12 @@ class Model:
             weight = weight[tokens]
             bias = None if bias is None else bias[tokens]
         logits = torch.nn.functional.linear(x, weight, bias)
-        cap = getattr(self.hf.config, "final_logit_softcapping", None)
+        config = self.hf.config
+        if getattr(config, "logit_scale", None):  # Cohere
+            logits = logits * config.logit_scale
+        if getattr(config, "logits_scaling", None):  # Granite
+            logits = logits / config.logits_scaling
+        cap = getattr(config, "final_logit_softcapping", None)
         return logits if not cap else torch.tanh(logits / cap) * cap
 
     @property
@@ -291,7 +337,7 @@ class Model:
         """The padding token id (the tokenizer's, else the config's)."""
         if self.tokenizer is not None:
             return self.tokenizer.pad_token_id
-        return self.hf.config.pad_token_id
+        return getattr(self.hf.config, "pad_token_id", None)
 
     def bos_ids(self) -> list[int]:
         """``[bos_token_id]``, or ``[]`` when the tokenizer has no BOS token."""

@@ -14,6 +14,10 @@
     blocks.{L}.mlp.in              MLP input (after its norm)        [batch, pos, d_model]
     blocks.{L}.mlp.post            neuron activations                [batch, pos, d_mlp]
     blocks.{L}.mlp.out             MLP output                        [batch, pos, d_model]
+    blocks.{L}.moe.router          router logits (MoE layers)        [batch, pos, n_experts]
+    blocks.{L}.moe.weights         routing weights used (0: not chosen) [batch, pos, n_experts]
+    blocks.{L}.moe.expert.{E}      expert E's output where chosen (0 elsewhere), before its
+                                   routing weight                    [batch, pos, d_model]
     final_norm                     final norm output                 [batch, pos, d_model]
     logits                         the model's logits                [batch, pos, vocab]
 
@@ -43,8 +47,13 @@ LAYER_KINDS = (
     "mlp.in",
     "mlp.post",
     "mlp.out",
+    "moe.router",
+    "moe.weights",
+    "moe.expert",
 )
 HEAD_KINDS = ("attn.q", "attn.k", "attn.v", "attn.z", "attn.pattern")
+# Sites of mixture-of-experts layers (lmscope.core.moe); ``moe.expert`` takes the expert's index.
+MOE_KINDS = ("moe.router", "moe.weights", "moe.expert")
 # Sites whose values are computed inside the attention interface.
 ATTN_INTERFACE_KINDS = ("attn.q", "attn.k", "attn.v", "attn.pattern")
 
@@ -66,6 +75,12 @@ class Site:
 
     def __str__(self) -> str:
         return self.name if self.head is None else f"{self.name}.{self.head}"
+
+    @property
+    def key(self) -> str:
+        """What a hook session files the site under: its kind, with the expert for ``moe.expert``
+        (each expert's output is a tensor of its own; a head is a slice of one)."""
+        return f"moe.expert.{self.head}" if self.kind == "moe.expert" else self.kind
 
     @property
     def head_axis(self) -> int | None:
@@ -94,6 +109,10 @@ def parse_site(text: str, head: int | None = None) -> Site:
             f"blocks.<layer>.<{'|'.join(LAYER_KINDS)}>[.<head>]"
         )
     layer, kind, suffix = int(m.group(1)), m.group(2), m.group(3)
+    if kind == "moe.expert":
+        if suffix is None and head is None:
+            raise LmscopeError(f"site '{text}': name the expert, e.g. blocks.{layer}.moe.expert.0")
+        return Site(kind, layer, int(suffix) if suffix is not None else head)
     if suffix is not None:
         if kind not in HEAD_KINDS:
             raise LmscopeError(f"site '{text}': {kind} has no heads")
@@ -106,8 +125,8 @@ def parse_site(text: str, head: int | None = None) -> Site:
 
 
 def layer_sites(layer: int) -> list[str]:
-    """All site names of one layer, in forward order."""
-    return [f"blocks.{layer}.{k}" for k in LAYER_KINDS]
+    """All site names of one layer, in forward order (mixture-of-experts sites not included)."""
+    return [f"blocks.{layer}.{k}" for k in LAYER_KINDS if k not in MOE_KINDS]
 
 
 def all_sites(n_layers: int) -> list[str]:

@@ -1,0 +1,256 @@
+"""Mixture-of-experts layers: routing sites, expert outputs and routing interventions.
+
+transformers 5 MoE blocks share one shape: a router (``Family.router``) returns the router logits
+``[tokens, n_experts]`` (alone, or first in a tuple with the top-k weights and indices), and the
+experts module (``Family.experts``) is called as ``experts(hidden, top_k_index [tokens, k],
+top_k_weights [tokens, k])`` and returns ``sum_k weight_k * expert_{index_k}(hidden)``. On that
+contract lmscope reads and writes (sites, :mod:`lmscope.core.sites`):
+
+- ``blocks.{L}.moe.router``: the router logits, [batch, pos, n_experts]. Editing them makes the
+  router choose again from the edited logits with its own rule (softmax or sigmoid, top-k, group
+  limits, score-correction biases, normalisation): the router is re-run with its logits
+  computation returning the edited logits;
+- ``blocks.{L}.moe.weights``: the routing weights actually used, dense [batch, pos, n_experts]
+  (0 where an expert was not chosen). Editing them changes which experts run and how much they
+  count; no renormalisation happens;
+- ``blocks.{L}.moe.expert.{E}``: expert E's output where it was chosen (0 elsewhere), before its
+  routing weight, [batch, pos, d_model] (computed by calling the experts module with every token
+  routed to E alone). Editing it replaces E's contribution ``w_E * out_E`` by ``w_E * new``; in a
+  gradient run the captured tensor is in the graph, so expert-level attribution works as for any
+  other site.
+
+Interventions: :func:`resect` (an expert's routing weight set to 0: removed, as Monet resects
+experts), :func:`scale` (its weight times a factor), :func:`forbid` (the router may not choose it:
+its logit is -inf and the router re-chooses), :func:`force` (the router must choose it: its logit
+is raised above every other).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmscope.core.errors import LmscopeError
+from lmscope.core.hooks import Hook
+from lmscope.core.interventions import Intervention, _positions
+from lmscope.core.sites import Site
+
+_INDEX_NAMES = ("top_k_index", "router_indices", "selected_experts", "topk_indices")
+_WEIGHT_NAMES = ("top_k_weights", "routing_weights", "router_scores", "topk_weights")
+
+
+def n_experts(model, layer: int) -> int:
+    """The number of routed experts of ``layer``."""
+    experts = model.layer_module(layer, model.family.experts)
+    for name in ("num_experts", "n_experts", "moe_num_experts"):
+        if getattr(experts, name, None):
+            return int(getattr(experts, name))
+    config = model.hf.config
+    for name in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    raise LmscopeError(f"cannot tell how many experts layer {layer} has")
+
+
+def top_k(model, layer: int) -> int:
+    """How many experts the router of ``layer`` chooses per token."""
+    router = model.layer_module(layer, model.family.router)
+    if getattr(router, "top_k", None):
+        return int(router.top_k)
+    config = model.hf.config
+    for name in ("num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_token"):
+        value = getattr(config, name, None) or getattr(getattr(config, "ffn_config", None), name, None)
+        if value:
+            return int(value)
+    raise LmscopeError(f"cannot tell how many experts the router of layer {layer} chooses")
+
+
+def check_site(model, site: Site) -> None:
+    """A clear error for a mixture-of-experts site the model lacks."""
+    if site.layer not in model.layers_with("experts"):
+        raise LmscopeError(f"site '{site}': layer {site.layer} has no mixture-of-experts block")
+    if site.kind == "moe.expert":
+        n = n_experts(model, site.layer)
+        if not 0 <= site.head < n:
+            raise LmscopeError(f"site '{site}': expert {site.head} out of range ({n} experts)")
+
+
+# -- interventions -----------------------------------------------------------------------------
+
+
+def _expert_list(experts: int | Sequence[int]) -> list[int]:
+    return [experts] if isinstance(experts, int) else [int(e) for e in experts]
+
+
+def scale(layer: int, experts: int | Sequence[int], factor: float, positions=None) -> Intervention:
+    """Multiply the routing weights of ``experts`` in ``layer`` by ``factor`` (at ``positions``)."""
+    chosen = _expert_list(experts)
+
+    def fn(w: Tensor, _) -> Tensor:
+        w = w.clone()
+        w[..., chosen] = w[..., chosen] * factor
+        return w
+
+    return Intervention(Site("moe.weights", layer), fn, _positions(positions))
+
+
+def resect(layer: int, experts: int | Sequence[int], positions=None) -> Intervention:
+    """Remove ``experts`` of ``layer``: their routing weights become 0, the other chosen experts'
+    weights stay as they were (Monet's expert resection)."""
+    return scale(layer, experts, 0.0, positions)
+
+
+def forbid(layer: int, experts: int | Sequence[int], positions=None) -> Intervention:
+    """The router of ``layer`` may not choose ``experts`` (at ``positions``): their logits are
+    -inf and the router chooses and weighs again among the others."""
+    chosen = _expert_list(experts)
+
+    def fn(logits: Tensor, _) -> Tensor:
+        logits = logits.clone()
+        logits[..., chosen] = float("-inf")
+        return logits
+
+    return Intervention(Site("moe.router", layer), fn, _positions(positions))
+
+
+def force(layer: int, expert: int, positions=None, margin: float = 10.0) -> Intervention:
+    """The router of ``layer`` must choose ``expert`` (at ``positions``): its logit is set to the
+    largest logit plus ``margin``; the router then weighs it by its own rule."""
+
+    def fn(logits: Tensor, _) -> Tensor:
+        logits = logits.clone()
+        logits[..., expert] = logits.max(-1).values + margin
+        return logits
+
+    return Intervention(Site("moe.router", layer), fn, _positions(positions))
+
+
+# -- the session's callbacks -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _linear_returns(logits: Tensor) -> Iterator[list[int]]:
+    """While inside, ``F.linear`` returns ``logits`` (the router's one linear map); yields a
+    counter of the calls it answered."""
+    original = F.linear
+    calls = [0]
+
+    def linear(input, weight, bias=None):
+        calls[0] += 1
+        return logits.to(input.dtype)
+
+    torch.nn.functional.linear = linear
+    try:
+        yield calls
+    finally:
+        torch.nn.functional.linear = original
+
+
+def _reroute(router: nn.Module, args, kwargs, logits: Tensor):
+    """The router's output recomputed from edited ``logits`` [tokens, n_experts]."""
+    with _linear_returns(logits) as calls:
+        out = router.forward(*args, **kwargs)
+    if calls[0] != 1:
+        raise LmscopeError(
+            f"cannot edit the router logits of {type(router).__name__}: it does not compute them with one linear map"
+        )
+    return out
+
+
+def _split_call(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """(hidden, top_k_index, top_k_weights) of an experts call, positional or by keyword."""
+    values = list(args)
+    for names in (("hidden_states",), _INDEX_NAMES, _WEIGHT_NAMES):
+        if len(values) < 3:
+            values += [kwargs[n] for n in names if n in kwargs][:1]
+    if len(values) < 3:
+        raise LmscopeError("unexpected call of the experts module (expected hidden, top-k indices, top-k weights)")
+    return values[0], values[1], values[2]
+
+
+def _join_call(args: tuple, kwargs: dict, index: Tensor, weights: Tensor) -> tuple[tuple, dict]:
+    if len(args) >= 3:
+        return (args[0], index, weights, *args[3:]), kwargs
+    kwargs = dict(kwargs)
+    for names, value in ((_INDEX_NAMES, index), (_WEIGHT_NAMES, weights)):
+        key = next((n for n in names if n in kwargs), None)
+        if key is None:
+            args = (*args, value)
+        else:
+            kwargs[key] = value
+    return args, kwargs
+
+
+def dense_weights(index: Tensor, weights: Tensor, n: int) -> Tensor:
+    """Top-k routing as dense weights [tokens, n] (0 where an expert was not chosen)."""
+    out = torch.zeros(index.shape[0], n, dtype=weights.dtype, device=weights.device)
+    return out.scatter_add(1, index.long(), weights)
+
+
+def sparse_weights(dense: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense weights [tokens, n] as (index, weights) [tokens, k'] with k' the most experts any
+    token uses (at least 1; unused slots carry weight 0)."""
+    k = max(int((dense != 0).sum(-1).max()), 1)
+    index = dense.abs().topk(k, dim=-1).indices
+    return index, dense.gather(1, index)
+
+
+def session_hooks(model, layer: int, sites, offset: Callable[[], int]) -> list[Hook]:
+    """The hooks that serve a hook session's ``moe.*`` sites of ``layer`` (``sites`` is the
+    session's :class:`lmscope.core.hooks._Sites`)."""
+    n = n_experts(model, layer)
+    shape: dict[str, tuple[int, int]] = {}
+    state: dict[str, Tensor] = {}
+    wanted_experts = sorted(
+        {int(k.rsplit(".", 1)[1]) for k, lay in sites if lay == layer and k.startswith("moe.expert.")}
+    )
+
+    def block_in(x: Tensor) -> None:
+        shape["bp"] = tuple(x.shape[:2])
+
+    def router_out(module, args, kwargs, out):
+        logits = out[0] if isinstance(out, tuple) else out
+        b, p = shape["bp"]
+        new = sites.process("moe.router", layer, logits.reshape(b, p, -1), offset())
+        if not sites.edits.get(("moe.router", layer)):
+            return None
+        return _reroute(module, args, kwargs, new.reshape(logits.shape))
+
+    def experts_in(module, args, kwargs):
+        hidden, index, weights = _split_call(args, kwargs)
+        b, p = shape["bp"]
+        dense = dense_weights(index, weights, n)
+        state["dense"], state["hidden"] = dense, hidden
+        new = sites.process("moe.weights", layer, dense.view(b, p, n), offset())
+        if not sites.edits.get(("moe.weights", layer)):
+            return None
+        state["dense"] = new.reshape(-1, n)
+        return _join_call(args, kwargs, *sparse_weights(state["dense"]))
+
+    def experts_out(module, args, kwargs, out):
+        dense, hidden = state["dense"], state["hidden"]
+        b, p = shape["bp"]
+        tokens = dense.shape[0]
+        total = out
+        for e in wanted_experts:
+            index = torch.full((tokens, 1), e, dtype=torch.long, device=dense.device)
+            ones = torch.ones(tokens, 1, dtype=dense.dtype, device=dense.device)
+            chosen = (dense[:, e] != 0).to(out.dtype)[:, None]
+            alone = module.forward(hidden, index, ones).reshape(tokens, -1) * chosen
+            new = sites.process(f"moe.expert.{e}", layer, alone.view(b, p, -1), offset()).reshape(tokens, -1)
+            delta = dense[:, e, None].to(out.dtype) * (new - alone.detach())
+            total = total + delta.reshape(out.shape)
+        return total if wanted_experts else None
+
+    hooks = [
+        Hook("mlp.in", layer, block_in),
+        Hook("moe.router", layer, router_out),
+        Hook("moe.experts", layer, experts_in),
+    ]
+    if wanted_experts:
+        hooks.append(Hook("moe.experts.out", layer, experts_out))
+    return hooks
