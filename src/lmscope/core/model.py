@@ -157,6 +157,8 @@ class Model:
         return shapes
 
     def _has(self, kind: str, layer: int | None = None) -> bool:
+        if kind in MOE_KINDS:
+            return kind != "moe.expert" and layer is not None and self.has_module(layer, self.family.experts)
         if kind in ATTN_INTERFACE_KINDS:
             return self.family.attn_interface
         if kind == "mlp.post":

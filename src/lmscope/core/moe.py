@@ -206,7 +206,7 @@ def session_hooks(model, layer: int, sites, offset: Callable[[], int]) -> list[H
     shape: dict[str, tuple[int, int]] = {}
     state: dict[str, Tensor] = {}
     wanted_experts = sorted(
-        {int(k.rsplit(".", 1)[1]) for k, lay in sites if lay == layer and k.startswith("moe.expert.")}
+        {int(k.rsplit(".", 1)[1]) for k, lay in sites.keys() if lay == layer and k.startswith("moe.expert.")}  # noqa: SIM118
     )
 
     def block_in(x: Tensor) -> None:
