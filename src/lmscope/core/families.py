@@ -110,11 +110,13 @@ LLAMA = Family(
     q_norm="self_attn.q_norm",
 )
 
+# Mixture-of-experts blocks of transformers 5 (router ``mlp.gate``, experts ``mlp.experts``); a
+# layer without them is dense (its ``mlp.down_proj`` is ``mlp_down``).
+MOE = replace(LLAMA, router="mlp.gate", experts="mlp.experts")
+
 # Multi-head latent attention (DeepSeek V2/V3): q/k/v come from low-rank projections with a norm
 # in between, so there are no per-head q/k/v weights (the sites attn.q/k/v/pattern still exist).
-_LATENT = replace(
-    LLAMA, q_proj=None, k_proj=None, v_proj=None, k_norm=None, q_norm=None, router="mlp.gate", experts="mlp.experts"
-)
+_LATENT = replace(MOE, q_proj=None, k_proj=None, v_proj=None, k_norm=None, q_norm=None)
 
 # One entry per ``config.model_type``. Most entries were proposed by ``lmscope.core.derive`` from the
 # family's module tree and kept once ``lmscope verify`` passed on a tiny model of the family
@@ -198,9 +200,9 @@ FAMILIES: dict[str, Family] = {
     "deepseek_v2": _LATENT,
     "deepseek_v3": _LATENT,
     "doge": LLAMA,
-    "dots1": replace(LLAMA, router="mlp.gate", experts="mlp.experts"),
+    "dots1": MOE,
     "ernie4_5": LLAMA,
-    "ernie4_5_moe": replace(LLAMA, router="mlp.gate", experts="mlp.experts"),
+    "ernie4_5_moe": MOE,
     "exaone4": replace(
         LLAMA,
         attn_contrib="post_attention_layernorm",
@@ -208,7 +210,7 @@ FAMILIES: dict[str, Family] = {
         mlp_norm=None,
         mlp_contrib="post_feedforward_layernorm",
     ),
-    "exaone_moe": replace(LLAMA, router="mlp.gate", experts="mlp.experts"),
+    "exaone_moe": MOE,
     "falcon": replace(
         LLAMA,
         layers="transformer.h",
@@ -251,7 +253,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "glm": LLAMA,
     "glm4": replace(LLAMA, attn_contrib="post_self_attn_layernorm", mlp_contrib="post_mlp_layernorm"),
-    "glm4_moe": replace(LLAMA, router="mlp.gate", experts="mlp.experts"),
+    "glm4_moe": MOE,
     "gpt2": replace(
         LLAMA,
         layers="transformer.h",
@@ -366,7 +368,7 @@ FAMILIES: dict[str, Family] = {
         router="mlp.gate",
         experts="mlp.experts",
     ),
-    "hy_v3": replace(LLAMA, router="mlp.gate", experts="mlp.experts"),
+    "hy_v3": MOE,
     "hyperclovax": replace(LLAMA, attn_contrib="post_norm1", mlp_contrib="post_norm2"),
     "internlm3": LLAMA,
     "jais2": LLAMA,
@@ -387,12 +389,12 @@ FAMILIES: dict[str, Family] = {
         k_norm="self_attn.qk_norm",
         q_norm="self_attn.qk_norm",
     ),  # its MoE (every expert on every token, sigmoid-scaled inputs) has no moe.* sites
-    "mellum": replace(LLAMA, mlp_down=None, router="mlp.gate", experts="mlp.experts"),
-    "minimax_m2": replace(LLAMA, mlp_down=None, router="mlp.gate", experts="mlp.experts"),
+    "mellum": MOE,
+    "minimax_m2": MOE,
     "ministral": LLAMA,
     "ministral3": LLAMA,
     "mistral": LLAMA,
-    "mixtral": replace(LLAMA, mlp_down=None, router="mlp.gate", experts="mlp.experts"),
+    "mixtral": MOE,
     "mpt": replace(
         LLAMA,
         layers="transformer.blocks",
@@ -429,7 +431,7 @@ FAMILIES: dict[str, Family] = {
         mlp_norm=None,
         mlp_contrib="post_feedforward_layernorm",
     ),
-    "olmoe": replace(LLAMA, mlp_down=None, router="mlp.gate", experts="mlp.experts"),
+    "olmoe": MOE,
     "opt": replace(
         LLAMA,
         layers="model.decoder.layers",
@@ -470,12 +472,12 @@ FAMILIES: dict[str, Family] = {
     ),
     "phimoe": replace(LLAMA, mlp_down=None, router="mlp.router", experts="mlp.experts"),
     "qwen2": LLAMA,
-    "qwen2_moe": replace(LLAMA, router="mlp.gate", experts="mlp.experts"),
+    "qwen2_moe": MOE,
     "qwen3": LLAMA,
-    "qwen3_moe": replace(LLAMA, mlp_down=None, router="mlp.gate", experts="mlp.experts"),
+    "qwen3_moe": MOE,
     "seed_oss": LLAMA,
     "smollm3": LLAMA,
-    "solar_open": replace(LLAMA, mlp_down=None, router="mlp.gate", experts="mlp.experts"),
+    "solar_open": MOE,
     "stablelm": LLAMA,
     "starcoder2": replace(LLAMA, mlp_down="mlp.c_proj"),
     "vaultgemma": replace(LLAMA, mlp_norm="pre_feedforward_layernorm"),
