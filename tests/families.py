@@ -47,30 +47,37 @@ SMALL = {
 }
 # Per family: sizes left at the config's own value (they are derived from others) or extra settings.
 _MLA = {"head_dim": 8, "num_key_value_heads": 4}  # latent attention: the rotary part of q/k; k/v per head
+_MUP = {"residual_multiplier": 0.5, "embedding_multiplier": 4.0, "logits_scaling": 2.0}  # not the no-op 1s
 KEEP: dict[str, set] = {}
 EXTRA: dict[str, dict] = {
     "deepseek_v2": _MLA,
     "deepseek_v3": _MLA,
-    "minicpm3": _MLA,
+    "minicpm3": _MLA,  # scale_emb, scale_depth, dim_model_base stay MiniCPM3-4B's (12, 1.4, 256)
+    "granite": _MUP,
+    "granitemoe": _MUP,
+    "granitemoeshared": _MUP,
+    "hyperclovax": _MUP,
+    "qwen2_moe": {"mlp_only_layers": [0]},  # a dense layer among MoE layers
+}
+# Per family: constructor arguments (sub-configs, and what __post_init__ copies into them: DBRX's
+# ffn_config.hidden_size is set from d_model there).
+INIT: dict[str, dict] = {
     "dbrx": {
         "d_model": 64,
-        "n_heads": 4,
-        "n_layers": 3,
-        "max_seq_len": 64,
-        "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
-        "ffn_config": {"hidden_size": 64, "ffn_hidden_size": 96, "moe_num_experts": 4, "moe_top_k": 2},
+        # clip_qkv small enough that q/k/v are clamped; rope_theta is read (not used) by DbrxAttention
+        "attn_config": {"kv_n_heads": 2, "clip_qkv": 0.5, "rope_theta": 10000.0},
+        "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2},
     },
-    "qwen2_moe": {"mlp_only_layers": [0]},  # a dense layer among MoE layers
 }
 
 
 def tiny_config(model_type: str):
     """A small config of ``model_type`` (3 layers, d_model 64, 4 heads, 4 experts where MoE)."""
     extra = EXTRA.get(model_type, {})
-    config = CONFIG_MAPPING[model_type](**{k: v for k, v in extra.items() if k in ("attn_config", "ffn_config")})
+    config = CONFIG_MAPPING[model_type](**INIT.get(model_type, {}))
     keep = KEEP.get(model_type, set())
     for key, value in {**SMALL, **extra}.items():
-        if key in keep or key in ("attn_config", "ffn_config"):
+        if key in keep:
             continue
         if hasattr(config, key) or key in getattr(config, "attribute_map", {}):
             try:

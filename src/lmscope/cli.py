@@ -71,14 +71,20 @@ def _memory_record(m, budget: int, peak: PeakMemory) -> dict:
     return {"device": str(m.device), "budget_bytes": budget, "peak_bytes": peak.peak}
 
 
+# Global options of this invocation (set by the app callback, read by _load).
+_SETTINGS = {"trust_remote_code": False}
+
+
 def _load(model: str, device: str, dtype: str, max_memory: str | None, offload_folder: Path | None, certify=True):
     """Load MODEL on ``device`` in ``dtype``; with ``max_memory``, spread over devices and disk
     (accelerate's ``device_map="auto"``). A model whose family has no entry gets a derived one,
-    used only once its certificate passes (the entry is printed for the table)."""
+    used only once its certificate passes (the entry is printed for the table). With
+    ``--trust-remote-code``, a model's own modeling code may run."""
+    trust = _SETTINGS["trust_remote_code"]
     if max_memory is None or "=" not in max_memory:  # no limit, or a working-memory budget only
         if max_memory is not None:
             _bare_size(max_memory)
-        m = load(model, device=device, dtype=dtype, derive=True)
+        m = load(model, device=device, dtype=dtype, derive=True, trust_remote_code=trust)
     else:
         import tempfile
 
@@ -90,6 +96,7 @@ def _load(model: str, device: str, dtype: str, max_memory: str | None, offload_f
             max_memory=parse_max_memory(max_memory),
             offload_folder=folder,
             derive=True,
+            trust_remote_code=trust,
         )
     if m.derived:
         from lmscope.core.derive import entry_source
@@ -113,7 +120,15 @@ def _options(
             help="TOML/JSON file of family entries {model_type: {field: value}} (private or remote-code models)",
         ),
     ] = None,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code",
+            help="run a model's own modeling code shipped with it (auto_map in its config, e.g. Monet)",
+        ),
+    ] = False,
 ) -> None:
+    _SETTINGS["trust_remote_code"] = trust_remote_code
     if families is not None:
         from lmscope.core.families import load_families
 
@@ -333,7 +348,9 @@ def locate(
     task: TaskOpt = None,
     n: PairsOpt = None,
     method: Annotated[str, typer.Option(help="exact, attribution or eap-ig")] = "exact",
-    level: Annotated[str, typer.Option(help="head, layer (attention and MLP) or position (residual)")] = "head",
+    level: Annotated[
+        str, typer.Option(help="head, layer (attention and MLP), position (residual) or expert (MoE; gradient methods)")
+    ] = "head",
     metric: MetricOpt = "logit_diff",
     direction: Annotated[str, typer.Option(help="denoising or noising (exact only)")] = "denoising",
     steps: Annotated[int, typer.Option(help="EAP-IG interpolation steps")] = 100,
@@ -373,7 +390,7 @@ def locate(
     table = Table(
         "component",
         "layer",
-        "head",
+        "expert" if level == "expert" else "head",
         "position",
         "score",
         title=f"{method} on {len(pairs)} pairs: clean {results[0].clean:.3f}, corrupt {results[0].corrupt:.3f}",
@@ -383,7 +400,11 @@ def locate(
     )[:top]
     for row in rows:
         table.add_row(
-            row["component"], str(row["layer"]), _dash(row["head"]), _dash(row["position"]), f"{row['score']:+.4f}"
+            row["component"],
+            str(row["layer"]),
+            _dash(row.get("expert", row["head"])),
+            _dash(row["position"]),
+            f"{row['score']:+.4f}",
         )
     console.print(table)
     console.print(f"wrote {out / 'results.json'} and plots")
@@ -634,6 +655,67 @@ def quant(
         table.add_row(*cells)
     console.print(table)
     console.print(f"wrote {out / 'results.json'} and plots")
+
+
+@app.command()
+def experts(
+    model: ModelArg = DEFAULT_MODEL,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
+    corpus: Annotated[
+        list[str] | None,
+        typer.Option(help="a domain: text or JSONL file, or 'wikitext2' (repeatable; default wikitext2)"),
+    ] = None,
+    tokens: Annotated[int, typer.Option(help="tokens per corpus")] = 8192,
+    window: WindowOpt = 256,
+    batch_size: Annotated[int, typer.Option(help="windows per forward")] = 4,
+    top: Annotated[int, typer.Option(help="top-activating tokens kept per expert")] = 5,
+    resect: Annotated[int | None, typer.Option(help="remove each domain's N most specialised experts")] = None,
+    draws: Annotated[int, typer.Option(help="random resections to compare with (averaged)")] = 3,
+    seed: Annotated[int, typer.Option(help="seed of the random resections")] = 0,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("out/experts"),
+) -> None:
+    """Which experts do what: load, routing entropy, co-activation, top tokens, domain specialisation, resection."""
+    from lmscope.experts import expert_stats, moe_layers
+    from lmscope.experts import resection as run_resection
+    from lmscope.quant.corpus import load_corpus
+    from lmscope.reports.report import PartWriter
+
+    sources = corpus or ["wikitext2"]
+    if resect is not None and len(sources) < 2:
+        raise LmscopeError("--resect needs at least two --corpus domains (experts specialised to one of them)")
+    if resect is not None and resect < 1:
+        raise LmscopeError(f"--resect must be at least 1 (got {resect})")
+    out = output_dir(out)
+    m = _load(model, device, dtype, max_memory, offload_folder)
+    moe_layers(m)  # a dense model fails before any corpus is read
+    corpora = [load_corpus(m, source, max_tokens=tokens) for source in sources]
+    settings = {"corpora": sources, "tokens": [len(c) for c in corpora], "window": window, "resect": resect}
+    payload = {**header("experts", model, m, settings), "model_name": model}
+    writer = PartWriter(out, f"lmscope experts: {model}", payload, planned=1 if resect is None else 2)
+    options = {"window": window, "batch_size": batch_size}
+    stats = expert_stats(m, corpora, top=top, **options)
+    writer.add("routing", "Expert routing", "Load, routing entropy, co-activation and top tokens per expert.", stats)
+    table = Table("layer", "balance", "busiest expert", "its load", title=f"{m.name}: expert routing")
+    for row in stats.tables()[0].rows:
+        table.add_row(str(row["layer"]), f"{row['balance']:.3f}", str(row["busiest expert"]), f"{row['its load']:.3f}")
+    console.print(table)
+    if resect is not None:
+        description = (
+            f"Each domain's {resect} most specialised experts removed (routing weight 0), against {resect} random "
+            f"experts ({draws} draws); mean next-token loss per domain."
+        )
+        result = run_resection(
+            m, corpora, stats, resect, draws=draws, seed=seed, on_row=lambda r: writer.update("resection", r), **options
+        )
+        writer.add("resection", "Expert resection", description, result)
+        table = Table("removed", *(f"Δ loss {d}" for d in stats.domains), title=f"{m.name}: expert resection")
+        for row in result.tables()[0].rows[1:]:
+            table.add_row(row["removed"], *(f"{row[f'change {d}']:+.3f}" for d in stats.domains))
+        console.print(table)
+    console.print(f"wrote {out / 'report.html'}, {out / 'results.json'} and PNG plots")
 
 
 def _bits(value) -> str:

@@ -118,3 +118,40 @@ def test_scores_do_not_depend_on_the_budget(tiny_models, method):
     pairs = [token_pair(model, pos=8, differ=(2, 5), seed=s) for s in range(2)]
     small, large = (attribute(model, pairs, method, steps=5, max_memory=b).scores for b in (1, "100GB"))
     torch.testing.assert_close(small, large, rtol=0, atol=1e-5)
+
+
+def test_expert_attribution_is_the_first_order_effect_of_each_expert():
+    """Expert level (mixture-of-experts): each expert's score is (a_clean - a_corrupt) . dM/da at
+    the corrupted run, normalised; the reference is a finite difference of the metric with the
+    expert's output moved a step eps towards the clean one (an edit of the site)."""
+    from lmscope.circuits.metrics import get_metric
+    from lmscope.core.interventions import apply
+    from tests.families import tiny_family_model
+
+    model = tiny_family_model("mixtral")
+    pair = token_pair(model, pos=7, differ=(1, 3), seed=1)
+    result = attribute(model, [pair], "attribution", "expert")
+    assert result.scores.shape == (model.n_layers, 1, 4)
+    assert {row["expert"] for row in result.rows()} == {0, 1, 2, 3}
+    metric = get_metric("logit_diff")
+    m = lambda run: float(metric(run.logits[:, -1], pair)[0])
+    clean_m, corrupt_m = m(model.run(pair.clean[None])), m(model.run(pair.corrupt[None]))
+    eps = 1e-3
+    for layer in range(model.n_layers):
+        for e in range(4):
+            site = f"blocks.{layer}.moe.expert.{e}"
+            a_clean = model.run(pair.clean[None], capture=[site]).cache[site]
+            step = apply(site, lambda x, a=a_clean: x + eps * (a - x))
+            moved = m(model.run(pair.corrupt[None], interventions=[step]))
+            reference = (moved - corrupt_m) / eps / (clean_m - corrupt_m)
+            assert float(result.scores[layer, 0, e]) == pytest.approx(reference, rel=2e-2, abs=1e-3)
+
+
+def test_expert_level_errors(tiny_models):
+    from lmscope.circuits.locate import locate
+
+    pair = token_pair(tiny_models["llama"], pos=6)
+    with pytest.raises(LmscopeError, match="no mixture-of-experts layers"):
+        attribute(tiny_models["llama"], [pair], "attribution", "expert")
+    with pytest.raises(LmscopeError, match="gradient methods"):
+        locate(tiny_models["llama"], [pair], "exact", "expert")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import transformers as T
 
 import lmscope
@@ -53,3 +54,31 @@ def test_left_out_family_says_why():
     hf = T.AutoModelForCausalLM.from_config(T.MambaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1))
     with pytest.raises(lmscope.LmscopeError, match=r"'mamba' is not supported: state-space"):
         lmscope.Model(hf, None)
+
+
+def test_formula_fields_over_the_config():
+    from types import SimpleNamespace
+
+    from lmscope.core.families import config_value
+
+    config = SimpleNamespace(scale_depth=1.4, num_hidden_layers=4, attn_config=SimpleNamespace(clip_qkv=8), off=None)
+    assert config_value(config, "scale_depth / sqrt(num_hidden_layers)") == 1.4 / 2
+    assert config_value(config, "attn_config.clip_qkv") == 8
+    assert config_value(config, "-2 ** 2 + 1") == -3
+    assert config_value(config, None) is None
+    assert config_value(config, "off") is None and config_value(config, "1 / missing") is None
+    for bad in ("__import__('os')", "scale_depth.__class__", "'text'", "max(1, 2)", "a if b else c", "1 +"):
+        with pytest.raises(lmscope.LmscopeError, match="family formula"):
+            config_value(config, bad)
+    with pytest.raises(lmscope.LmscopeError, match="not a number"):
+        config_value(config, "attn_config")
+
+
+def test_scales_follow_the_family_entry(tiny_models):
+    from dataclasses import replace
+
+    m = tiny_models["llama"]
+    assert (m.residual_scale, m.logit_scale, m.embed_scale) == (1.0, 1.0, 1.0)
+    scaled = lmscope.Model(m.hf, None, family=replace(m.family, logit_scale="2 * hidden_size"))
+    x = torch.randn(3, m.d_model)
+    torch.testing.assert_close(scaled.unembed(x), m.unembed(x) * 2 * m.d_model)

@@ -29,9 +29,10 @@ def test_budget_from_max_memory_or_free_memory():
 
 def test_peak_memory_sees_a_known_allocation():
     """A 400 MB tensor made and freed inside the block (held for 50 ms, many sampling periods):
-    the peak is about 400 MB above the start."""
+    the peak is about 400 MB above the start (other memory freed during the block, e.g. by other
+    threads, can lower the measured rise a little)."""
     with PeakMemory("cpu") as peak:
         x = torch.ones(100_000_000)  # 400 MB, touched
         time.sleep(0.05)
         del x
-    assert 0.9 * 4e8 < peak.peak < 1.3 * 4e8
+    assert 0.8 * 4e8 < peak.peak < 1.3 * 4e8

@@ -124,3 +124,41 @@ def test_dense_and_moe_layers_mix():
     run = m.run(_ids(m), capture=["blocks.0.mlp.post", "blocks.1.moe.weights"])
     assert run.cache["blocks.0.mlp.post"].shape[-1] == m.d_mlp
     assert run.cache["blocks.1.moe.weights"].shape[-1] == 4
+
+
+def test_flattened_experts_dbrx():
+    """DBRX stores its experts flattened ([n_experts * d_ffn, d_model]): routing sites, expert
+    outputs and the per-expert weight views against a hand computation from those weights."""
+    m, layer = tiny_family_model("dbrx"), 1
+    views = moe.expert_weights(m, layer)
+    assert {name: tuple(v.shape) for name, v in views.items()} == {f"mlp.{w}": (4, 32, 64) for w in ("w1", "v1", "w2")}
+    sites = [f"blocks.{layer}.{k}" for k in ("mlp.in", "mlp.out", "moe.router", "moe.weights")]
+    run = m.run(_ids(m), capture=[*sites, *(f"blocks.{layer}.moe.expert.{e}" for e in range(4))])
+    c = run.cache
+    x = c[f"blocks.{layer}.mlp.in"]
+    logits = x @ m.layer_module(layer, "ffn.router.layer").weight.T
+    top = logits.softmax(-1).topk(moe.top_k(m, layer), dim=-1)
+    dense = torch.zeros_like(logits).scatter(-1, top.indices, top.values / top.values.sum(-1, keepdim=True))
+    torch.testing.assert_close(c[f"blocks.{layer}.moe.router"], logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c[f"blocks.{layer}.moe.weights"], dense, rtol=1e-5, atol=1e-6)
+    total = torch.zeros_like(x)
+    for e in range(4):
+        w1, v1, w2 = (views[f"mlp.{w}"][e] for w in ("w1", "v1", "w2"))
+        hand = (F.silu(x @ w1.T) * (x @ v1.T)) @ w2 * (dense[..., e] != 0)[..., None]
+        torch.testing.assert_close(c[f"blocks.{layer}.moe.expert.{e}"], hand, rtol=1e-4, atol=1e-5)
+        total = total + dense[..., e, None] * hand
+    torch.testing.assert_close(c[f"blocks.{layer}.mlp.out"], total, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # a view writes the weight: zeroing expert e's rows zeroes its output
+        views["mlp.w2"][0] = 0
+    zeroed = m.run(_ids(m), capture=[f"blocks.{layer}.moe.expert.0"]).cache[f"blocks.{layer}.moe.expert.0"]
+    assert not bool(zeroed.any())
+
+
+def test_expert_weights_not_stored_per_expert(mixtral):
+    from dataclasses import replace
+
+    assert set(moe.expert_weights(mixtral, 0)) == {"gate_up_proj", "down_proj"}
+    dbrx = tiny_family_model("dbrx")
+    stacked = lmscope.Model(dbrx.hf, None, family=replace(dbrx.family, experts_flat=False))
+    with pytest.raises(lmscope.LmscopeError, match=r"'mlp.w1' \(128, 64\) of layer 0 is not stored per expert"):
+        moe.expert_weights(stacked, 0)

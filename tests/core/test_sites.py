@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lmscope.core.errors import LmscopeError
-from lmscope.core.sites import HEAD_KINDS, LAYER_KINDS, MOE_KINDS, Site, all_sites, parse_site
+from lmscope.core.sites import HEAD_KINDS, LAYER_KINDS, MOE_KINDS, MONET_KINDS, Site, all_sites, parse_site
 
 
 def test_parse_examples():
@@ -16,6 +16,8 @@ def test_parse_examples():
     assert parse_site("blocks.5.attn.z", head=3) == Site("attn.z", 5, 3)
     assert parse_site("blocks.12.mlp.post") == Site("mlp.post", 12)
     assert parse_site("blocks.0.attn.pattern.2").head_axis == 1
+    assert parse_site("blocks.3.monet.g1") == Site("monet.g1", 3)
+    assert parse_site("blocks.3.monet.product").head_axis is None
 
 
 @given(st.integers(0, 500), st.sampled_from([k for k in LAYER_KINDS if k != "moe.expert"]), st.integers(0, 63))
@@ -26,7 +28,17 @@ def test_names_round_trip(layer, kind, head):
 
 @pytest.mark.parametrize(
     "text",
-    ["blocks.x.resid_pre", "blocks.1.resid", "blocks.1.mlp.out.2", "embed.1", "block.1.resid_pre", "", "logits.0"],
+    [
+        "blocks.x.resid_pre",
+        "blocks.1.resid",
+        "blocks.1.mlp.out.2",
+        "embed.1",
+        "block.1.resid_pre",
+        "",
+        "logits.0",
+        "blocks.1.monet.g1.0",
+        "blocks.1.monet.g",
+    ],
 )
 def test_bad_names(text):
     with pytest.raises(LmscopeError):
@@ -40,4 +52,5 @@ def test_head_given_twice_must_agree():
 
 def test_all_sites_count():
     names = all_sites(2)
-    assert len(names) == 3 + 2 * len([k for k in LAYER_KINDS if k not in MOE_KINDS]) and len(set(names)) == len(names)
+    per_layer = [k for k in LAYER_KINDS if k not in MOE_KINDS + MONET_KINDS]
+    assert len(names) == 3 + 2 * len(per_layer) and len(set(names)) == len(names)

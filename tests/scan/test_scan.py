@@ -16,7 +16,7 @@ from lmscope.scan import ScanSettings, scan
 from tests.browser import HOVER_JS, PLOT_BOXES_JS, artifacts_dir, open_report
 from tests.helpers import run_cli
 
-PARTS = ["model", "outliers", "kv", "heads", "circuit"]
+PARTS = ["verify", "model", "outliers", "kv", "heads", "circuit"]
 TINY = ScanSettings(
     stats_tokens=256, kv_tokens=256, ppl_tokens=256, window=128, kv_configs=("fp", "k4v2"), head_batch=2, ioi_pairs=2
 )
@@ -39,6 +39,7 @@ def test_quick_scan_writes_every_part(quick_scan, smollm2):
     payload = json.loads((quick_scan / "results.json").read_text())
     assert list(payload["parts"]) == PARTS and set(payload["timings"]) == set(PARTS)
     parts = payload["parts"]
+    assert parts["verify"]["passed"] and parts["verify"]["counts"] == {"pass": 12, "fail": 0, "n/a": 2}
     assert parts["model"]["layers"] == 30 and parts["model"]["kv_heads"] == 3
     assert 507 in {row["channel"] for row in parts["outliers"]["massive"]}  # SmolLM2's massive channel
     ppl = {row["config"]: row["perplexity"] for row in parts["kv"]["quant"]}
@@ -50,6 +51,11 @@ def test_quick_scan_writes_every_part(quick_scan, smollm2):
     scores = parts["circuit"]["scores"]
     top = parts["circuit"]["top"][0]
     assert scores[top["layer"]][top["head"]] == pytest.approx(top["score"])
+    html = (quick_scan / "report.html").read_text()
+    headings = [
+        html.index(f"<h2>{title}</h2>") for title in ("Correctness certificate", "Model", "Activation outliers")
+    ]
+    assert headings == sorted(headings)  # the certificate comes first
     for name in ("kurtosis", "max_abs", "max_abs_channels", "kv_norms", "quant_perplexity", "circuit_ioi_heads"):
         assert (quick_scan / f"{name}.png").stat().st_size > 1000
 
@@ -83,17 +89,17 @@ def test_quick_scan_report_in_chromium(quick_scan):
 
 def test_interrupted_scan_keeps_finished_parts(tmp_path, smollm2):
     """An interruption in the circuit part leaves the four finished parts in results.json and a
-    (partial) report."""
+    (partial) report (the certificate is left out to save time)."""
 
     def interrupted(model, settings):
         raise KeyboardInterrupt
 
     assert [part.name for part in SCAN_PARTS] == PARTS
-    parts = [*SCAN_PARTS[:4], replace(SCAN_PARTS[4], run=interrupted)]
+    parts = [*SCAN_PARTS[1:5], replace(SCAN_PARTS[5], run=interrupted)]
     with pytest.raises(KeyboardInterrupt):
         scan(smollm2, tmp_path, TINY, parts=parts)
     payload = json.loads((tmp_path / "results.json").read_text())
-    assert list(payload["parts"]) == PARTS[:4]
+    assert list(payload["parts"]) == PARTS[1:5]
     assert all(math.isfinite(row["perplexity"]) for row in payload["parts"]["kv"]["quant"])
     assert "partial: 4 of 5 parts" in (tmp_path / "report.html").read_text()
 

@@ -81,7 +81,8 @@ def step_bytes(model: Model, length: int, *, edges: bool = False) -> int:
     x length, where attention is not fused: on the CPU or with eager attention), in the model's
     dtype; edges add the retained q/k/v gradients and inputs per layer and one layer's per-head
     input gradients, [3 n_heads, length, d_model] three times, in float32."""
-    d, d_mlp, heads, layers = model.d_model, model.d_mlp, model.n_heads, model.n_layers
+    d, heads, layers = model.d_model, model.n_heads, model.n_layers
+    d_mlp = model.d_mlp or 4 * d  # mixture-of-experts only: the chosen experts' width, about 4 d
     size = torch.finfo(model.hf.dtype).bits // 8
     fused = model.device.type == "cuda" and getattr(model.hf.config, "_attn_implementation", "sdpa") != "eager"
     per_token = 16 * d + 4 * d_mlp + (0 if fused else 2 * heads * length)
@@ -143,7 +144,9 @@ def attribute(
     with :func:`~lmscope.circuits.pairs.tokenize_pairs` and ``align="final"`` first).
     Returns :class:`~lmscope.circuits.scores.PatchResult` with scores ``[n_layers, n_positions or 1,
     n_heads or 1]``: per head the product is summed over ``d_head`` (and over positions when
-    not ``per_position``), per layer component over ``d_model``; averaged over pairs and divided
+    not ``per_position``), per layer component over ``d_model``; ``component="expert"`` scores
+    each routed expert's output (``blocks.{L}.moe.expert.{E}``, the last axis is the expert; 0 in
+    dense layers); averaged over pairs and divided
     by the mean M(clean) - M(corrupt) (:meth:`~lmscope.circuits.pairs.Baselines.normalise`).
     ``schedule``: the interpolation steps of ``eap-ig`` (:func:`interpolations`: ``"upstream"``
     or ``"paper"``); ``attribution`` always takes the gradient at the corrupted input.
@@ -154,8 +157,8 @@ def attribute(
     """
     if method not in GRADIENT_METHODS:
         raise LmscopeError(f"unknown method '{method}' (choose from {', '.join(GRADIENT_METHODS)})")
-    if component not in COMPONENTS:
-        raise LmscopeError(f"unknown component '{component}' (choose from {', '.join(COMPONENTS)})")
+    if component not in (*COMPONENTS, "expert"):
+        raise LmscopeError(f"unknown component '{component}' (choose from {', '.join(COMPONENTS)}, expert)")
     if steps < 1:
         raise LmscopeError("steps must be at least 1")
     if schedule not in SCHEDULES:
@@ -165,8 +168,9 @@ def attribute(
     lengths = {len(p.clean) for p in token_pairs}
     if per_position and len(lengths) > 1:
         raise LmscopeError(f"per-position scores need pairs of one length; got lengths {sorted(lengths)}")
-    kind = COMPONENTS[component]
-    sites = [f"blocks.{layer}.{kind}" for layer in range(model.n_layers)]
+    layer_sites = _component_sites(model, component)
+    sites = [site for group in layer_sites for site in group]
+    kind = COMPONENTS.get(component, "moe.expert")
     n_steps, schedule = (1, "upstream") if method == "attribution" else (steps, schedule)
     budget = memory.budget(model.device, max_memory)
 
@@ -180,7 +184,16 @@ def attribute(
         embeds = (clean.cache["embed"], corrupt.cache["embed"])
         rows = gradient_rows(model, len(pair.clean), n_steps, budget)
         grads = integrated_gradients(model, bound, sites, n_steps, embeds, schedule, rows)
-        scores = [_node_scores((clean.cache[s][0] - corrupt.cache[s][0]) * grads[s], kind, per_position) for s in sites]
+        node = {
+            s: _node_scores((clean.cache[s][0] - corrupt.cache[s][0]) * grads[s], kind, per_position) for s in sites
+        }
+        width = max(len(group) for group in layer_sites) if kind == "moe.expert" else 1
+        scores = [
+            torch.cat([node[s] for s in group], -1)
+            if group
+            else torch.zeros(len(pair.clean) if per_position else 1, width)
+            for group in layer_sites
+        ]
         return torch.stack([s.cpu() for s in scores]), baselines
 
     totals = None
@@ -205,6 +218,22 @@ def attribute(
         method=method,
         tokens=tokens,
     )
+
+
+def _component_sites(model: Model, component: str) -> list[list[str]]:
+    """Per layer, the sites scored for ``component``: one (``attn.z`` holds the heads), or for
+    ``expert`` every expert's output site of a mixture-of-experts layer (none in a dense layer)."""
+    if component != "expert":
+        return [[f"blocks.{layer}.{COMPONENTS[component]}"] for layer in range(model.n_layers)]
+    from lmscope.core.moe import n_experts
+
+    moe_layers = set(model.layers_with("experts")) if model.family.experts else set()
+    if not moe_layers:
+        raise LmscopeError(f"{model.name} has no mixture-of-experts layers to score experts in")
+    return [
+        [f"blocks.{layer}.moe.expert.{e}" for e in range(n_experts(model, layer))] if layer in moe_layers else []
+        for layer in range(model.n_layers)
+    ]
 
 
 def _node_scores(product: Tensor, kind: str, per_position: bool) -> Tensor:

@@ -1,7 +1,7 @@
 """Where does a behaviour live: one entry point over exact activation patching
 (:mod:`lmscope.circuits.patching`), attribution patching and EAP-IG
-(:mod:`lmscope.circuits.attribution`), at the level of heads, layers (attention and MLP) or
-residual positions."""
+(:mod:`lmscope.circuits.attribution`), at the level of heads, layers (attention and MLP), residual
+positions or mixture-of-experts experts."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ LEVELS = {
     "head": [("head", False)],
     "layer": [("attn", False), ("mlp", False)],
     "position": [("resid", True)],
+    "expert": [("expert", False)],  # mixture-of-experts models; gradient methods only
 }
 
 
@@ -46,6 +47,8 @@ def locate(
         raise LmscopeError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     if level not in LEVELS:
         raise LmscopeError(f"unknown level '{level}' (choose from {', '.join(LEVELS)})")
+    if method == "exact" and level == "expert":
+        raise LmscopeError("the expert level is scored by gradient methods: use --method attribution or eap-ig")
     if method != "exact" and direction != "denoising":
         raise LmscopeError(f"{method} scores the denoising direction only")
     token_pairs = as_token_pairs(model, pairs)

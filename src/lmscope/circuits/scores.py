@@ -13,7 +13,8 @@ from lmscope.reports.results import Result, Table
 @dataclass
 class PatchResult(Result):
     """Normalised scores ``[n_layers, n_positions, n_heads]`` (``n_positions`` is 1 when
-    patching all positions at once, ``n_heads`` is 1 for layer components), with the metric's
+    patching all positions at once, ``n_heads`` is 1 for layer components and the number of
+    experts for ``expert``), with the metric's
     clean and corrupted baselines (means over pairs)."""
 
     scores: Tensor
@@ -33,14 +34,12 @@ class PatchResult(Result):
         for layer in range(n_layers):
             for pos in range(n_pos):
                 for head in range(n_heads):
-                    rows.append(
-                        {
-                            "layer": layer,
-                            "head": head if self.component == "head" else None,
-                            "position": pos if self.per_position else None,
-                            "score": float(self.scores[layer, pos, head]),
-                        }
-                    )
+                    row = {"layer": layer, "head": head if self.component == "head" else None}
+                    if self.component == "expert":
+                        row["expert"] = head
+                    row["position"] = pos if self.per_position else None
+                    row["score"] = float(self.scores[layer, pos, head])
+                    rows.append(row)
         return rows
 
     def top(self, n: int = 10) -> list[dict]:
@@ -75,8 +74,8 @@ class PatchResult(Result):
         _, n_pos, n_heads = self.scores.shape
         if self.per_position:
             return self.scores[:, :, 0].tolist(), "position", list(self.tokens) or list(range(n_pos))
-        if self.component == "head":
-            return self.scores[:, 0, :].tolist(), "head", list(range(n_heads))
+        if self.component in ("head", "expert"):
+            return self.scores[:, 0, :].tolist(), self.component, list(range(n_heads))
         return self.scores[:, 0, :].tolist(), self.component, [self.component]
 
     def figure(self, name: str | None = None, title: str | None = None, value_label: str | None = None) -> Figure:

@@ -22,6 +22,7 @@ def load(
     max_memory: dict | None = None,
     offload_folder: str | None = None,
     derive: bool = False,
+    trust_remote_code: bool = False,
 ) -> Model:
     """Load a causal LM with no network access.
 
@@ -35,6 +36,9 @@ def load(
     do not fit offloaded to ``offload_folder`` on disk. ``derive``: a model whose family has no
     entry gets one derived from its module tree (:mod:`lmscope.core.derive`; ``Model.derived`` is
     then True: certify it with :func:`lmscope.verify.certify` before trusting its results).
+    ``trust_remote_code``: run a model's own modeling code shipped with it (``auto_map`` in its
+    config, e.g. Monet); without it such a model is a one-line error. Its family needs an entry
+    (:func:`lmscope.core.families.load_families`) unless ``derive``.
 
     Under torchrun (several processes) the first call joins the process group
     (:mod:`lmscope.core.distributed`); rank 0 loads first (a GGUF file is converted once, by
@@ -48,7 +52,13 @@ def load(
         if not distributed.is_main():
             distributed.barrier()
     hf, tokenizer, source = load_hf(
-        spec, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder
+        spec,
+        device=device,
+        dtype=dtype,
+        device_map=device_map,
+        max_memory=max_memory,
+        offload_folder=offload_folder,
+        trust_remote_code=trust_remote_code,
     )
     if distributed.is_main():
         distributed.barrier()

@@ -91,7 +91,8 @@ def head_contributions(model: Model, layer: int, z: Tensor) -> Tensor:
     if "norm" not in fam.attn_contrib:
         return per_head * model.residual_scale if model.residual_scale != 1 else per_head
     total = per_head.sum(0) + (bias if bias is not None else 0)
-    return per_head * _norm_scale(model.layer_module(layer, fam.attn_contrib), total)
+    per_head = per_head * _norm_scale(model.layer_module(layer, fam.attn_contrib), total)
+    return per_head * model.residual_scale if model.residual_scale != 1 else per_head  # HyperCLOVA X
 
 
 def _norm_scale(norm: nn.Module, x: Tensor) -> Tensor:

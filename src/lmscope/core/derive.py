@@ -12,7 +12,10 @@ its input and output; the roles follow from the data flow, not from names alone:
 - parallel residual: the MLP reads the same tensor as the attention;
 - ``mlp``: the layer's other child holding linears (none in OPT: then its first and last linears);
   in a mixture-of-experts block, its ``router`` (a child called with the block's input whose output
-  has one entry per expert) and ``experts`` (called with three arguments).
+  has one entry per expert) and ``experts`` (called with three arguments);
+- scales the forward applies outside modules, from the config's attributes where it has the
+  usual ones (``residual_multiplier``, ``embedding_multiplier``, ``logit_scale``, Granite's
+  ``logits_scaling`` as a divisor).
 
 The entry is only a proposal: :func:`lmscope.verify.certify` decides whether it is right. Print it
 with :func:`entry_source` to add it to the table (or a ``--families`` file).
@@ -72,9 +75,9 @@ def _path_of(hf: nn.Module, target: nn.Module) -> str:
     raise LmscopeError("module not found")
 
 
-def _trace(hf: nn.Module, layers_path: str) -> tuple[list, dict]:
+def _trace(hf: nn.Module, layers_path: str) -> tuple[list, dict, Tensor]:
     """Calls (name, input, output, n_args) of every module under the decoder layers and the
-    root's other modules, in call order, for one forward."""
+    root's other modules, in call order, for one forward; and the forward's logits."""
     modules = {n: m for n, m in hf.named_modules() if n}
     calls: list = []
 
@@ -85,14 +88,14 @@ def _trace(hf: nn.Module, layers_path: str) -> tuple[list, dict]:
     vocab = hf.config.vocab_size
     ids = torch.arange(3, 9).remainder(vocab).view(2, 3)
     with torch.no_grad(), traced(modules, record):
-        hf(input_ids=ids.to(next(hf.parameters()).device), use_cache=False)
-    return calls, modules
+        out = hf(input_ids=ids.to(next(hf.parameters()).device), use_cache=False)
+    return calls, modules, out.logits
 
 
 def derive_family(hf: nn.Module, layer: int = 0) -> Family:
     """A proposed :class:`Family` entry for ``hf`` from its module tree and one traced forward."""
     layers = _layers_path(hf)
-    calls, modules = _trace(hf, layers)
+    calls, modules, logits = _trace(hf, layers)
     prefix = f"{layers}.{layer}."
     local = [(n.removeprefix(prefix), x, y, k) for n, x, y, k in calls if n.startswith(prefix)]
     names = [n for n, *_ in local]
@@ -194,7 +197,26 @@ def derive_family(hf: nn.Module, layer: int = 0) -> Family:
         router=router,
         experts=experts,
         **qkv,
+        **_scales(hf.config, next(y for n, x, y, _ in calls if n == unembed), logits),
     )
+
+
+def _scales(config, unembedded: Tensor, logits: Tensor) -> dict:
+    """Formula fields for the usual scaling attributes of ``config`` (those it has); whether
+    ``logits_scaling`` divides or multiplies the unembedding's output is measured on it."""
+    candidates = {
+        "residual_scale": ("residual_multiplier", "residual_multiplier"),
+        "embed_scale": ("embedding_multiplier", "embedding_multiplier"),
+        "logit_scale": ("logit_scale", "logit_scale"),
+    }
+    out = {field: formula for field, (attr, formula) in candidates.items() if getattr(config, attr, None) is not None}
+    scaling = getattr(config, "logits_scaling", None)
+    if "logit_scale" not in out and scaling is not None:  # Granite divides, HyperCLOVA X multiplies
+        factor = float((logits * unembedded).sum() / (unembedded * unembedded).sum().clamp(min=1e-30))
+        out["logit_scale"] = (
+            "logits_scaling" if abs(factor - scaling) < abs(factor - 1 / scaling) else "1 / logits_scaling"
+        )
+    return out
 
 
 def _attention_owner(block: nn.Module) -> str:

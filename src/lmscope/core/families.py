@@ -51,6 +51,27 @@ router, experts
     starting with them) and the experts module, called as ``experts(hidden [tokens, d_model],
     top_k_index [tokens, k], top_k_weights [tokens, k])`` as transformers 5 MoE blocks do.
     A layer without these modules is dense (DeepSeek's first layers, Qwen's ``mlp_only_layers``).
+monet_router, monet_experts
+    Monet layers (Park et al. 2025; remote code, entered through a ``--families`` file): the router
+    (two linear maps to [heads, experts] giving the two routing distributions g1, g2; only on the
+    first layer of each group of layers sharing it) and the experts module, called as
+    ``experts(hidden [batch, pos, d_model], g1, g2 [batch, pos, heads, experts])`` and returning
+    ``sum_h sum_ij g1[h, i] g2[h, j] E_ij(hidden)`` (:mod:`lmscope.core.monet`). Monet's experts
+    module is also the layer's ``mlp``.
+experts_flat
+    The experts module stores each weight with the experts flattened into its first axis
+    (``[n_experts * d_ffn, d_model]``, DBRX) rather than stacked on it (``[n_experts, ...]``, as
+    transformers 5 MoE blocks do); :func:`lmscope.core.moe.expert_weights` gives per-expert views.
+residual_scale, logit_scale, embed_scale, qkv_clip
+    Formulas over the config's attributes (:func:`config_value`: numbers, attribute names, dotted
+    for sub-configs, ``+ - * / **`` and ``sqrt``) for what the model's forward does beyond its
+    modules: the factor each layer multiplies attention and MLP outputs by before adding them to
+    the residual stream (Granite ``"residual_multiplier"``, MiniCPM3
+    ``"scale_depth / sqrt(num_hidden_layers)"``), the factor the logits are multiplied by (Cohere
+    ``"logit_scale"``, Granite ``"1 / logits_scaling"``, MiniCPM3 ``"dim_model_base / hidden_size"``),
+    the factor the token embeddings are multiplied by outside the embedding module (Granite
+    ``"embedding_multiplier"``), and the bound q/k/v are clamped to after their projection (OLMo,
+    DBRX). Unset, or naming an attribute that is absent or None: no scaling, no clamping.
 
 Where a tensor is read or written on these modules is the other table,
 :mod:`lmscope.core.hookpoints`.
@@ -58,7 +79,11 @@ Where a tensor is read or written on these modules is the other table,
 
 from __future__ import annotations
 
+import ast
+import math
+import operator
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 
 @dataclass(frozen=True)
@@ -89,6 +114,13 @@ class Family:
     attn_interface: bool = True
     router: str | None = None
     experts: str | None = None
+    monet_router: str | None = None
+    monet_experts: str | None = None
+    experts_flat: bool = False
+    residual_scale: str | None = None
+    logit_scale: str | None = None
+    embed_scale: str | None = None
+    qkv_clip: str | None = None
 
 
 LLAMA = Family(
@@ -117,6 +149,14 @@ MOE = replace(LLAMA, router="mlp.gate", experts="mlp.experts")
 # Multi-head latent attention (DeepSeek V2/V3): q/k/v come from low-rank projections with a norm
 # in between, so there are no per-head q/k/v weights (the sites attn.q/k/v/pattern still exist).
 _LATENT = replace(MOE, q_proj=None, k_proj=None, v_proj=None, k_norm=None, q_norm=None)
+
+# Maximal-update parametrisation (Granite): residual branches, embeddings and logits scaled by the config.
+_MUP = replace(
+    LLAMA,
+    residual_scale="residual_multiplier",
+    logit_scale="1 / logits_scaling",
+    embed_scale="embedding_multiplier",
+)
 
 # One entry per ``config.model_type``. Most entries were proposed by ``lmscope.core.derive`` from the
 # family's module tree and kept once ``lmscope verify`` passed on a tiny model of the family
@@ -186,17 +226,42 @@ FAMILIES: dict[str, Family] = {
         parallel_residual=True,
         attn_interface=False,
     ),
-    "cohere": replace(LLAMA, mlp_norm="input_layernorm", parallel_residual=True),
-    "cohere2": replace(LLAMA, mlp_norm="input_layernorm", parallel_residual=True),
+    "cohere": replace(LLAMA, mlp_norm="input_layernorm", parallel_residual=True, logit_scale="logit_scale"),
+    "cohere2": replace(LLAMA, mlp_norm="input_layernorm", parallel_residual=True, logit_scale="logit_scale"),
     "cohere2_moe": replace(
         LLAMA,
         mlp_down=None,
         mlp_norm="input_layernorm",
         parallel_residual=True,
+        logit_scale="logit_scale",
         router="mlp.gate",
         experts="mlp.experts",
     ),
     "cwm": LLAMA,
+    "dbrx": replace(
+        MOE,
+        layers="transformer.blocks",
+        embed="transformer.wte",
+        final_norm="transformer.norm_f",
+        attn="norm_attn_norm.attn",
+        o_proj="norm_attn_norm.attn.out_proj",
+        attn_contrib="norm_attn_norm.attn",
+        mlp="ffn",
+        mlp_down=None,
+        attn_norm="norm_attn_norm.norm_1",
+        mlp_norm="norm_attn_norm.norm_2",
+        mlp_contrib="ffn",
+        q_proj=None,
+        k_proj=None,
+        v_proj=None,
+        qkv_proj="norm_attn_norm.attn.Wqkv",
+        k_norm=None,
+        q_norm=None,
+        router="ffn.router",
+        experts="ffn.experts",
+        experts_flat=True,
+        qkv_clip="attn_config.clip_qkv",
+    ),  # norm_attn_norm adds the attention's output to the residual stream itself
     "deepseek_v2": _LATENT,
     "deepseek_v3": _LATENT,
     "doge": LLAMA,
@@ -341,9 +406,9 @@ FAMILIES: dict[str, Family] = {
         parallel_residual=True,
         attn_interface=False,
     ),
-    "granite": LLAMA,
+    "granite": _MUP,
     "granitemoe": replace(
-        LLAMA,
+        _MUP,
         mlp="block_sparse_moe",
         mlp_down=None,
         mlp_contrib="block_sparse_moe",
@@ -351,7 +416,7 @@ FAMILIES: dict[str, Family] = {
         experts="block_sparse_moe.experts",
     ),
     "granitemoeshared": replace(
-        LLAMA,
+        _MUP,
         mlp="block_sparse_moe",
         mlp_down=None,
         mlp_contrib="block_sparse_moe",
@@ -369,7 +434,9 @@ FAMILIES: dict[str, Family] = {
         experts="mlp.experts",
     ),
     "hy_v3": MOE,
-    "hyperclovax": replace(LLAMA, attn_contrib="post_norm1", mlp_contrib="post_norm2"),
+    "hyperclovax": replace(
+        _MUP, attn_contrib="post_norm1", mlp_contrib="post_norm2", logit_scale="logits_scaling"
+    ),  # multiplies the logits by logits_scaling where Granite divides
     "internlm3": LLAMA,
     "jais2": LLAMA,
     "kolibri1": replace(
@@ -416,7 +483,14 @@ FAMILIES: dict[str, Family] = {
         attn_interface=False,
     ),  # the MLP adds the residual itself
     "nemotron": LLAMA,
-    "olmo": LLAMA,
+    "minicpm3": replace(
+        _LATENT,
+        router=None,
+        experts=None,
+        residual_scale="scale_depth / sqrt(num_hidden_layers)",
+        logit_scale="dim_model_base / hidden_size",
+    ),  # its embedding module applies scale_emb itself
+    "olmo": replace(LLAMA, qkv_clip="clip_qkv"),
     "olmo2": replace(
         LLAMA,
         attn_contrib="post_attention_layernorm",
@@ -531,8 +605,6 @@ LEFT_OUT: dict[str, str] = {
     ),
     "jetmoe": "mixture-of-attention-heads layers (attention experts; no single output projection)",
     "diffllama": "differential attention (two softmax maps subtracted per head)",
-    "dbrx": "not yet: experts stored as flattened 2-D weights (the resection reference needs per-expert weights)",
-    "minicpm3": "not yet: residual and logit scaling by dim_model_base not modelled",
     "nanochat": "not yet: parameter-free norms applied as functions, not modules",
     "gemma4_text": "not yet: per-layer configurations (head_dim varies by layer)",
     "glm4_moe_lite": "not yet: latent attention projections not derived",
@@ -559,6 +631,82 @@ def family_for(model_type: str) -> Family:
             "add an entry to FAMILIES in lmscope/core/families.py or a --families file"
         )
     return FAMILIES[key]
+
+
+_OPERATORS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Pow: operator.pow,
+    ast.USub: operator.neg,
+    ast.UAdd: operator.pos,
+}
+_FUNCTIONS = {"sqrt": math.sqrt}
+
+
+class _Unset(Exception):
+    """A formula names a config attribute that is absent or None."""
+
+
+def _allowed(node: ast.AST) -> bool:
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, int | float) and not isinstance(node.value, bool)
+    if isinstance(node, ast.Name | ast.Attribute):
+        return not (node.id if isinstance(node, ast.Name) else node.attr).startswith("_")
+    if isinstance(node, ast.Call):
+        name = node.func.id if isinstance(node.func, ast.Name) else None
+        return name in _FUNCTIONS and len(node.args) == 1 and not node.keywords
+    return isinstance(node, (ast.BinOp, ast.UnaryOp, ast.Load, *_OPERATORS))
+
+
+@lru_cache(maxsize=256)
+def _parse(formula: str) -> ast.expr:
+    from lmscope.core.errors import LmscopeError
+
+    try:
+        tree = ast.parse(formula.strip(), mode="eval").body
+    except SyntaxError:
+        raise LmscopeError(f"family formula '{formula}' is not an expression") from None
+    if not all(_allowed(node) for node in ast.walk(tree)):
+        raise LmscopeError(
+            f"family formula '{formula}': only numbers, config attributes, + - * / ** and sqrt() are allowed"
+        )
+    return tree
+
+
+def _evaluate(node: ast.expr, config) -> float:
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Name | ast.Attribute):
+        owner = config if isinstance(node, ast.Name) else _evaluate(node.value, config)
+        value = getattr(owner, node.id if isinstance(node, ast.Name) else node.attr, None)
+        if value is None:
+            raise _Unset
+        return value
+    if isinstance(node, ast.Call):
+        return _FUNCTIONS[node.func.id](_evaluate(node.args[0], config))
+    if isinstance(node, ast.UnaryOp):
+        return _OPERATORS[type(node.op)](_evaluate(node.operand, config))
+    return _OPERATORS[type(node.op)](_evaluate(node.left, config), _evaluate(node.right, config))
+
+
+def config_value(config, formula: str | None) -> float | None:
+    """The value of a family's formula field (``residual_scale``, ``logit_scale``, ...) over
+    ``config``'s attributes, e.g. ``"scale_depth / sqrt(num_hidden_layers)"`` or
+    ``"attn_config.clip_qkv"``; None when ``formula`` is None or names an attribute that is absent
+    or None. A clear error for a formula that is not numbers, attributes, ``+ - * / **`` and ``sqrt``."""
+    from lmscope.core.errors import LmscopeError
+
+    if formula is None:
+        return None
+    try:
+        value = _evaluate(_parse(formula), config)
+    except _Unset:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise LmscopeError(f"family formula '{formula}' is not a number on this config ({type(value).__name__})")
+    return value
 
 
 def load_families(path) -> dict[str, Family]:

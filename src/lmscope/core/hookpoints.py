@@ -85,6 +85,9 @@ HOOK_POINTS: dict[str, HookPoint] = {
     "moe.router": _point("router", "post", tensor="io"),  # router: logits (and its routing)
     "moe.experts": _point("experts", "pre", tensor="io"),  # experts(hidden, top_k_index, top_k_weights)
     "moe.experts.out": _point("experts", "post", tensor="io"),  # the routed experts' summed output
+    # Monet layers (see lmscope.core.monet)
+    "monet.experts": _point("monet_experts", "pre", tensor="io"),  # experts(hidden, g1, g2)
+    "monet.experts.out": _point("monet_experts", "post", tensor="io"),  # sum_hij g1_hi g2_hj E_ij(hidden)
 }
 
 

@@ -316,6 +316,12 @@ class HookSession:
             if self.model.parallel_residual:
                 raise LmscopeError("resid_mid does not exist in this model: attention and MLP run in parallel")
             hooks.append(Hook("attn.contrib", layer, self._resid_mid_hook(layer)))
+        if any(k.startswith("monet.") for k in kinds):
+            from lmscope.core.monet import session_hooks as monet_hooks
+
+            # before the site hooks: Monet's experts module is the MLP, whose output mlp.out must
+            # read after a product edit
+            hooks += monet_hooks(self.model, layer, self.sites, lambda: self._offset)
         for kind in ("attn.z", "attn.out", "mlp.in", "mlp.post", "mlp.out", "resid_post"):
             if kind in kinds:
                 hooks.append(Hook(kind, layer, self._site_hook(kind, layer)))

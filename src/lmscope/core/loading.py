@@ -185,8 +185,10 @@ def load_hf(
     device_map=None,
     max_memory: dict | None = None,
     offload_folder: str | None = None,
+    trust_remote_code: bool = False,
 ):
-    """Load ``(hf_model, tokenizer, source)`` for a spec; see :func:`lmscope.load`."""
+    """Load ``(hf_model, tokenizer, source)`` for a spec; see :func:`lmscope.load`. Without
+    ``trust_remote_code``, a model that needs its own code is a one-line error (never a prompt)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -195,7 +197,7 @@ def load_hf(
     if kind == "gguf":
         where = convert_gguf(where)
     dtype = _dtype(dtype)
-    kw = {"local_files_only": True}
+    kw = {"local_files_only": True, "trust_remote_code": bool(trust_remote_code)}
     try:
         note(f"loading {spec} from {where}")
         with _quiet(hf_logging):
@@ -211,6 +213,11 @@ def load_hf(
             ) from e
         raise LmscopeError(f"cannot load {where}: {_first_line(e)}") from e
     except (ValueError, KeyError) as e:
+        if "trust_remote_code" in str(e) and not trust_remote_code:
+            raise LmscopeError(
+                f"{where} runs its own modeling code (remote code): pass --trust-remote-code "
+                "(Python: lmscope.load(..., trust_remote_code=True)) if you trust it"
+            ) from e
         raise LmscopeError(f"cannot load {where}: {_first_line(e)}") from e
     if device_map is None:
         model.to(device)

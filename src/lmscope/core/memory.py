@@ -12,6 +12,7 @@ earlier work freed to the system (glibc's ``malloc_trim``).
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import re
 import threading
@@ -102,6 +103,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
+            gc.collect()  # free cyclic garbage now, not during the block (it would lower the peak)
             _trim()
             self._start = self._max = _rss()
             self._thread = threading.Thread(target=self._sample, daemon=True)

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lmscope.core import moe
+from lmscope.core import moe, monet
 from lmscope.core.cache import ActivationCache
 from lmscope.core.errors import LmscopeError
-from lmscope.core.families import Family, family_for
+from lmscope.core.families import Family, config_value, family_for
 from lmscope.core.hooks import HookSession
 from lmscope.core.interventions import Intervention
-from lmscope.core.sites import ATTN_INTERFACE_KINDS, MOE_KINDS, Site, all_sites, parse_site
+from lmscope.core.sites import ATTN_INTERFACE_KINDS, MOE_KINDS, MONET_KINDS, Site, all_sites, parse_site
 from lmscope.core.weights import parameter
 
 Inputs = str | Sequence[str] | Tensor | Mapping[str, Tensor]
@@ -123,6 +123,8 @@ class Model:
             raise LmscopeError(f"site '{site}': layer {site.layer} out of range (model has {self.n_layers} layers)")
         if site.kind in MOE_KINDS:
             moe.check_site(self, site)
+        elif site.kind in MONET_KINDS:
+            monet.check_site(self, site)
         elif site.head is not None:
             n = self.n_kv_heads if site.kind in ("attn.k", "attn.v") else self.n_heads
             if not 0 <= site.head < n:
@@ -154,11 +156,18 @@ class Model:
         for layer in self.layers_with("experts"):
             for kind in ("moe.router", "moe.weights"):
                 shapes.append((f"blocks.{layer}.{kind}", (batch, pos, moe.n_experts(self, layer))))
+        for layer in self.layers_with("monet_experts"):
+            heads, n = monet.dims(self)
+            shapes.append((f"blocks.{layer}.monet.g1", (batch, pos, heads, n)))
+            shapes.append((f"blocks.{layer}.monet.g2", (batch, pos, heads, n)))
+            shapes.append((f"blocks.{layer}.monet.product", (batch, pos, heads, n, n)))
         return shapes
 
     def _has(self, kind: str, layer: int | None = None) -> bool:
         if kind in MOE_KINDS:
             return kind != "moe.expert" and layer is not None and self.has_module(layer, self.family.experts)
+        if kind in MONET_KINDS:
+            return layer is not None and self.has_module(layer, self.family.monet_experts)
         if kind in ATTN_INTERFACE_KINDS:
             return self.family.attn_interface
         if kind == "mlp.post":
@@ -174,8 +183,25 @@ class Model:
     @property
     def residual_scale(self) -> float:
         """The factor each layer multiplies attention and MLP outputs by before adding them to
-        the residual stream (Granite's ``residual_multiplier``; 1 elsewhere)."""
-        return float(getattr(self.hf.config, "residual_multiplier", None) or 1.0)
+        the residual stream (``Family.residual_scale``: Granite's ``residual_multiplier``,
+        MiniCPM3's ``scale_depth / sqrt(num_hidden_layers)``; 1 elsewhere)."""
+        return self._scale(self.family.residual_scale)
+
+    @property
+    def logit_scale(self) -> float:
+        """The factor the model multiplies its logits by (``Family.logit_scale``: Cohere's
+        ``logit_scale``, Granite's ``1 / logits_scaling``; 1 elsewhere)."""
+        return self._scale(self.family.logit_scale)
+
+    @property
+    def embed_scale(self) -> float:
+        """The factor the model multiplies the embedding module's output by before the first
+        layer (``Family.embed_scale``: Granite's ``embedding_multiplier``; 1 elsewhere)."""
+        return self._scale(self.family.embed_scale)
+
+    def _scale(self, formula: str | None) -> float:
+        value = config_value(self.hf.config, formula)
+        return 1.0 if value is None else float(value)
 
     def card(self) -> dict:
         """A summary of the model: family, size, dimensions, dtype, source."""
@@ -317,8 +343,8 @@ class Model:
 
     def unembed(self, resid: Tensor, tokens: Tensor | None = None) -> Tensor:
         """Logits from the final residual stream ``[..., d_model]``: final norm, unembedding
-        (only the rows of ``tokens`` if given, ``[..., len(tokens)]``) and, for Gemma 2/3,
-        the final logit soft-capping, as the model's own forward applies them."""
+        (only the rows of ``tokens`` if given, ``[..., len(tokens)]``), the family's logit scale
+        and, for Gemma 2/3, the final logit soft-capping, as the model's own forward applies them."""
         x = self.module(self.family.final_norm)(resid)
         head = self.module(self.family.unembed)
         weight, bias = parameter(head), parameter(head, "bias")
@@ -326,12 +352,9 @@ class Model:
             weight = weight[tokens]
             bias = None if bias is None else bias[tokens]
         logits = torch.nn.functional.linear(x, weight, bias)
-        config = self.hf.config
-        if getattr(config, "logit_scale", None):  # Cohere
-            logits = logits * config.logit_scale
-        if getattr(config, "logits_scaling", None):  # Granite
-            logits = logits / config.logits_scaling
-        cap = getattr(config, "final_logit_softcapping", None)
+        if self.logit_scale != 1:
+            logits = logits * self.logit_scale
+        cap = getattr(self.hf.config, "final_logit_softcapping", None)
         return logits if not cap else torch.tanh(logits / cap) * cap
 
     @property

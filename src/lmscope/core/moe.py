@@ -56,6 +56,27 @@ def n_experts(model, layer: int) -> int:
     raise LmscopeError(f"cannot tell how many experts layer {layer} has")
 
 
+def expert_weights(model, layer: int) -> dict[str, Tensor]:
+    """The weights of the experts module of ``layer`` as per-expert views ``[n_experts, ...]``
+    by parameter name (writing into ``view[e]`` writes expert e's weights): stacked on the first
+    axis as transformers 5 stores them, or flattened into it (``Family.experts_flat``: DBRX's
+    ``[n_experts * d_ffn, d_model]``). A clear error for a weight not stored per expert."""
+    experts = model.layer_module(layer, model.family.experts)
+    n, flat = n_experts(model, layer), model.family.experts_flat
+    views = {}
+    for name, p in experts.named_parameters():
+        if p.ndim >= 2 and flat and p.shape[0] % n == 0:
+            views[name] = p.view(n, p.shape[0] // n, *p.shape[1:])
+        elif p.ndim >= 2 and not flat and p.shape[0] == n:
+            views[name] = p
+        else:
+            where = f"{n} x [{p.shape[0] // n}, ...] flattened" if flat else f"[{n}, ...]"
+            raise LmscopeError(
+                f"expert weight '{name}' {tuple(p.shape)} of layer {layer} is not stored per expert ({where})"
+            )
+    return views
+
+
 def top_k(model, layer: int) -> int:
     """How many experts the router of ``layer`` chooses per token."""
     router = model.layer_module(layer, model.family.router)
@@ -240,9 +261,11 @@ def session_hooks(model, layer: int, sites, offset: Callable[[], int]) -> list[H
             index = torch.full((tokens, 1), e, dtype=torch.long, device=dense.device)
             ones = torch.ones(tokens, 1, dtype=dense.dtype, device=dense.device)
             chosen = (dense[:, e] != 0).to(out.dtype)[:, None]
-            alone = module.forward(hidden, index, ones).reshape(tokens, -1) * chosen
+            # detached: the expert's own path to the output is already in ``out``; in a gradient
+            # run the site is a leaf whose gradient is dM/d(expert output), with no second path
+            alone = (module.forward(hidden, index, ones).reshape(tokens, -1) * chosen).detach()
             new = sites.process(f"moe.expert.{e}", layer, alone.view(b, p, -1), offset()).reshape(tokens, -1)
-            delta = dense[:, e, None].to(out.dtype) * (new - alone.detach())
+            delta = dense[:, e, None].to(out.dtype) * (new - alone)
             total = total + delta.reshape(out.shape)
         return total if wanted_experts else None
 

@@ -18,6 +18,11 @@
     blocks.{L}.moe.weights         routing weights used (0: not chosen) [batch, pos, n_experts]
     blocks.{L}.moe.expert.{E}      expert E's output where chosen (0 elsewhere), before its
                                    routing weight                    [batch, pos, d_model]
+    blocks.{L}.monet.g1 / .g2      Monet layers: the two routing distributions the layer's experts
+                                   use (softmax over each group's kept half-experts, per routing
+                                   head)                             [batch, pos, heads, experts]
+    blocks.{L}.monet.product       their product, the weight of product expert (i, j):
+                                   g1[h, i] * g2[h, j]  [batch, pos, heads, experts, experts]
     final_norm                     final norm output                 [batch, pos, d_model]
     logits                         the model's logits                [batch, pos, vocab]
 
@@ -50,14 +55,19 @@ LAYER_KINDS = (
     "moe.router",
     "moe.weights",
     "moe.expert",
+    "monet.g1",
+    "monet.g2",
+    "monet.product",
 )
 HEAD_KINDS = ("attn.q", "attn.k", "attn.v", "attn.z", "attn.pattern")
 # Sites of mixture-of-experts layers (lmscope.core.moe); ``moe.expert`` takes the expert's index.
 MOE_KINDS = ("moe.router", "moe.weights", "moe.expert")
+# Sites of Monet layers (lmscope.core.monet).
+MONET_KINDS = ("monet.g1", "monet.g2", "monet.product")
 # Sites whose values are computed inside the attention interface.
 ATTN_INTERFACE_KINDS = ("attn.q", "attn.k", "attn.v", "attn.pattern")
 
-_LAYER_RE = re.compile(r"^blocks\.(\d+)\.([a-z_]+(?:\.[a-z_]+)?)(?:\.(\d+))?$")
+_LAYER_RE = re.compile(r"^blocks\.(\d+)\.([a-z_]+(?:\.[a-z_][a-z0-9_]*)?)(?:\.(\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -125,8 +135,8 @@ def parse_site(text: str, head: int | None = None) -> Site:
 
 
 def layer_sites(layer: int) -> list[str]:
-    """All site names of one layer, in forward order (mixture-of-experts sites not included)."""
-    return [f"blocks.{layer}.{k}" for k in LAYER_KINDS if k not in MOE_KINDS]
+    """All site names of one layer, in forward order (mixture-of-experts and Monet sites not included)."""
+    return [f"blocks.{layer}.{k}" for k in LAYER_KINDS if k not in MOE_KINDS + MONET_KINDS]
 
 
 def all_sites(n_layers: int) -> list[str]:

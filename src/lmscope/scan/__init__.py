@@ -4,6 +4,8 @@ The parts are :data:`lmscope.scan.parts.PARTS`, in order (each timed, each saved
 ``results.json`` as soon as it finishes, so an interrupted scan leaves the finished parts
 readable):
 
+0. ``verify``   the correctness certificate of ``lmscope verify`` (:mod:`lmscope.verify`), so
+                the report says at the top whether lmscope's numbers on this model can be trusted;
 1. ``model``    the model card;
 2. ``outliers`` OSP excess kurtosis per hidden state, max |x|, massive activations
                 (:mod:`lmscope.quant.outliers`, in-context protocol on WikiText-2);

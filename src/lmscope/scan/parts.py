@@ -165,7 +165,22 @@ def ioi_circuit(model: Model, settings: ScanSettings) -> IOICircuit:
     return IOICircuit(activation_patching(model, pairs, component="head"), len(pairs))
 
 
+def certificate(model: Model, settings: ScanSettings) -> Result:
+    """``lmscope verify``'s certificate: are lmscope's hooks exact on this model?"""
+    from lmscope.verify import certify
+
+    return certify(model)
+
+
 PARTS: list[Part] = [
+    Part(
+        "verify",
+        "Correctness certificate",
+        "lmscope verify: hooked logits bitwise equal to the plain forward, residual stream, lens, attention "
+        "pattern, q/k/v and head outputs against hand computations, batching, KV cache, SDPA vs eager, "
+        "self-patching (every number below relies on these).",
+        certificate,
+    ),
     Part("model", "Model", "What was loaded.", model_card),
     Part(
         "outliers",

@@ -11,14 +11,16 @@ Checks (names as in results.json):
   eager forward and editing them changes the output;
 - ``z_to_out``: per-head ``z`` through the output projection's weights reproduces ``attn.out``;
 - ``qkv``: q/k/v equal the projections of the attention input computed from the weights (q and k
-  at position 0, where rotary embedding is the identity; through the q/k norm where there is one);
+  at position 0, where rotary embedding is the identity; clamped where the family clamps them,
+  ``Family.qkv_clip``; through the q/k norm where there is one);
 - ``head_ablation``: zeroing a head's ``z`` equals zeroing its output-projection columns;
 - ``batching``: a right- and a left-padded batch give each sequence's logits alone;
 - ``kv_cache``: greedy generation with the KV cache equals argmax of full forwards;
 - ``sdpa_eager``: SDPA and eager attention agree within tolerance;
 - ``self_patch``: patching the clean run's activations into the clean run changes nothing;
 - mixture-of-experts models: ``moe_routing`` (routing weights: k experts per token, as the
-  router chose) and ``moe_resection`` (resecting an expert equals zeroing its weights).
+  router chose) and ``moe_resection`` (resecting an expert equals zeroing its weights, through
+  :func:`lmscope.core.moe.expert_weights`' per-expert views).
 
 A check is ``pass``, ``fail`` (with the measured difference) or ``n/a`` (what the family lacks,
 e.g. attention computed inline). :func:`certify` runs them; :func:`require` refuses a model whose
@@ -38,11 +40,13 @@ from torch import Tensor
 from lmscope.core import zero
 from lmscope.core.anatomy import head_params, kv_head_of
 from lmscope.core.errors import LmscopeError
+from lmscope.core.families import config_value
 from lmscope.core.hooks import Hook, hooked
 from lmscope.core.interventions import apply, patch
 from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
 from lmscope.core.weights import parameter
+from lmscope.reports.results import Result, Table
 
 TOL = 1e-4  # relative to the compared tensor's scale (float32 reorderings stay far below it)
 
@@ -59,7 +63,7 @@ class Check:
 
 
 @dataclass
-class Certificate:
+class Certificate(Result):
     """All checks of one model; ``passed`` when none failed."""
 
     model: str
@@ -88,6 +92,17 @@ class Certificate:
             "counts": self.counts(),
             "checks": [asdict(c) for c in self.checks],
         }
+
+    def text(self) -> str:
+        counts = self.counts()
+        verdict = (
+            "passed" if self.passed else f"FAILED ({', '.join(self.failed)}): results on this model are not trusted"
+        )
+        return f"{self.family}: {verdict}; {counts['pass']} pass, {counts['fail']} fail, {counts['n/a']} n/a."
+
+    def tables(self) -> list[Table]:
+        rows = [{"check": c.name, "result": c.status, "detail": c.detail} for c in self.checks]
+        return [Table("correctness checks, each against an independent reference", rows)]
 
 
 class _NotApplicable(Exception):
@@ -180,7 +195,7 @@ def _residual_sum(m: Model, ids: Tensor) -> str:
         ]
     with torch.no_grad(), hooked(m, hooks):
         m.hf(input_ids=ids, use_cache=False)
-    embed = got["embed"] * float(getattr(m.hf.config, "embedding_multiplier", None) or 1.0)
+    embed = got["embed"] * m.embed_scale
     if "pos" in got:
         embed = embed + got["pos"]
     _close(got["pre0"], embed, "resid_pre 0 vs embedding (+ positions)")
@@ -254,6 +269,7 @@ def _qkv(m: Model, ids: Tensor) -> str:
     if not (fam.qkv_proj or fam.q_proj):
         raise _NotApplicable("q/k/v are not linear projections of the input (latent attention)")
     L, kv = m.n_layers, kv_head_of(m)
+    clip = config_value(m.hf.config, fam.qkv_clip)  # q/k/v clamped after the projection (OLMo, DBRX)
     inputs: dict[int, Tensor] = {}
     scales: set[float] = set()
 
@@ -270,6 +286,8 @@ def _qkv(m: Model, ids: Tensor) -> str:
         for t in "qkv":
             w, b = head_params(m, i, t)  # per query head
             hand = (torch.einsum("bpd,hed->bphe", x, w) + (0 if b is None else b)).detach()
+            if clip is not None:
+                hand = hand.clamp(-clip, clip)
             if t != "q":  # one per KV head
                 hand = hand[:, :, [int((kv == k).nonzero()[0]) for k in range(m.n_kv_heads)]]
             norm = {"q": fam.q_norm, "k": fam.k_norm}.get(t)
@@ -402,15 +420,15 @@ def _moe_resection(m: Model, ids: Tensor) -> str:
     expert = int((used != 0).sum((0, 1)).argmax())
     resected = m.run(ids, interventions=[moe.resect(layer, [expert])]).logits
     experts = m.layer_module(layer, m.family.experts)
+    try:
+        weights = moe.expert_weights(m, layer)
+    except LmscopeError as e:
+        raise _NotApplicable(str(e)) from None
     clone = copy.deepcopy(experts)
-    n = moe.n_experts(m, layer)
     try:
         with torch.no_grad():
-            for p in experts.parameters():
-                if p.ndim >= 2 and p.shape[0] == n:
-                    p[expert] = 0
-                elif p.ndim == 1 or p.shape[0] != n:
-                    raise _NotApplicable("expert weights are not stored per expert on their first axis")
+            for w in weights.values():
+                w[expert] = 0
             reference = _plain(m, ids).logits
     finally:
         experts.load_state_dict(clone.state_dict())

@@ -1,0 +1,140 @@
+"""Expert resection as Monet does it (Park et al., ICLR 2025, §5 "domain masking"): remove the
+experts most specialised to one domain and measure the loss on every domain, against removing the
+same number of experts drawn at random.
+
+A removed expert gets routing weight 0 wherever it was chosen; the other chosen experts keep
+their weights (:func:`lmscope.core.moe.resect`). The loss is the mean next-token negative
+log-likelihood (nats) over non-overlapping windows (:func:`lmscope.quant.evaluation.perplexity`);
+perplexity = exp(loss).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from lmscope.core import moe
+from lmscope.core.errors import LmscopeError
+from lmscope.core.interventions import Intervention
+from lmscope.core.model import Model
+from lmscope.experts.routing import ExpertStats
+from lmscope.quant.corpus import Corpus
+from lmscope.quant.evaluation import perplexity
+from lmscope.reports.figures import Figure
+from lmscope.reports.results import Result, Table
+
+Expert = tuple[int, int]  # (layer, expert)
+
+
+def resect_all(experts: Sequence[Expert]) -> list[Intervention]:
+    """One :func:`lmscope.core.moe.resect` per layer removing the given (layer, expert) pairs."""
+    by_layer: dict[int, list[int]] = defaultdict(list)
+    for layer, expert in experts:
+        by_layer[layer].append(expert)
+    return [moe.resect(layer, sorted(chosen)) for layer, chosen in sorted(by_layer.items())]
+
+
+def domain_loss(
+    model: Model,
+    corpora: Sequence[Corpus],
+    experts: Sequence[Expert] = (),
+    *,
+    window: int = 256,
+    batch_size: int = 4,
+) -> dict[str, float]:
+    """Mean next-token loss (nats) on each corpus with ``experts`` removed."""
+    with model.hooks(interventions=resect_all(experts)):
+        return {
+            c.name: perplexity(model, c, window=window, batch_size=batch_size, label=f"loss on {c.name}")["nll"]
+            for c in corpora
+        }
+
+
+@dataclass
+class Resection(Result):
+    """``baseline``: loss per domain with every expert; ``rows``: one per resection, with
+    ``target`` (the domain whose specialists were removed), ``kind`` ("specialised" or
+    "random"), ``experts`` (the (layer, expert) pairs; for random, one list per draw) and
+    ``loss`` per domain (for random, the mean over draws; ``draws``: each draw's)."""
+
+    n: int
+    baseline: dict[str, float]
+    rows: list[dict] = field(default_factory=list)
+
+    def delta(self, row: dict, domain: str) -> float:
+        """The loss change on ``domain`` of one resection."""
+        return row["loss"][domain] - self.baseline[domain]
+
+    def text(self) -> str:
+        parts = []
+        for row in self.rows:
+            if row["kind"] == "specialised":
+                changes = ", ".join(f"{d} {self.delta(row, d):+.3f}" for d in self.baseline)
+                parts.append(f"removing the {self.n} experts most specialised to {row['target']}: loss {changes}")
+        return "; ".join(parts) + "." if parts else ""
+
+    def tables(self) -> list[Table]:
+        """One row per resection: the loss change on each domain (nats) and the perplexity."""
+        rows = [{"removed": "none", **{f"loss {d}": v for d, v in self.baseline.items()}}]
+        for row in self.rows:
+            label = f"{self.n} {row['target']} specialists" if row["kind"] == "specialised" else f"{self.n} random"
+            if row["kind"] == "random":
+                label += f" (mean of {len(row['draws'])})"
+            cells = {"removed": label}
+            for d in self.baseline:
+                cells[f"loss {d}"] = row["loss"][d]
+                cells[f"change {d}"] = self.delta(row, d)
+            rows.append(cells)
+        return [Table(f"expert resection: loss (nats) per domain, {self.n} experts removed", rows)]
+
+    def figures(self) -> list[Figure]:
+        """Loss change per domain for each resection (bars)."""
+        labels = [
+            f"{r['target']} specialists" if r["kind"] == "specialised" else f"random ({r['target']} run)"
+            for r in self.rows
+        ]
+        series = {d: [self.delta(r, d) for r in self.rows] for d in self.baseline}
+        return [Figure("resection", "bars", "loss change after resection", "removed", "change in loss (nats)",
+                       x=labels, series=series)]  # fmt: skip
+
+
+def resection(
+    model: Model,
+    corpora: Sequence[Corpus],
+    stats: ExpertStats,
+    n: int,
+    *,
+    draws: int = 3,
+    seed: int = 0,
+    window: int = 256,
+    batch_size: int = 4,
+    on_row: Callable[[Resection], None] | None = None,
+) -> Resection:
+    """For each domain: remove its ``n`` most specialised experts (:meth:`ExpertStats.most_specialised`)
+    and, separately, ``n`` experts drawn uniformly from all (layer, expert) pairs (``draws`` draws,
+    seeded); the loss on every domain each time. ``on_row`` gets the table after each row."""
+    if n < 1:
+        raise LmscopeError(f"--resect must be at least 1 (got {n})")
+    if [c.name for c in corpora] != stats.domains:
+        raise LmscopeError("the corpora are not those the routing statistics were computed on")
+    pool = [(layer, e) for layer in stats.layers for e in range(stats.n_experts)]
+    chosen = {d: stats.most_specialised(d, n) for d in stats.domains}  # bad n fails before any forward
+    options = {"window": window, "batch_size": batch_size}
+    result = Resection(n, domain_loss(model, corpora, **options))
+    rng = random.Random(seed)
+    for domain in stats.domains:
+        experts = chosen[domain]
+        row = {"target": domain, "kind": "specialised", "experts": experts}
+        row["loss"] = domain_loss(model, corpora, experts, **options)
+        result.rows.append(row)
+        if on_row:
+            on_row(result)
+        picks = [sorted(rng.sample(pool, n)) for _ in range(draws)]
+        losses = [domain_loss(model, corpora, pick, **options) for pick in picks]
+        mean = {c.name: sum(loss[c.name] for loss in losses) / draws for c in corpora}
+        result.rows.append({"target": domain, "kind": "random", "experts": picks, "loss": mean, "draws": losses})
+        if on_row:
+            on_row(result)
+    return result
