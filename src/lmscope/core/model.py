@@ -91,8 +91,13 @@ class Model:
         return True
 
     def layers_with(self, role: str) -> list[int]:
-        """The layers that have the family's module ``role`` (e.g. ``"experts"``, ``"mlp_down"``)."""
-        return [i for i in range(self.n_layers) if self.has_module(i, getattr(self.family, role))]
+        """The layers that have the family's module ``role`` (e.g. ``"experts"``, ``"mlp_down"``);
+        cached per module path (every site check asks, once per forward)."""
+        path = getattr(self.family, role)
+        cache = self.__dict__.setdefault("_layers_with", {})
+        if path not in cache:
+            cache[path] = [i for i in range(self.n_layers) if self.has_module(i, path)]
+        return list(cache[path])
 
     def _in_features(self, linear: nn.Module) -> int:
         w = linear.weight
