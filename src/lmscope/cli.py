@@ -678,7 +678,7 @@ def experts(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("out/experts"),
 ) -> None:
     """Which experts do what: load, routing entropy, co-activation, top tokens, domain specialisation, resection."""
-    from lmscope.experts import expert_stats, moe_layers
+    from lmscope.experts import ExpertStats, Resection, expert_stats, moe_layers
     from lmscope.experts import resection as run_resection
     from lmscope.quant.corpus import load_corpus
     from lmscope.reports.report import PartWriter
@@ -692,11 +692,17 @@ def experts(
     m = _load(model, device, dtype, max_memory, offload_folder)
     moe_layers(m)  # a dense model fails before any corpus is read
     corpora = [load_corpus(m, source, max_tokens=tokens) for source in sources]
-    settings = {"corpora": sources, "tokens": [len(c) for c in corpora], "window": window, "resect": resect}
+    settings = {"corpora": sources, "tokens": [len(c) for c in corpora], "window": window, "top": top}
+    settings.update(resect=resect, draws=draws, seed=seed)
     payload = {**header("experts", model, m, settings), "model_name": model}
+    earlier = _earlier_parts(out, payload)  # an interrupted run with the same settings resumes
     writer = PartWriter(out, f"lmscope experts: {model}", payload, planned=1 if resect is None else 2)
     options = {"window": window, "batch_size": batch_size}
-    stats = expert_stats(m, corpora, top=top, **options)
+    if "routing" in earlier:
+        stats = ExpertStats.from_json(earlier["routing"])
+        err.print(f"read back the routing statistics from {out / 'results.json'}")
+    else:
+        stats = expert_stats(m, corpora, top=top, **options)
     writer.add("routing", "Expert routing", "Load, routing entropy, co-activation and top tokens per expert.", stats)
     table = Table("layer", "balance", "busiest expert", "its load", title=f"{m.name}: expert routing")
     for row in stats.tables()[0].rows:
@@ -707,8 +713,10 @@ def experts(
             f"Each domain's {resect} most specialised experts removed (routing weight 0), against {resect} random "
             f"experts ({draws} draws); mean next-token loss per domain."
         )
+        before = Resection.from_json(earlier["resection"]) if "resection" in earlier else None
+        save_row = lambda r: writer.update("resection", r)
         result = run_resection(
-            m, corpora, stats, resect, draws=draws, seed=seed, on_row=lambda r: writer.update("resection", r), **options
+            m, corpora, stats, resect, draws=draws, seed=seed, on_row=save_row, earlier=before, **options
         )
         writer.add("resection", "Expert resection", description, result)
         table = Table("removed", *(f"Δ loss {d}" for d in stats.domains), title=f"{m.name}: expert resection")
@@ -716,6 +724,21 @@ def experts(
             table.add_row(row["removed"], *(f"{row[f'change {d}']:+.3f}" for d in stats.domains))
         console.print(table)
     console.print(f"wrote {out / 'report.html'}, {out / 'results.json'} and PNG plots")
+
+
+def _earlier_parts(out: Path, payload: dict) -> dict:
+    """The parts of ``out/results.json`` when it was written by the same command with the same
+    settings (an interrupted run to resume), else nothing."""
+    import json
+
+    try:
+        earlier = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    same = earlier.get("command") == payload["command"] and earlier.get("settings") == json.loads(
+        json.dumps(payload["settings"])
+    )
+    return earlier.get("parts", {}) if same else {}
 
 
 def _bits(value) -> str:

@@ -108,3 +108,51 @@ def test_experts_command_bad_input(capsys, tmp_path, monkeypatch, model, extra, 
 def test_experts_command_refuses_a_dense_model(capsys, tmp_path):
     code, _, err = run_cli(capsys, "experts", "--tokens", "256", "--out", str(tmp_path / "o"))
     assert code == 2 and "no mixture-of-experts layers" in err
+
+
+def test_interrupted_experts_command_resumes(capsys, tmp_path, monkeypatch, model):
+    """An interruption during the resection leaves the routing statistics and finished rows in
+    results.json; the rerun reads them back (no routing pass, only the missing losses measured)
+    and ends with the same table as an uninterrupted run."""
+    import importlib
+
+    import lmscope.experts
+
+    resection_module = importlib.import_module(
+        "lmscope.experts.resection"
+    )  # the package exports a function of that name
+
+    directory = synthetic.save_model(model, tmp_path / "model")
+    for d in "ab":
+        (tmp_path / f"{d}.txt").write_text(synthetic.text(d, 512))
+    args = ["experts", directory, "--corpus", str(tmp_path / "a.txt"), "--corpus", str(tmp_path / "b.txt")]
+    args += ["--window", "64", "--resect", "2", "--draws", "2"]
+    code, _, err = run_cli(capsys, *args, "--out", str(tmp_path / "full"))
+    assert code == 0, err
+    full = json.loads((tmp_path / "full" / "results.json").read_text())["parts"]
+
+    real = resection_module.domain_loss
+    calls = []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # baseline, a's specialists, then the first random draw
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(resection_module, "domain_loss", interrupted)
+    code, _, _ = run_cli(capsys, *args, "--out", str(tmp_path / "run"))
+    assert code == 130  # interrupted (click: "Aborted!", exit 128 + SIGINT)
+    partial = json.loads((tmp_path / "run" / "results.json").read_text())["parts"]
+    assert "routing" in partial and len(partial["resection"]["rows"]) == 1
+
+    calls.clear()
+    monkeypatch.setattr(resection_module, "domain_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(lmscope.experts, "expert_stats", lambda *a, **k: pytest.fail("routing measured again"))
+    code, _, err = run_cli(capsys, *args, "--out", str(tmp_path / "run"))
+    assert code == 0 and "read back" in err
+    assert len(calls) == 2 + 1 + 2  # a's random draws, b's specialists, b's random draws
+    resumed = json.loads((tmp_path / "run" / "results.json").read_text())["parts"]
+    assert resumed["routing"] == full["routing"]
+    for got, want in zip(resumed["resection"]["rows"], full["resection"]["rows"], strict=True):
+        assert got["experts"] == want["experts"] and got["loss"] == pytest.approx(want["loss"], rel=1e-6)

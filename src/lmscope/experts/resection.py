@@ -63,6 +63,12 @@ class Resection(Result):
     baseline: dict[str, float]
     rows: list[dict] = field(default_factory=list)
 
+    @classmethod
+    def from_json(cls, data: dict) -> Resection:
+        """Read back :meth:`to_json`'s output."""
+        rows = [{**row, "experts": _pairs(row["experts"], row["kind"])} for row in data["rows"]]
+        return cls(data["n"], dict(data["baseline"]), rows)
+
     def delta(self, row: dict, domain: str) -> float:
         """The loss change on ``domain`` of one resection."""
         return row["loss"][domain] - self.baseline[domain]
@@ -100,6 +106,13 @@ class Resection(Result):
                        x=labels, series=series)]  # fmt: skip
 
 
+def _pairs(experts: list, kind: str) -> list:
+    """(layer, expert) tuples from JSON lists (one list per draw for random rows)."""
+    if kind == "random":
+        return [[tuple(pair) for pair in draw] for draw in experts]
+    return [tuple(pair) for pair in experts]
+
+
 def resection(
     model: Model,
     corpora: Sequence[Corpus],
@@ -111,10 +124,13 @@ def resection(
     window: int = 256,
     batch_size: int = 4,
     on_row: Callable[[Resection], None] | None = None,
+    earlier: Resection | None = None,
 ) -> Resection:
     """For each domain: remove its ``n`` most specialised experts (:meth:`ExpertStats.most_specialised`)
     and, separately, ``n`` experts drawn uniformly from all (layer, expert) pairs (``draws`` draws,
-    seeded); the loss on every domain each time. ``on_row`` gets the table after each row."""
+    seeded); the loss on every domain each time. ``on_row`` gets the table after each row.
+    ``earlier``: an interrupted run's table (same model, corpora and settings), whose baseline and
+    rows are kept instead of measured again."""
     if n < 1:
         raise LmscopeError(f"--resect must be at least 1 (got {n})")
     if [c.name for c in corpora] != stats.domains:
@@ -122,19 +138,25 @@ def resection(
     pool = [(layer, e) for layer in stats.layers for e in range(stats.n_experts)]
     chosen = {d: stats.most_specialised(d, n) for d in stats.domains}  # bad n fails before any forward
     options = {"window": window, "batch_size": batch_size}
-    result = Resection(n, domain_loss(model, corpora, **options))
+    done = {(r["target"], r["kind"]): r for r in earlier.rows} if earlier is not None and earlier.n == n else {}
+    baseline = earlier.baseline if done else domain_loss(model, corpora, **options)
+    result = Resection(n, baseline)
     rng = random.Random(seed)
     for domain in stats.domains:
-        experts = chosen[domain]
-        row = {"target": domain, "kind": "specialised", "experts": experts}
-        row["loss"] = domain_loss(model, corpora, experts, **options)
+        picks = [sorted(rng.sample(pool, n)) for _ in range(draws)]  # drawn always: same seed, same draws
+        row = done.get((domain, "specialised"))
+        if row is None:
+            row = {"target": domain, "kind": "specialised", "experts": chosen[domain]}
+            row["loss"] = domain_loss(model, corpora, chosen[domain], **options)
         result.rows.append(row)
         if on_row:
             on_row(result)
-        picks = [sorted(rng.sample(pool, n)) for _ in range(draws)]
-        losses = [domain_loss(model, corpora, pick, **options) for pick in picks]
-        mean = {c.name: sum(loss[c.name] for loss in losses) / draws for c in corpora}
-        result.rows.append({"target": domain, "kind": "random", "experts": picks, "loss": mean, "draws": losses})
+        row = done.get((domain, "random"))
+        if row is None:
+            losses = [domain_loss(model, corpora, pick, **options) for pick in picks]
+            mean = {c.name: sum(loss[c.name] for loss in losses) / draws for c in corpora}
+            row = {"target": domain, "kind": "random", "experts": picks, "loss": mean, "draws": losses}
+        result.rows.append(row)
         if on_row:
             on_row(result)
     return result

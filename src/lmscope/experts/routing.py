@@ -106,6 +106,13 @@ class ExpertStats(Result):
         order = sorted(used, key=lambda i: (-float(ratio[i]), -float(score[i])))[:n]
         return [(self.layers[i // self.n_experts], i % self.n_experts) for i in order]
 
+    @classmethod
+    def from_json(cls, data: dict) -> ExpertStats:
+        """Read back :meth:`to_json`'s output (derived fields are recomputed)."""
+        tensors = {k: torch.tensor(data[k]) for k in ("load", "score", "entropy", "coactivation")}
+        fields = {k: data[k] for k in ("domains", "layers", "n_experts", "tokens", "top_tokens")}
+        return cls(**fields, **tensors)
+
     def to_json(self) -> dict:
         spec = self.specialisation
         return {
