@@ -3,6 +3,9 @@ the CLI runner, and hand-written references for simulated KV quantisation."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -47,6 +50,18 @@ def planted_model() -> tuple[lmscope.Model, tuple[int, int]]:
 
 
 # -- the command line -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block on one thread: training in a test is then deterministic, and faster than
+    two threads on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_cli(capsys, *argv):

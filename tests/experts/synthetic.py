@@ -24,6 +24,7 @@ import transformers as T
 
 import lmscope
 from lmscope.quant.corpus import Corpus
+from tests.helpers import one_thread
 
 N_WORDS = 24
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
@@ -102,10 +103,8 @@ def train(steps: int = 500, seq: int = 32, batch: int = 16, planted: float = 4.0
     for p in frozen:
         p.requires_grad_(False)
     opt = torch.optim.Adam([p for p in hf.parameters() if p.requires_grad], lr=lr)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        hf.train()
+    hf.train()
+    with one_thread():
         for step in range(steps):
             ids = torch.stack(
                 [sample(d, seq, seed=10_000 + step * batch + i) for i, d in enumerate("ab" * (batch // 2))]
@@ -114,8 +113,6 @@ def train(steps: int = 500, seq: int = 32, batch: int = 16, planted: float = 4.0
             opt.zero_grad()
             loss.backward()
             opt.step()
-    finally:
-        torch.set_num_threads(threads)
     hf.eval()
     return lmscope.Model(hf, tokenizer=tokenizer(), source="two synthetic domains", name="tiny-moe-domains")
 

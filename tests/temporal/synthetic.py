@@ -50,6 +50,7 @@ import transformers as T
 
 import lmscope
 from lmscope.circuits.pairs import TokenPair
+from tests.helpers import one_thread
 
 N_SUBJECTS = 8
 N_YEARS = 8
@@ -369,10 +370,8 @@ def train_temporal_model(
     answers = torch.tensor([f.answer for f in temporal + invariant])
     weight = torch.tensor([0.5 / len(temporal)] * len(temporal) + [0.5 / len(invariant)] * len(invariant))
     opt = torch.optim.Adam([p for p in hf.parameters() if p.requires_grad], lr=lr)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # deterministic, and faster than 2 threads on a busy 2-core machine
-    try:
-        hf.train()
+    hf.train()
+    with one_thread():
         for step in range(steps):
             out = hf(input_ids=ids, use_cache=False, output_attentions=True)
             loss = (torch.nn.functional.cross_entropy(out.logits[:, -1], answers, reduction="none") * weight).sum()
@@ -382,8 +381,6 @@ def train_temporal_model(
             opt.zero_grad()
             loss.backward()
             opt.step()
-    finally:
-        torch.set_num_threads(threads)
     hf.eval()
     return lmscope.Model(hf, tokenizer=None, source="synthetic temporal world", name="tiny-temporal")
 
