@@ -48,6 +48,14 @@ SMALL = {
 # Per family: sizes left at the config's own value (they are derived from others) or extra settings.
 _MLA = {"head_dim": 8, "num_key_value_heads": 4}  # latent attention: the rotary part of q/k; k/v per head
 _MUP = {"residual_multiplier": 0.5, "embedding_multiplier": 4.0, "logits_scaling": 2.0}  # not the no-op 1s
+# Hybrid layers: linear attention (gated delta rule, small heads) around a full-attention layer.
+_HYBRID = {
+    "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8,
+}
 KEEP: dict[str, set] = {}
 EXTRA: dict[str, dict] = {
     "deepseek_v2": _MLA,
@@ -58,6 +66,8 @@ EXTRA: dict[str, dict] = {
     "granitemoeshared": _MUP,
     "hyperclovax": _MUP,
     "qwen2_moe": {"mlp_only_layers": [0]},  # a dense layer among MoE layers
+    "qwen3_5_text": _HYBRID,
+    "qwen3_5_moe_text": _HYBRID,
 }
 # Per family: constructor arguments (sub-configs, and what __post_init__ copies into them: DBRX's
 # ffn_config.hidden_size is set from d_model there).

@@ -111,6 +111,15 @@ def test_a_wrong_entry_fails_naming_the_check():
         require(certify(wrong))
 
 
+def test_hybrid_entry_needs_its_mixer_and_query_gate():
+    """Qwen 3.5: the head checks run on its full-attention layer; without the mixer the linear-attention
+    layers' outputs are missed, without the query gate q is read from the wrong rows of q_proj."""
+    hf, entry = tiny_family_model("qwen3_5_text").hf, FAMILIES["qwen3_5_text"]
+    assert hf.config.layer_types == ["linear_attention", "full_attention", "linear_attention"]
+    assert certify(lmscope.Model(hf, None, family=replace(entry, q_gate=False))).failed == ["qkv"]
+    assert "residual_sum" in certify(lmscope.Model(hf, None, family=replace(entry, mixer=None))).failed
+
+
 def test_derived_entries_equal_the_table_for_known_layouts():
     for name in ("llama", "gemma2", "gpt2", "opt", "mixtral", "qwen2_moe", "phi", "olmo2"):
         derived = derive_family(tiny_family_model(name).hf)

@@ -122,9 +122,21 @@ def _cropped(cache: DynamicCache, start: int) -> DynamicCache | None:
     return cropped
 
 
+def require_kv_layers(model: Model) -> None:
+    """A clear error for a hybrid model (``Family.mixer``): layers are rerun after a prefix of keys
+    and values (:class:`PrefixKV`), which its linear-attention layers' recurrent state is not."""
+    mixed = model.layers_with("mixer") if model.family.mixer else []
+    if mixed:
+        raise LmscopeError(
+            f"{model.hf.config.model_type}: layers {mixed} ({model.family.mixer}) carry a recurrent state, "
+            "not keys and values, so layers cannot be rerun from a cached prefix (not supported yet)"
+        )
+
+
 def layer_chunk(model: Model, ids: Tensor, mask: Tensor, start: int, cache: DynamicCache) -> Chunk:
     """Run the base prompt from ``start`` on after ``cache`` (its positions before ``start``),
     recording each layer's input and call arguments."""
+    require_kv_layers(model)
     n = model.n_layers
     prefix = [(layer.keys, layer.values) if start > 0 else None for layer in cache.layers[:n]]
     prefix += [None] * (n - len(prefix))
@@ -248,6 +260,7 @@ def activation_patching(
         raise LmscopeError(f"unknown component '{component}' (choose from {', '.join(COMPONENTS)})")
     if direction not in ("denoising", "noising"):
         raise LmscopeError(f"direction must be 'denoising' or 'noising', not '{direction}'")
+    require_kv_layers(model)
     kind = COMPONENTS[component]
     metric = get_metric(metric)
     token_pairs = as_token_pairs(model, pairs)

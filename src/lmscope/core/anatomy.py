@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from lmscope.core.errors import LmscopeError
 from lmscope.core.hookpoints import point_modules
 from lmscope.core.hooks import Hook, hooked
 from lmscope.core.weights import parameter
@@ -47,14 +48,26 @@ def _head_index(model: Model, t: str) -> Tensor:
     fam, H, K, D = model.family, model.n_heads, model.n_kv_heads, model.d_head
     if fam.qkv_layout == "per_head" and fam.qkv_proj is not None:
         return torch.arange(H * 3 * D).view(H, 3, D)[:, QKV.index(t)]
+    if fam.q_gate and t == "q":  # per head: the query, then the output gate (Qwen 3.5)
+        return torch.arange(H * 2 * D).view(H, 2 * D)[:, :D]
     n = H if t == "q" else K
     offset = 0 if fam.qkv_proj is None else {"q": 0, "k": H * D, "v": H * D + K * D}[t]
     index = offset + torch.arange(n * D).view(n, D)
     return index.repeat_interleave(H // n, dim=0)
 
 
+def _attention_layer(model: Model, layer: int) -> None:
+    """A clear error for a hybrid's layer without attention heads (its token mixer is ``Family.mixer``)."""
+    if model.family.mixer and layer not in model.layers_with("attn"):
+        raise LmscopeError(
+            f"layer {layer} has no attention heads (its token mixer is {model.family.mixer}); "
+            f"attention layers: {model.layers_with('attn')}"
+        )
+
+
 def _projection(model: Model, layer: int, t: str) -> nn.Module:
     """The linear layer that computes input ``t`` (q, k or v) of ``layer``: its own, or the fused one."""
+    _attention_layer(model, layer)
     fam = model.family
     path = fam.qkv_proj or {"q": fam.q_proj, "k": fam.k_proj, "v": fam.v_proj}[t]
     return model.layer_module(layer, path)
@@ -83,6 +96,7 @@ def head_contributions(model: Model, layer: int, z: Tensor) -> Tensor:
     [..., pos, n_heads, d_head]: ``z_h W_O[h]``, times the post-attention norm's scale (computed
     from the whole attention output, then held fixed) in Gemma 2/3 and OLMo 2, so the heads'
     contributions sum to what the layer adds."""
+    _attention_layer(model, layer)
     fam, H, D = model.family, model.n_heads, model.d_head
     o = model.layer_module(layer, fam.o_proj)
     weight, bias = parameter(o), parameter(o, "bias")
@@ -137,7 +151,15 @@ def joint_k_norm(model: Model, layer: int) -> nn.Module | None:
 def qkv_points(model: Model, layer: int) -> dict[str, str]:
     """The hook points whose outputs are ``layer``'s keys, queries and values before the heads
     split: ``{"q": "attn.q_proj", "k": ..., "v": ...}`` (the key norm's output ``attn.k_norm``
-    for k where it is joint), or ``{"qkv": "attn.qkv_proj"}`` for a fused projection."""
+    for k where it is joint), or ``{"qkv": "attn.qkv_proj"}`` for a fused projection. A clear error
+    where q_proj's output also holds an output gate (``Family.q_gate``): per-head q/k/v paths would
+    miss the gate's."""
+    _attention_layer(model, layer)
+    if model.family.q_gate:
+        raise LmscopeError(
+            f"{model.hf.config.model_type}: each head's output is gated by a projection of its input "
+            "(q_proj holds the query and the gate), so q/k/v are not the heads' only inputs"
+        )
     if model.family.qkv_proj:
         return {"qkv": "attn.qkv_proj"}
     k = "attn.k_norm" if joint_k_norm(model, layer) is not None else "attn.k_proj"
@@ -186,8 +208,9 @@ def per_query_heads(model: Model, expand: bool) -> Iterator[None]:
         return torch.cat([q, repeat(k), repeat(v)], dim=-1)
 
     hooks = []
+    layers = model.layers_with("attn") if model.family.mixer else range(model.n_layers)
     if expand:
-        for layer in range(model.n_layers):
+        for layer in layers:
             points = qkv_points(model, layer)
             if "qkv" in points:
                 hooks.append(Hook(points["qkv"], layer, fused))
@@ -195,7 +218,7 @@ def per_query_heads(model: Model, expand: bool) -> Iterator[None]:
                 hooks += [Hook(points["k"], layer, repeat), Hook(points["v"], layer, repeat)]
     saved = []
     try:
-        for layer in range(model.n_layers):
+        for layer in layers:
             attn = model.layer_module(layer, model.family.attn)
             for name, value in (("num_key_value_groups", 1), ("num_key_value_heads", H)):
                 if hasattr(attn, name):

@@ -72,6 +72,14 @@ residual_scale, logit_scale, embed_scale, qkv_clip
     the factor the token embeddings are multiplied by outside the embedding module (Granite
     ``"embedding_multiplier"``), and the bound q/k/v are clamped to after their projection (OLMo,
     DBRX). Unset, or naming an attribute that is absent or None: no scaling, no clamping.
+mixer
+    Hybrid models: the token mixer some layers have instead of attention (Qwen 3.5's gated
+    delta-rule linear attention ``linear_attn``). On a layer without ``attn``, the mixer's output is
+    ``attn.out`` and what the layer adds to the residual stream before the MLP; the head sites
+    (``attn.q/k/v/z/pattern``) exist on attention layers only (:meth:`lmscope.core.model.Model.site`).
+q_gate
+    The query projection's output holds, per head, the query then an output gate (``sigmoid(gate)``
+    multiplies the head's output before ``o_proj``, so ``attn.z`` is the gated output; Qwen 3.5).
 
 Where a tensor is read or written on these modules is the other table,
 :mod:`lmscope.core.hookpoints`.
@@ -121,6 +129,8 @@ class Family:
     logit_scale: str | None = None
     embed_scale: str | None = None
     qkv_clip: str | None = None
+    mixer: str | None = None
+    q_gate: bool = False
 
 
 LLAMA = Family(
@@ -549,6 +559,9 @@ FAMILIES: dict[str, Family] = {
     "qwen2_moe": MOE,
     "qwen3": LLAMA,
     "qwen3_moe": MOE,
+    # linear-attention layers (``linear_attn``) among gated full-attention layers
+    "qwen3_5_text": replace(LLAMA, mixer="linear_attn", q_gate=True),
+    "qwen3_5_moe_text": replace(MOE, mixer="linear_attn", q_gate=True),
     "seed_oss": LLAMA,
     "smollm3": LLAMA,
     "solar_open": MOE,
@@ -571,7 +584,7 @@ FAMILIES: dict[str, Family] = {
 }
 
 # Names users know the families by, where ``model_type`` differs.
-ALIASES = {"gemma3": "gemma3_text"}
+ALIASES = {"gemma3": "gemma3_text", "qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 
 
 # Decoder-only text families of transformers 5 that have no entry, and why (shown when one is loaded).
@@ -589,10 +602,6 @@ LEFT_OUT: dict[str, str] = {
             "granitemoehybrid",
             "nemotron_h",
             "qwen3_next",
-            "qwen3_5",
-            "qwen3_5_text",
-            "qwen3_5_moe",
-            "qwen3_5_moe_text",
             "lfm2",
             "lfm2_moe",
             "minimax",

@@ -13,8 +13,9 @@ for ``embed``, ``final_norm`` and ``unembed``, else relative to decoder layer ``
 - ``block``: the decoder layer itself; ``root``: the whole ``*ForCausalLM`` module;
 - ``linears``: every linear layer inside the decoder layer (``nn.Linear`` or GPT-2's ``Conv1D``).
 
-A point lists roles in order of preference: the first one the family has is used (e.g. the
-residual the attention reads enters its norm, or the attention itself where there is none).
+A point lists roles in order of preference: the first one the family (and that layer) has is used
+(e.g. the residual the attention reads enters its norm, or the attention itself where there is
+none; a hybrid layer's linear-attention ``mixer`` where it has no attention).
 
 Tensors: ``main`` is the first input (``args[0]`` or ``hidden_states``) of a ``pre`` point and
 the main output (the first element of a tuple) of a ``post`` point; ``logits`` is the output's
@@ -58,7 +59,7 @@ HOOK_POINTS: dict[str, HookPoint] = {
     "resid_pre": _point("block", "pre"),
     "resid_post": _point("block", "post"),
     "attn.z": _point("o_proj", "pre", heads=True),
-    "attn.out": _point("o_proj", "post"),
+    "attn.out": _point(("o_proj", "mixer"), "post"),  # a hybrid's other token mixer where no attention
     "mlp.in": _point(("mlp", "mlp_up"), "pre"),
     "mlp.post": _point("mlp_down", "pre"),
     "mlp.out": _point(("mlp", "mlp_down"), "post"),
@@ -75,7 +76,7 @@ HOOK_POINTS: dict[str, HookPoint] = {
     "attn.qkv_proj": _point("qkv_proj", "post"),  # fused q|k|v (see Family.qkv_layout)
     "attn.k_norm.in": _point("k_norm", "pre"),  # a key norm's input and output (Qwen 3, OLMo 2)
     "attn.k_norm": _point("k_norm", "post"),
-    "attn.contrib": _point("attn_contrib", "post"),  # what attention adds to the residual stream
+    "attn.contrib": _point(("attn_contrib", "mixer"), "post"),  # what attention (or the mixer) adds
     "mlp.resid_in": _point(("mlp_norm", "mlp", "mlp_up"), "pre"),  # the residual stream the MLP reads
     "mlp.contrib": _point("mlp_contrib", "post"),  # what the MLP adds to the residual stream
     "final_norm.in": _point("final_norm", "pre"),  # the residual stream the unembedding reads

@@ -335,7 +335,7 @@ class HookSession:
         keys = self.sites.keys()
         layers = {layer for kind, layer in keys if kind in ATTN_INTERFACE_KINDS}
         if self.attention is not None:
-            layers = set(range(self.model.n_layers))
+            layers = set(self.model.layers_with("attn"))  # a hybrid's linear-attention layers have none
         if not layers:
             return contextlib.nullcontext()
         modules = [self.model.layer_module(layer, self.model.family.attn) for layer in sorted(layers)]

@@ -15,7 +15,15 @@ from lmscope.core.errors import LmscopeError
 from lmscope.core.families import Family, config_value, family_for
 from lmscope.core.hooks import HookSession
 from lmscope.core.interventions import Intervention
-from lmscope.core.sites import ATTN_INTERFACE_KINDS, MOE_KINDS, MONET_KINDS, Site, all_sites, parse_site
+from lmscope.core.sites import (
+    ATTN_INTERFACE_KINDS,
+    HEAD_KINDS,
+    MOE_KINDS,
+    MONET_KINDS,
+    Site,
+    all_sites,
+    parse_site,
+)
 from lmscope.core.weights import parameter
 
 Inputs = str | Sequence[str] | Tensor | Mapping[str, Tensor]
@@ -63,7 +71,8 @@ class Model:
         if getattr(config, "multi_query", False):  # GPT-BigCode: one key/value head
             self.n_kv_heads = 1
         self.d_model = config.hidden_size
-        self.d_head = self._in_features(self.layer_module(0, self.family.o_proj)) // self.n_heads
+        first = (self.layers_with("o_proj") or [0])[0]  # hybrids: the first attention layer
+        self.d_head = self._in_features(self.layer_module(first, self.family.o_proj)) // self.n_heads
         downs = [self.layer_module(i, self.family.mlp_down) for i in self.layers_with("mlp_down")]
         self.d_mlp = self._in_features(downs[0]) if downs else None
         self.d_vocab = config.vocab_size
@@ -126,6 +135,11 @@ class Model:
             )
         if site.layer is not None and not 0 <= site.layer < self.n_layers:
             raise LmscopeError(f"site '{site}': layer {site.layer} out of range (model has {self.n_layers} layers)")
+        if site.kind in HEAD_KINDS and site.layer is not None and not self._has(site.kind, site.layer):
+            raise LmscopeError(
+                f"site '{site}': layer {site.layer} has no attention heads (its token mixer is "
+                f"{self.family.mixer}); {site.kind} exists on layers {self.layers_with('attn')}"
+            )
         if site.kind in MOE_KINDS:
             moe.check_site(self, site)
         elif site.kind in MONET_KINDS:
@@ -173,6 +187,8 @@ class Model:
             return kind != "moe.expert" and layer is not None and self.has_module(layer, self.family.experts)
         if kind in MONET_KINDS:
             return layer is not None and self.has_module(layer, self.family.monet_experts)
+        if kind in HEAD_KINDS and layer is not None and self.family.mixer and layer not in self.layers_with("attn"):
+            return False  # a hybrid's layer without attention (its mixer has no heads)
         if kind in ATTN_INTERFACE_KINDS:
             return self.family.attn_interface
         if kind == "mlp.post":

@@ -22,8 +22,10 @@ Checks (names as in results.json):
   router chose) and ``moe_resection`` (resecting an expert equals zeroing its weights, through
   :func:`lmscope.core.moe.expert_weights`' per-expert views).
 
-A check is ``pass``, ``fail`` (with the measured difference) or ``n/a`` (what the family lacks,
-e.g. attention computed inline). :func:`certify` runs them; :func:`require` refuses a model whose
+On a hybrid model (``Family.mixer``: Qwen 3.5's linear-attention layers) the checks of heads
+(``pattern``, ``z_to_out``, ``qkv``, ``head_ablation``) run on its attention layers; the others
+cover every layer. A check is ``pass``, ``fail`` (with the measured difference) or ``n/a`` (what
+the family lacks, e.g. attention computed inline). :func:`certify` runs them; :func:`require` refuses a model whose
 certificate failed, naming the failed checks.
 """
 
@@ -146,6 +148,14 @@ def _attention(m: Model, impl: str) -> Iterator[None]:
         config._attn_implementation = saved
 
 
+def _attention_layers(m: Model) -> list[int]:
+    """The layers with attention heads (a hybrid's linear-attention layers have none, ``Family.mixer``)."""
+    layers = m.layers_with("attn") if m.family.mixer else list(range(m.n_layers))
+    if not layers:
+        raise _NotApplicable("no attention layers")
+    return layers
+
+
 def _sites(m: Model, kinds: tuple[str, ...]) -> list[str]:
     return [name for name, _ in m.site_shapes() if name.split(".", 2)[-1] in kinds or name in kinds]
 
@@ -218,9 +228,9 @@ def _logit_lens(m: Model, ids: Tensor) -> str:
 def _pattern(m: Model, ids: Tensor) -> str:
     if not m.family.attn_interface:
         raise _NotApplicable("attention computed inline (no attention interface)")
-    L = m.n_layers
-    run = m.run(ids, capture=[f"blocks.{i}.attn.pattern" for i in range(L)])
-    for i in range(L):
+    layers = _attention_layers(m)
+    run = m.run(ids, capture=[f"blocks.{i}.attn.pattern" for i in layers])
+    for i in layers:
         p = run.cache[f"blocks.{i}.attn.pattern"]
         if hasattr(m.layer_module(i, m.family.attn), "sinks"):  # attention sinks take the rest (gpt-oss)
             if not bool((p.sum(-1) <= 1 + 1e-5).all()):
@@ -229,29 +239,29 @@ def _pattern(m: Model, ids: Tensor) -> str:
         _close(p.sum(-1), torch.ones_like(p.sum(-1)), f"layer {i}: pattern rows sum", 1e-5)
     with _attention(m, "eager"):
         eager = _plain(m, ids).logits
-    same = m.run(ids, interventions=[apply("blocks.0.attn.pattern", lambda p: p.clone() * 1.0)]).logits
+    same = m.run(ids, interventions=[apply(f"blocks.{layers[0]}.attn.pattern", lambda p: p.clone() * 1.0)]).logits
     _close(same, eager, "pattern written back unchanged vs eager forward")
 
     def uniform(p: Tensor) -> Tensor:
         causal = (p > 0).to(p.dtype)
         return causal / causal.sum(-1, keepdim=True)
 
-    edited = m.run(ids, interventions=[apply(f"blocks.{i}.attn.pattern", uniform) for i in range(L)]).logits
+    edited = m.run(ids, interventions=[apply(f"blocks.{i}.attn.pattern", uniform) for i in layers]).logits
     if _rel(edited, eager) < 1e-4:
         raise AssertionError("uniform attention patterns did not change the logits")
     return f"rows sum to 1; edits change the logits by {_rel(edited, eager):.1e}"
 
 
 def _z_to_out(m: Model, ids: Tensor) -> str:
-    L = m.n_layers
-    cache = m.run(ids, capture=[f"blocks.{i}.attn.{k}" for i in range(L) for k in ("z", "out")]).cache
-    for i in range(L):
+    layers = _attention_layers(m)
+    cache = m.run(ids, capture=[f"blocks.{i}.attn.{k}" for i in layers for k in ("z", "out")]).cache
+    for i in layers:
         o = m.layer_module(i, m.family.o_proj)
         w, b = parameter(o), parameter(o, "bias")
         w = w.T if m.family.conv1d else w
         out = cache[f"blocks.{i}.attn.z"].flatten(-2) @ w.T + (0 if b is None else b)
         _close(out, cache[f"blocks.{i}.attn.out"], f"layer {i}: z W_O vs attn.out")
-    return f"{L} layers"
+    return f"{len(layers)} layers"
 
 
 def _norm(module, x: Tensor, heads: int) -> Tensor:
@@ -268,7 +278,7 @@ def _qkv(m: Model, ids: Tensor) -> str:
         raise _NotApplicable("attention computed inline (no attention interface)")
     if not (fam.qkv_proj or fam.q_proj):
         raise _NotApplicable("q/k/v are not linear projections of the input (latent attention)")
-    L, kv = m.n_layers, kv_head_of(m)
+    layers, kv = _attention_layers(m), kv_head_of(m)
     clip = config_value(m.hf.config, fam.qkv_clip)  # q/k/v clamped after the projection (OLMo, DBRX)
     inputs: dict[int, Tensor] = {}
     scales: set[float] = set()
@@ -279,9 +289,9 @@ def _qkv(m: Model, ids: Tensor) -> str:
 
         return fn
 
-    with hooked(m, [Hook("attn.in", i, keep(i)) for i in range(L)]):
-        cache = m.run(ids, capture=[f"blocks.{i}.attn.{t}" for i in range(L) for t in "qkv"]).cache
-    for i in range(L):
+    with hooked(m, [Hook("attn.in", i, keep(i)) for i in layers]):
+        cache = m.run(ids, capture=[f"blocks.{i}.attn.{t}" for i in layers for t in "qkv"]).cache
+    for i in layers:
         x = inputs[i]
         for t in "qkv":
             w, b = head_params(m, i, t)  # per query head
@@ -305,11 +315,11 @@ def _qkv(m: Model, ids: Tensor) -> str:
                 hand = hand * factor
             _close(got, hand, f"layer {i}: {t} at position 0 vs x W_{t}")
     folded = "" if scales <= {1.0} else f" (q/k scaled by {', '.join(map(str, sorted(scales)))})"
-    return f"{L} layers, q/k at position 0, v everywhere{folded}"
+    return f"{len(layers)} layers, q/k at position 0, v everywhere{folded}"
 
 
 def _head_ablation(m: Model, ids: Tensor) -> str:
-    layer, head = m.n_layers - 1, m.n_heads - 1
+    layer, head = _attention_layers(m)[-1], m.n_heads - 1
     ablated = m.run(ids, interventions=[zero(f"blocks.{layer}.attn.z.{head}")]).logits
     o = m.layer_module(layer, m.family.o_proj)
     weight = parameter(o)
@@ -382,7 +392,8 @@ def _sdpa_eager(m: Model, ids: Tensor) -> str:
 
 def _self_patch(m: Model, ids: Tensor) -> str:
     kinds = ("resid_pre", "attn.z", "mlp.out", "resid_post")
-    sites = [f"blocks.{i}.{k}" for i in range(m.n_layers) for k in kinds]
+    exist = {name for name, _ in m.site_shapes()}  # attn.z: attention layers only (hybrids)
+    sites = [s for s in (f"blocks.{i}.{k}" for i in range(m.n_layers) for k in kinds) if s in exist]
     clean = m.run(ids, capture=sites)
     patched = m.run(ids, interventions=[patch(s, clean.cache) for s in sites]).logits
     if not torch.equal(patched, clean.logits):
