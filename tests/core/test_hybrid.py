@@ -100,3 +100,35 @@ def test_layer_reruns_from_a_cached_prefix_are_refused_clearly(qwen35):
 
     with pytest.raises(lmscope.LmscopeError, match=r"layers \[0, 2\] \(linear_attn\) carry a recurrent state"):
         activation_patching(qwen35, [token_pair(qwen35, differ=(2,))], "mlp")
+
+
+def test_jetmoe_attention_is_read_as_a_whole():
+    """JetMoE (mixture of attention heads: each token's query and output projections are chosen
+    from attention experts) exposes its attention layer as a mixer: ``attn.out`` is the
+    attention module's output (a plain forward hook's reference), ``resid_mid`` adds it to the
+    residual stream, and no layer offers head sites."""
+    m = tiny_family_model("jetmoe")
+    ids = _ids(m)
+    assert m.layers_with("attn") == [] and m.layers_with("mixer") == list(range(m.n_layers))
+    plain: dict[int, torch.Tensor] = {}
+    handles = [
+        m.layer_module(i, "self_attention").register_forward_hook(
+            lambda mod, args, out, i=i: plain.__setitem__(i, out[0].detach().clone())
+        )
+        for i in range(m.n_layers)
+    ]
+    try:
+        with torch.no_grad():
+            m.hf(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    sites = [f"blocks.{i}.{k}" for i in range(m.n_layers) for k in ("resid_pre", "resid_mid", "attn.out")]
+    cache = m.run(ids, capture=sites).cache
+    for i in range(m.n_layers):
+        torch.testing.assert_close(cache[f"blocks.{i}.attn.out"], plain[i], rtol=0, atol=0)
+        torch.testing.assert_close(cache[f"blocks.{i}.resid_mid"], cache[f"blocks.{i}.resid_pre"] + plain[i])
+    names = {name for name, _ in m.site_shapes()}
+    assert not any(name.split(".", 2)[-1] in HEAD_KINDS for name in names)
+    with pytest.raises(lmscope.LmscopeError, match="no layer has head sites"):
+        m.site("blocks.1.attn.z")

@@ -562,6 +562,23 @@ FAMILIES: dict[str, Family] = {
     # linear-attention layers (``linear_attn``) among gated full-attention layers
     "qwen3_5_text": replace(LLAMA, mixer="linear_attn", q_gate=True),
     "qwen3_5_moe_text": replace(MOE, mixer="linear_attn", q_gate=True),
+    # Mixture of attention heads: each token's query and output projections are chosen from
+    # attention experts, so its heads are routing slots with no single output projection; the
+    # attention layer is exposed as a whole (attn.out, resid_mid), as a mixer with no head sites.
+    # Its MLP experts are not the transformers-5 experts contract: mlp.in / mlp.out only.
+    "jetmoe": replace(
+        LLAMA,
+        attn=None,
+        o_proj=None,
+        attn_contrib="self_attention",
+        mixer="self_attention",
+        q_proj=None,
+        k_proj=None,
+        v_proj=None,
+        k_norm=None,
+        q_norm=None,
+        mlp_down=None,
+    ),
     "seed_oss": LLAMA,
     "smollm3": LLAMA,
     "solar_open": MOE,
@@ -612,7 +629,6 @@ LEFT_OUT: dict[str, str] = {
         ],
         _HYBRID,
     ),
-    "jetmoe": "mixture-of-attention-heads layers (attention experts; no single output projection)",
     "diffllama": "differential attention (two softmax maps subtracted per head)",
     "nanochat": "not yet: parameter-free norms applied as functions, not modules",
     "gemma4_text": "not yet: per-layer configurations (head_dim varies by layer)",

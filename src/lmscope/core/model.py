@@ -71,8 +71,15 @@ class Model:
         if getattr(config, "multi_query", False):  # GPT-BigCode: one key/value head
             self.n_kv_heads = 1
         self.d_model = config.hidden_size
-        first = (self.layers_with("o_proj") or [0])[0]  # hybrids: the first attention layer
-        self.d_head = self._in_features(self.layer_module(first, self.family.o_proj)) // self.n_heads
+        attention = self.layers_with("o_proj")  # hybrids: the first attention layer has it
+        if attention:
+            self.d_head = self._in_features(self.layer_module(attention[0], self.family.o_proj)) // self.n_heads
+        else:  # attention exposed only as a whole (Family.mixer on every layer): the config's
+            self.d_head = (
+                getattr(config, "head_dim", None)
+                or getattr(config, "kv_channels", None)
+                or (self.d_model // self.n_heads)
+            )
         downs = [self.layer_module(i, self.family.mlp_down) for i in self.layers_with("mlp_down")]
         self.d_mlp = self._in_features(downs[0]) if downs else None
         self.d_vocab = config.vocab_size
@@ -136,9 +143,11 @@ class Model:
         if site.layer is not None and not 0 <= site.layer < self.n_layers:
             raise LmscopeError(f"site '{site}': layer {site.layer} out of range (model has {self.n_layers} layers)")
         if site.kind in HEAD_KINDS and site.layer is not None and not self._has(site.kind, site.layer):
+            heads = self.layers_with("attn")
+            where = f"{site.kind} exists on layers {heads}" if heads else "no layer has head sites"
             raise LmscopeError(
-                f"site '{site}': layer {site.layer} has no attention heads (its token mixer is "
-                f"{self.family.mixer}); {site.kind} exists on layers {self.layers_with('attn')}"
+                f"site '{site}': layer {site.layer} has no attention heads (its token mixer "
+                f"{self.family.mixer} is read as a whole: attn.out, resid_mid); {where}"
             )
         if site.kind in MOE_KINDS:
             moe.check_site(self, site)

@@ -276,9 +276,10 @@ def _qkv(m: Model, ids: Tensor) -> str:
     fam = m.family
     if not fam.attn_interface:
         raise _NotApplicable("attention computed inline (no attention interface)")
+    layers = _attention_layers(m)
     if not (fam.qkv_proj or fam.q_proj):
         raise _NotApplicable("q/k/v are not linear projections of the input (latent attention)")
-    layers, kv = _attention_layers(m), kv_head_of(m)
+    kv = kv_head_of(m)
     clip = config_value(m.hf.config, fam.qkv_clip)  # q/k/v clamped after the projection (OLMo, DBRX)
     inputs: dict[int, Tensor] = {}
     scales: set[float] = set()
