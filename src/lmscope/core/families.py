@@ -631,7 +631,10 @@ LEFT_OUT: dict[str, str] = {
     ),
     "diffllama": "differential attention (two softmax maps subtracted per head)",
     "nanochat": "not yet: parameter-free norms applied as functions, not modules",
-    "gemma4_text": "not yet: per-layer configurations (head_dim varies by layer)",
+    "gemma4_text": (
+        "not yet: head_dim varies by layer, per-layer inputs add a third residual branch, "
+        "each layer scales the whole residual stream, and later layers reuse earlier layers' keys/values"
+    ),
     "glm4_moe_lite": "not yet: latent attention projections not derived",
     "openai-gpt": "post-norm blocks without a final norm",
     "ctrl": "not yet: attention projections named Wq/Wk/Wv",
