@@ -726,6 +726,69 @@ def experts(
     console.print(f"wrote {out / 'report.html'}, {out / 'results.json'} and PNG plots")
 
 
+@app.command()
+def lens(
+    args: Annotated[list[str], typer.Argument(help="[MODEL] TEXT", show_default=False)],
+    tuned: Annotated[Path | None, typer.Option(help="a tuned lens saved by --train-tuned --save")] = None,
+    train_tuned: Annotated[bool, typer.Option(help="train a tuned lens on --corpus first")] = False,
+    corpus: CorpusOpt = "wikitext2",
+    tokens: Annotated[int, typer.Option(help="corpus tokens for --train-tuned")] = 8192,
+    steps: Annotated[int, typer.Option(help="Adam steps for --train-tuned")] = 100,
+    lr: Annotated[float, typer.Option(help="learning rate for --train-tuned")] = 1e-3,
+    save_tuned: Annotated[Path | None, typer.Option("--save", help="write the trained tuned lens here")] = None,
+    token: Annotated[
+        list[str], typer.Option("--token", help="a token to follow instead of the next (repeatable)")
+    ] = [],  # noqa: B006
+    position: Annotated[int, typer.Option(help="position of the top-token table (-1: last)")] = -1,
+    top: Annotated[int, typer.Option(help="top tokens per layer")] = 5,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadOpt = None,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("out/lens"),
+) -> None:
+    """Logit lens, or tuned lens (Belrose et al. 2023), of TEXT: per layer and position, the next token's
+    probability and rank, and the top tokens per layer."""
+    from lmscope.circuits.lenses import lens as read_lens
+    from lmscope.circuits.lenses import load_tuned_lens, train_tuned_lens
+    from lmscope.quant.corpus import BUNDLED, load_corpus
+
+    if len(args) > 2:
+        raise LmscopeError("expected [MODEL] TEXT (quote the text)")
+    if tuned is not None and train_tuned:
+        raise LmscopeError("give --tuned PATH or --train-tuned, not both")
+    if save_tuned is not None and not train_tuned:
+        raise LmscopeError("--save writes a lens trained with --train-tuned")
+    if tuned is not None and not tuned.is_file():
+        raise LmscopeError(f"tuned lens {tuned}: no such file")
+    if train_tuned and corpus not in BUNDLED and not Path(corpus).is_file():
+        raise LmscopeError(f"corpus {corpus}: no such file")
+    model, text = (DEFAULT_MODEL, args[0]) if len(args) == 1 else args
+    out = output_dir(out)
+    m = _load(model, device, dtype, max_memory, offload_folder)
+    settings: dict = {"text": text, "tokens": token, "position": position, "top": top}
+    lens_obj = None
+    if tuned is not None:
+        lens_obj = load_tuned_lens(m, tuned)
+        settings["tuned"] = str(tuned)
+    elif train_tuned:
+        ids = load_corpus(m, corpus, max_tokens=tokens).tokens
+        lens_obj = train_tuned_lens(m, ids, steps=steps, lr=lr)
+        settings["train_tuned"] = {"corpus": corpus, **lens_obj.info}
+        if save_tuned is not None:
+            console.print(f"saved the tuned lens to {lens_obj.save(save_tuned)}")
+    result = read_lens(m, text, tuned=lens_obj, tokens=token or None, position=position, top_k=top)
+    payload = header("lens", model, m, settings)
+    payload["lens"] = result.to_json()
+    save(out, payload, result.figures())
+    table = Table("layer", "KL", "top tokens", title=f"{m.name}: {result.lens} lens at position {result.position}")
+    for row in result.tables()[1].rows:
+        table.add_row(row["layer"], f"{row['KL']:.3f}", row["top tokens"])
+    console.print(table)
+    console.print(result.text(), soft_wrap=True, highlight=False, markup=False)
+    console.print(f"wrote {out / 'results.json'} and plots")
+
+
 def _earlier_parts(out: Path, payload: dict) -> dict:
     """The parts of ``out/results.json`` when it was written by the same command with the same
     settings (an interrupted run to resume), else nothing."""
