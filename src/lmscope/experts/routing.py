@@ -139,7 +139,8 @@ class ExpertStats(Result):
 
     def tables(self) -> list[Table]:
         """Per layer: routing entropy per domain, load balance, the most loaded expert; per
-        domain, its most specialised experts with their top tokens."""
+        domain, its most specialised experts (up to 8, those firing more on it than on any other
+        domain) with their top tokens."""
         rows = []
         for i, layer in enumerate(self.layers):
             row = {"layer": layer}
@@ -160,6 +161,8 @@ class ExpertStats(Result):
         for d, domain in enumerate(self.domains):
             for layer, expert in self.most_specialised(domain, min(n, int((self.score[d] > 0).sum()))):
                 i = self.layers.index(layer)
+                if float(spec[d, i, expert]) <= 1.0:  # fires no more on this domain than on another
+                    break
                 tops = [t for t in self.top_tokens if t["layer"] == layer and t["expert"] == expert]
                 rows.append(
                     {
