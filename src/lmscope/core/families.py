@@ -160,6 +160,26 @@ MOE = replace(LLAMA, router="mlp.gate", experts="mlp.experts")
 # in between, so there are no per-head q/k/v weights (the sites attn.q/k/v/pattern still exist).
 _LATENT = replace(MOE, q_proj=None, k_proj=None, v_proj=None, k_norm=None, q_norm=None)
 
+# GPT-2's layout (transformer.h, fused c_attn, learned positions); GPT-2 itself stores its
+# projections as Conv1D (``conv1d=True``), GPT-BigCode as nn.Linear.
+_GPT2 = replace(
+    LLAMA,
+    layers="transformer.h",
+    embed="transformer.wte",
+    final_norm="transformer.ln_f",
+    attn="attn",
+    o_proj="attn.c_proj",
+    attn_contrib="attn",
+    mlp_down="mlp.c_proj",
+    attn_norm="ln_1",
+    mlp_norm="ln_2",
+    q_proj=None,
+    k_proj=None,
+    v_proj=None,
+    qkv_proj="attn.c_attn",
+    pos_embed="transformer.wpe",
+)
+
 # Maximal-update parametrisation (Granite): residual branches, embeddings and logits scaled by the config.
 _MUP = replace(
     LLAMA,
@@ -329,41 +349,8 @@ FAMILIES: dict[str, Family] = {
     "glm": LLAMA,
     "glm4": replace(LLAMA, attn_contrib="post_self_attn_layernorm", mlp_contrib="post_mlp_layernorm"),
     "glm4_moe": MOE,
-    "gpt2": replace(
-        LLAMA,
-        layers="transformer.h",
-        embed="transformer.wte",
-        final_norm="transformer.ln_f",
-        attn="attn",
-        o_proj="attn.c_proj",
-        attn_contrib="attn",
-        mlp_down="mlp.c_proj",
-        attn_norm="ln_1",
-        mlp_norm="ln_2",
-        q_proj=None,
-        k_proj=None,
-        v_proj=None,
-        qkv_proj="attn.c_attn",
-        conv1d=True,
-        pos_embed="transformer.wpe",
-    ),
-    "gpt_bigcode": replace(
-        LLAMA,
-        layers="transformer.h",
-        embed="transformer.wte",
-        final_norm="transformer.ln_f",
-        attn="attn",
-        o_proj="attn.c_proj",
-        attn_contrib="attn",
-        mlp_down="mlp.c_proj",
-        attn_norm="ln_1",
-        mlp_norm="ln_2",
-        q_proj=None,
-        k_proj=None,
-        v_proj=None,
-        qkv_proj="attn.c_attn",
-        pos_embed="transformer.wpe",
-    ),
+    "gpt2": replace(_GPT2, conv1d=True),
+    "gpt_bigcode": _GPT2,  # GPT-2 with nn.Linear projections (and multi-query attention)
     "gpt_neo": replace(
         LLAMA,
         layers="transformer.h",

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from lmscope.core import zero
+from lmscope.core import moe, zero
 from lmscope.core.anatomy import head_params, kv_head_of
 from lmscope.core.errors import LmscopeError
 from lmscope.core.families import config_value
@@ -402,12 +402,16 @@ def _self_patch(m: Model, ids: Tensor) -> str:
     return f"{len(sites)} sites patched, logits bitwise equal"
 
 
-def _moe_routing(m: Model, ids: Tensor) -> str:
-    from lmscope.core import moe
-
+def _moe_layers(m: Model) -> list[int]:
+    """The mixture-of-experts layers (n/a without any)."""
     layers = m.layers_with("experts")
     if not layers:
         raise _NotApplicable("no mixture-of-experts layers")
+    return layers
+
+
+def _moe_routing(m: Model, ids: Tensor) -> str:
+    layers = _moe_layers(m)
     sites = [f"blocks.{i}.moe.{k}" for i in layers for k in ("router", "weights")]
     run = m.run(ids, capture=sites)
     for i in layers:
@@ -422,11 +426,7 @@ def _moe_routing(m: Model, ids: Tensor) -> str:
 
 
 def _moe_resection(m: Model, ids: Tensor) -> str:
-    from lmscope.core import moe
-
-    layers = m.layers_with("experts")
-    if not layers:
-        raise _NotApplicable("no mixture-of-experts layers")
+    layers = _moe_layers(m)
     layer = layers[-1]
     used = m.run(ids, capture=[f"blocks.{layer}.moe.weights"]).cache[f"blocks.{layer}.moe.weights"]
     expert = int((used != 0).sum((0, 1)).argmax())
