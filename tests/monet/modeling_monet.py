@@ -26,6 +26,7 @@ half-experts each:
 
 from __future__ import annotations
 
+import dataclasses
 from statistics import NormalDist
 
 import torch
@@ -42,6 +43,11 @@ from .configuration_monet import MonetConfig
 
 Routing = tuple[Tensor, Tensor]  # g1, g2: [batch, pos, heads, experts]
 
+
+
+# transformers 5.24 renamed ``past_key_values`` to ``cache`` (arguments and outputs); generate
+# passes and reads the new name, so this model takes and returns whichever its version uses
+CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
 
 class MonetRouter(nn.Module):
     """The two routing distributions g1, g2 [batch, pos, heads, experts] of ``x`` [batch, pos, d_model]."""
@@ -136,7 +142,7 @@ class MonetDecoderLayer(nn.Module):
         routing: Routing | None = None,
         attention_mask: Tensor | None = None,
         position_embeddings: tuple[Tensor, Tensor] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[Tensor, Routing]:
         """The layer's output and the routing it used (its own router's, or ``routing``)."""
@@ -144,7 +150,7 @@ class MonetDecoderLayer(nn.Module):
             hidden_states=self.input_layernorm(hidden_states),
             attention_mask=attention_mask,
             position_embeddings=position_embeddings,
-            past_key_values=past_key_values,
+            **{CACHE: cache},
             **kwargs,
         )
         hidden_states = hidden_states + attn
@@ -187,12 +193,12 @@ class MonetModel(MonetPreTrainedModel):
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        past_key_values = kwargs.pop(CACHE, None)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -207,8 +213,8 @@ class MonetModel(MonetPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{CACHE: past_key_values},
         )
         hidden = inputs_embeds
         rotary = self.rotary_emb(hidden, position_ids=position_ids)
@@ -220,14 +226,14 @@ class MonetModel(MonetPreTrainedModel):
                 routing,
                 attention_mask=mask,
                 position_embeddings=rotary,
-                past_key_values=past_key_values if use_cache else None,
+                cache=past_key_values if use_cache else None,
                 **kwargs,
             )
         hidden = self.norm(hidden)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=(*states, hidden) if output_hidden_states else None,
+            **{CACHE: past_key_values if use_cache else None},
         )
 
 
@@ -249,7 +255,6 @@ class MonetForCausalLM(MonetPreTrainedModel, GenerationMixin):
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -260,7 +265,6 @@ class MonetForCausalLM(MonetPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -268,5 +272,5 @@ class MonetForCausalLM(MonetPreTrainedModel, GenerationMixin):
         )
         hidden = out.last_hidden_state[:, -logits_to_keep:] if logits_to_keep else out.last_hidden_state
         return CausalLMOutputWithPast(
-            logits=self.lm_head(hidden), past_key_values=out.past_key_values, hidden_states=out.hidden_states
+            logits=self.lm_head(hidden), hidden_states=out.hidden_states, **{CACHE: getattr(out, CACHE)}
         )

@@ -238,7 +238,7 @@ def _decode_reference(model, ids, kv: KVQuant):
     cache, steps = DynamicCache(), []
     with torch.no_grad(), model.hooks(interventions=ivs):
         for t in range(ids.shape[1]):
-            steps.append(model.hf(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+            steps.append(model.hf(input_ids=ids[:, t : t + 1], use_cache=True, **model.with_cache(cache)).logits[:, -1])
     return torch.stack(steps, 1)
 
 

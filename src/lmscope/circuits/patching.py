@@ -88,8 +88,8 @@ def prefix_cache(model: Model, ids: Tensor, mask: Tensor, start: int) -> Dynamic
                 input_ids=ids[:, :start],
                 attention_mask=mask[:, :start],
                 position_ids=position_ids(mask)[:, :start],
-                past_key_values=cache,
                 use_cache=True,
+                **model.with_cache(cache),
             )
     return cache
 
@@ -106,8 +106,8 @@ def _continue(
             input_ids=ids[:, start:],
             attention_mask=mask,
             position_ids=position_ids(mask)[:, start:],
-            past_key_values=cache if keep else copy.deepcopy(cache),
             use_cache=True,
+            **model.with_cache(cache if keep else copy.deepcopy(cache)),
         )
     return session.cache, session.cache[last]
 

@@ -345,7 +345,7 @@ class HookSession:
     # -- callbacks ------------------------------------------------------------------------
 
     def _on_call(self, args, kwargs) -> None:
-        past = kwargs.get("past_key_values")
+        past = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed in transformers 5.24
         self._offset = past.get_seq_length() if past is not None else 0
         self._resid_pre.clear()
         ids = kwargs.get("input_ids", args[0] if args else None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -127,6 +128,14 @@ class Model:
         if getattr(hook, "execution_device", None) is not None:
             return torch.device(hook.execution_device)
         return next(self.hf.parameters()).device
+
+    def with_cache(self, cache) -> dict:
+        """``{name: cache}`` for the HF forward's KV-cache argument: ``cache`` since
+        transformers 5.24, ``past_key_values`` before it and in older remote code."""
+        params = self.__dict__.get("_forward_params")
+        if params is None:
+            params = self.__dict__["_forward_params"] = inspect.signature(self.hf.forward).parameters
+        return {"cache" if "cache" in params else "past_key_values": cache}
 
     @property
     def n_params(self) -> int:

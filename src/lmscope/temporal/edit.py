@@ -397,7 +397,7 @@ def _generate(model: Model, target: _Target, rows: Sequence[_Row | None], decodi
     with torch.no_grad(), model.hooks(interventions=edits):
         inputs = target.ids[:, p:].expand(n, -1)
         for _ in range(decoding.max_new_tokens):
-            out = model.hf(input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model.hf(input_ids=inputs, use_cache=True, logits_to_keep=1, **model.with_cache(cache))
             token = decoding.pick(out.logits[:, -1], generators)
             if len(eos):
                 token = torch.where(done, eos[0], token)
