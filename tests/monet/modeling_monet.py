@@ -44,10 +44,10 @@ from .configuration_monet import MonetConfig
 Routing = tuple[Tensor, Tensor]  # g1, g2: [batch, pos, heads, experts]
 
 
-
 # transformers 5.24 renamed ``past_key_values`` to ``cache`` (arguments and outputs); generate
 # passes and reads the new name, so this model takes and returns whichever its version uses
 CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
+
 
 class MonetRouter(nn.Module):
     """The two routing distributions g1, g2 [batch, pos, heads, experts] of ``x`` [batch, pos, d_model]."""
