@@ -7,7 +7,7 @@ import torch
 
 from lmscope.core.cache import ActivationCache
 from lmscope.core.errors import LmscopeError
-from lmscope.core.interventions import Intervention, add, apply, mean, patch, zero
+from lmscope.core.interventions import Intervention, add, apply, mean, patch, subspace_patch, zero
 from lmscope.core.loading import DEFAULT_MODEL
 from lmscope.core.model import GenerateResult, Model, RunResult
 from lmscope.core.sites import Site, parse_site
@@ -92,5 +92,6 @@ __all__ = [
     "mean",
     "parse_site",
     "patch",
+    "subspace_patch",
     "zero",
 ]

@@ -8,6 +8,8 @@ interpretability literature:
 - :func:`mean` -- mean ablation from supplied statistics;
 - :func:`patch` -- activation patching / interchange intervention (Vig et al. 2020;
   Geiger et al. 2021; Meng et al. 2022): take the value from another run's cache;
+- :func:`subspace_patch` -- interchange intervention on a subspace (Geiger et al. 2023, DAS):
+  ``x + (s - x) B B^T``, the part of ``x`` in span(B) taken from another run;
 - :func:`add` -- activation addition / steering (Turner et al. 2023): ``x + coeff * vector``;
 - :func:`apply` -- any function of the selected values.
 
@@ -148,6 +150,44 @@ def patch(
         source = source[key]
     src = source
     return Intervention(s, lambda x, pos: _take(src, s, pos, x), _positions(positions))
+
+
+def subspace_patch(
+    site: str | Site,
+    source: Tensor | Mapping[str, Tensor],
+    basis: Tensor,
+    positions: int | Sequence[int] | None = None,
+    head: int | None = None,
+) -> Intervention:
+    """Interchange intervention on a subspace (distributed interchange intervention, Geiger et al.
+    2023 "Finding alignments between interpretable causal variables and distributed neural
+    representations"; pyvene's ``LowRankRotatedSpaceIntervention``): the selected activations
+    ``x`` keep their part orthogonal to span(B) and take their part in span(B) from the source
+    run's ``s``::
+
+        x' = x + (s - x) B B^T        (x, s: [..., features]; B: [features, k])
+
+    ``basis`` B is ``[features]`` (one direction) or ``[features, k]`` with orthonormal columns
+    (not re-orthonormalised here, so gradients reach a parametrised basis); ``features`` is the
+    product of the site's axes after the position axis (``d_model``; ``n_heads * d_head`` for a
+    whole ``attn.z``, heads concatenated as ``o_proj`` reads them; ``d_head`` for one head).
+    ``source`` is as for :func:`patch`. With ``B`` the identity this is :func:`patch`.
+    """
+    full = patch(site, source, positions, head)  # selects the source's values like the target's
+    if full.site.pos_axis != 1:
+        raise LmscopeError(f"{full.site}: a subspace patch needs a site whose features follow the position axis")
+    directions = basis if basis.ndim == 2 else basis.unsqueeze(-1)
+
+    def replace(x: Tensor, pos: slice | Tensor) -> Tensor:
+        diff = (full.replace(x, pos) - x).flatten(2)  # [batch, pos, features]
+        if diff.shape[-1] != directions.shape[0]:
+            raise LmscopeError(
+                f"{full.site}: basis has {directions.shape[0]} rows, the site has {diff.shape[-1]} features"
+            )
+        b = directions.to(x.device, x.dtype)
+        return x + ((diff @ b) @ b.T).view_as(x)
+
+    return Intervention(full.site, replace, full.positions)
 
 
 def add(
