@@ -49,6 +49,19 @@ def planted_model() -> tuple[lmscope.Model, tuple[int, int]]:
     return model, layer_head
 
 
+def word_tokenizer(words):
+    """A word-level tokenizer over ``words`` (id = index; ``"<pad>"`` doubles as unknown) that
+    splits on whitespace and adds no special tokens."""
+    import transformers as T
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return T.PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<pad>"
+    )
+
+
 # -- the command line -------------------------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ import transformers as T
 
 import lmscope
 from lmscope.quant.corpus import Corpus
-from tests.helpers import one_thread
+from tests.helpers import one_thread, word_tokenizer
 
 N_WORDS = 24
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
@@ -69,13 +69,7 @@ def text(domain: str, n_tokens: int = 2048, seed: int = 1) -> str:
 
 def tokenizer() -> T.PreTrainedTokenizerFast:
     """A word-level tokenizer over :data:`NAMES` that adds no special tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(NAMES)}, unk_token="<pad>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return T.PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<pad>"
-    )
+    return word_tokenizer(NAMES)
 
 
 def train(steps: int = 500, seq: int = 32, batch: int = 16, planted: float = 4.0, lr: float = 1e-2) -> lmscope.Model:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import transformers as T
 
+from tests.helpers import word_tokenizer
 from tests.monet.configuration_monet import MonetConfig
 from tests.monet.modeling_monet import MonetForCausalLM
 
@@ -74,13 +75,7 @@ def tiny_monet(seed: int = 0, **overrides) -> MonetForCausalLM:
 
 def tokenizer() -> T.PreTrainedTokenizerFast:
     """A word-level tokenizer of :data:`VOCAB` (``"w3 w4"`` -> ids 6, 7)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<pad>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return T.PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<pad>"
-    )
+    return word_tokenizer(VOCAB)
 
 
 def save_tiny_monet(directory: Path, seed: int = 0, **overrides) -> Path:

@@ -50,7 +50,7 @@ import transformers as T
 
 import lmscope
 from lmscope.circuits.pairs import TokenPair
-from tests.helpers import one_thread
+from tests.helpers import one_thread, word_tokenizer
 
 N_SUBJECTS = 8
 N_YEARS = 8
@@ -188,13 +188,7 @@ class World:
     def tokenizer(self) -> T.PreTrainedTokenizerFast:
         """A word-level tokenizer whose ids are this world's (``"In year 2003, the leader of
         Xland was"`` -> :meth:`temporal_ids` without BOS), adding no special tokens itself."""
-        from tokenizers import Tokenizer, models, pre_tokenizers
-
-        core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(self.names)}, unk_token="<pad>"))
-        core.pre_tokenizer = pre_tokenizers.Whitespace()
-        return T.PreTrainedTokenizerFast(
-            tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<pad>"
-        )
+        return word_tokenizer(self.names)
 
     def write_data(self, directory) -> tuple[str, str]:
         """The facts as the paper's files: ``Temporal/leaders.json`` (every (country, year),

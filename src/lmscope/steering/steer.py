@@ -1,0 +1,462 @@
+"""Steering vectors, evaluated against a prompting baseline, with their side effects.
+
+**Vector** (contrastive activation addition, Rimsky et al. 2024): per layer L, the difference of
+the mean activations of the positive and negative examples at the chosen position, at the site
+``blocks.L.resid_post`` (:func:`lmscope.steering.directions.mean_difference`). A setting adds
+``coeff * v_L`` at every layer L of the setting, at all positions or chosen ones, in every
+forward, generation included (:func:`interventions`).
+
+**Evaluation** (:func:`sweep`), per setting, next to the unsteered model and the **prompting
+baseline** (an instruction prefixed to every prompt; AxBench, Wu et al. 2025, found prompting
+beats most steering methods):
+
+- *behaviour*: over evaluation items ``{prompt, target, opposite}``, the mean of
+  ``log p(target | prompt) - log p(opposite | prompt)`` (completions' token log-probabilities
+  summed), and the mean ``p = sigmoid`` of that difference (the target's probability among the two);
+  without ``opposite``, ``log p(target | prompt)``;
+- *side effects*: the mean over every position of neutral prompts of
+  ``KL(p_unsteered || p_setting)`` of the next-token distributions, and the perplexity of
+  WikiText-2 windows. For the prompting baseline the instruction is prefixed to the neutral
+  prompt or window and only the original tokens are compared or scored.
+
+**Choice**: the setting with the largest behaviour effect whose KL is at most ``max_kl`` and whose
+perplexity is at most ``(1 + max_ppl_rise)`` times the unsteered one.
+
+**Speed**: a sweep's settings are rows of one batch: per evaluation item one forward over the
+rows ``settings x {target, opposite}``, per neutral prompt one over the settings plus the unsteered
+row, per window one over the settings. Each layer gets one ``add`` whose vector has a row per batch
+row (``coeff * v_L`` for the rows whose setting steers at L, else 0). :func:`naive_sweep` is the
+plain loop (one run per setting and text), the reference the tests and ``bench/bench_steer.py``
+compare with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmscope.core.errors import LmscopeError
+from lmscope.core.interventions import Intervention, add
+from lmscope.core.jsonl import read_jsonl
+from lmscope.core.model import Model
+from lmscope.core.progress import progress_bar
+from lmscope.reports.figures import Figure
+from lmscope.reports.results import Result, Table
+from lmscope.steering.directions import Examples, features, mean_difference
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """A prompt whose continuation ``target`` the steering should favour over ``opposite``."""
+
+    prompt: str
+    target: str
+    opposite: str | None = None
+
+
+def load_eval(path) -> list[EvalItem]:
+    """Evaluation items from JSONL ``{prompt, target[, opposite]}``."""
+    items = []
+    for where, row in read_jsonl(path):
+        if not isinstance(row, dict) or not {"prompt", "target"} <= row.keys():
+            raise LmscopeError(f"{where}: expected {{prompt, target[, opposite]}}")
+        values = [row["prompt"], row["target"], row.get("opposite")]
+        if not all(isinstance(v, str) for v in values[:2]) or not isinstance(values[2], (str, type(None))):
+            raise LmscopeError(f"{where}: prompt, target and opposite must be strings")
+        items.append(EvalItem(*values))
+    if not items:
+        raise LmscopeError(f"{path}: no evaluation items")
+    if len({i.opposite is None for i in items}) > 1:
+        raise LmscopeError(f"{path}: give 'opposite' for every item or for none")
+    return items
+
+
+def neutral_prompts(path: str | Path | None = None) -> list[str]:
+    """Neutral prompts, one per non-blank line of ``path`` (default: the bundled
+    ``lmscope/data/steering/neutral.txt``, eight plain factual sentences)."""
+    if path is None:
+        text = (resources.files("lmscope") / "data" / "steering" / "neutral.txt").read_text(encoding="utf-8")
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise LmscopeError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise LmscopeError(f"{path}: no neutral prompts")
+    return prompts
+
+
+def steering_vectors(
+    model: Model, examples: Examples, layers: Sequence[int], *, position: str = "last", site: str = "resid_post"
+) -> dict[int, Tensor]:
+    """Contrastive activation addition: per layer, ``mean(x | 1) - mean(x | 0)`` [d_model]."""
+    layers = sorted({int(layer) for layer in layers})
+    x = features(model, examples.texts, layers, site=site, position=position)
+    y = torch.tensor(examples.labels)
+    return {layer: mean_difference(x[:, i], y) for i, layer in enumerate(layers)}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Add ``coeff * v_L`` at every layer L in ``layers``."""
+
+    layers: tuple[int, ...]
+    coeff: float
+
+    @property
+    def name(self) -> str:
+        return f"L{'+'.join(map(str, self.layers))} x{self.coeff:g}"
+
+
+def interventions(
+    vectors: dict[int, Tensor],
+    settings: Sequence[Setting | None],
+    *,
+    site: str = "resid_post",
+    positions: Sequence[int] | None = None,
+) -> list[Intervention]:
+    """One ``add`` per steered layer. With one setting the vector is ``[d]``; with several, batch
+    row r gets ``settings[r]`` (None: unsteered) through a ``[rows, 1, d]`` vector."""
+    missing = {layer for s in settings if s for layer in s.layers} - vectors.keys()
+    if missing:
+        raise LmscopeError(f"no steering vector for layer(s) {sorted(missing)} (have {sorted(vectors)})")
+    out = []
+    for layer in sorted({layer for s in settings if s for layer in s.layers}):
+        coeffs = torch.tensor([s.coeff if s and layer in s.layers else 0.0 for s in settings])
+        vector = vectors[layer] * coeffs[0] if len(settings) == 1 else coeffs[:, None, None] * vectors[layer]
+        out.append(add(f"blocks.{layer}.{site}", vector, positions=positions))
+    return out
+
+
+# -- token-level pieces ------------------------------------------------------------------------
+
+
+def _encode(model: Model, text: str, first: bool) -> list[int]:
+    """Token ids of ``text``; special tokens (BOS) only for the first piece of a sequence."""
+    if model.tokenizer is None:
+        raise LmscopeError(f"model {model.name} has no tokenizer")
+    return model.tokenizer(text, add_special_tokens=first)["input_ids"]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A token sequence and the range of positions whose next-token predictions count."""
+
+    ids: list[int]
+    start: int  # first position whose *prediction* is scored (predicts ids[start + 1])
+    stop: int  # one past the last predicting position
+
+
+def _continuation(model: Model, prefix: str, prompt: str, completion: str) -> Scored:
+    """``[instruction] prompt completion``: the predictions of the completion's tokens."""
+    head = _encode(model, prefix, True) + _encode(model, prompt, False) if prefix else _encode(model, prompt, True)
+    tail = _encode(model, completion, False)
+    return Scored(head + tail, len(head) - 1, len(head) + len(tail) - 1)
+
+
+def _text(model: Model, prefix: str, ids: list[int]) -> Scored:
+    """``[instruction] text``: the predictions of the text's own next tokens."""
+    head = _encode(model, prefix, True) if prefix else []
+    return Scored(head + ids, len(head), len(head) + len(ids) - 1)
+
+
+def _log_probs(
+    model: Model,
+    seqs: Sequence[Scored],
+    vectors: dict[int, Tensor],
+    rows: Sequence[Setting | None],
+    site: str,
+    positions: Sequence[int] | None,
+) -> list[Tensor]:
+    """One right-padded forward over ``seqs`` (row r steered by ``rows[r]``): per row the
+    log-softmax over the vocabulary at its scored positions, [n_scored, vocab] float32."""
+    length = max(len(s.ids) for s in seqs)
+    pad = model.pad_id if model.pad_id is not None else 0
+    ids = torch.tensor([s.ids + [pad] * (length - len(s.ids)) for s in seqs])
+    mask = torch.tensor([[1] * len(s.ids) + [0] * (length - len(s.ids)) for s in seqs])
+    ivs = interventions(vectors, rows, site=site, positions=positions) if any(rows) else []
+    logits = model.run({"input_ids": ids, "attention_mask": mask}, interventions=ivs).logits
+    return [F.log_softmax(logits[r, s.start : s.stop].float(), -1) for r, s in enumerate(seqs)]
+
+
+def _completion_logp(logp: Tensor, seq: Scored) -> float:
+    targets = torch.tensor(seq.ids[seq.start + 1 : seq.stop + 1])
+    return float(logp.gather(1, targets[:, None].to(logp.device)).sum())
+
+
+def _nll(logp: Tensor, seq: Scored) -> float:
+    return -_completion_logp(logp, seq)
+
+
+def _kl(reference: Tensor, other: Tensor) -> Tensor:
+    """``KL(p_reference || p_other)`` per position from log-probabilities [n, vocab] -> [n]."""
+    return (reference.exp() * (reference - other)).sum(-1)
+
+
+# -- the sweep ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepData:
+    """What a sweep measures on: evaluation items, neutral prompts, perplexity windows (token ids)."""
+
+    items: list[EvalItem]
+    neutral: list[str]
+    windows: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class Measures:
+    """Per setting: behaviour (mean log-probability difference, mean target probability among the
+    two), side effects (mean KL to unsteered on neutral prompts, perplexity of the windows)."""
+
+    behaviour: float
+    p_target: float | None
+    kl: float
+    perplexity: float | None
+
+
+class _Accumulator:
+    def __init__(self, n: int):
+        self.diff, self.p, self.kl, self.nll = ([0.0] * n for _ in range(4))
+        self.n_items, self.n_kl, self.n_tokens = 0, [0] * n, 0
+
+    def measures(self, r: int, paired: bool, windows: bool) -> Measures:
+        ppl = float(torch.tensor(self.nll[r] / self.n_tokens).exp()) if windows else None
+        return Measures(
+            self.diff[r] / self.n_items,
+            self.p[r] / self.n_items if paired else None,
+            self.kl[r] / max(self.n_kl[r], 1),
+            ppl,
+        )
+
+
+def _evaluate(
+    model: Model,
+    data: SweepData,
+    vectors: dict[int, Tensor],
+    rows: list[Setting | None],
+    prefix: str,
+    site: str,
+    positions: Sequence[int] | None,
+    batched: bool,
+) -> list[Measures]:
+    """Measures of each row of ``rows`` (None: unsteered) with the instruction ``prefix``
+    (empty: none). Batched: one forward per text over all rows; else one per row and text."""
+    acc = _Accumulator(len(rows))
+    paired = data.items[0].opposite is not None
+
+    def forward(seqs: list[Scored], settings: list[Setting | None]) -> list[Tensor]:
+        if batched:
+            return _log_probs(model, seqs, vectors, settings, site, positions)
+        return [_log_probs(model, [s], vectors, [r], site, positions)[0] for s, r in zip(seqs, settings, strict=True)]
+
+    total = len(data.items) + len(data.neutral) + len(data.windows)
+    with torch.no_grad(), progress_bar("steering sweep", total) as advance:
+        for item in data.items:
+            completions = [item.target, item.opposite] if paired else [item.target]
+            seqs = [_continuation(model, prefix, item.prompt, c) for c in completions]
+            logps = forward([s for s in seqs for _ in rows], [r for _ in seqs for r in rows])
+            for r in range(len(rows)):
+                target = _completion_logp(logps[r], seqs[0])
+                diff = target - _completion_logp(logps[len(rows) + r], seqs[1]) if paired else target
+                acc.diff[r] += diff
+                acc.p[r] += float(torch.sigmoid(torch.tensor(diff)))
+            acc.n_items += 1
+            advance(1)
+        for text in data.neutral:
+            ids = _encode(model, text, True)
+            plain, seq = _text(model, "", ids), _text(model, prefix, ids[1:] if prefix and _bos(model, ids) else ids)
+            logps = forward([plain, *[seq] * len(rows)], [None, *rows])
+            reference = logps[0][-(seq.stop - seq.start) :]
+            for r in range(len(rows)):
+                acc.kl[r] += float(_kl(reference, logps[1 + r]).sum())
+                acc.n_kl[r] += len(reference)
+            advance(1)
+        for window in data.windows:
+            seq = _text(model, prefix, window)
+            logps = forward([seq] * len(rows), list(rows))
+            for r in range(len(rows)):
+                acc.nll[r] += _nll(logps[r], seq)
+            acc.n_tokens += seq.stop - seq.start
+            advance(1)
+    return [acc.measures(r, paired, bool(data.windows)) for r in range(len(rows))]
+
+
+def _bos(model: Model, ids: list[int]) -> bool:
+    return bool(ids) and ids[0] in model.bos_ids()
+
+
+@dataclass
+class SteerResult(Result):
+    """The sweep table: unsteered, the prompting baseline and every setting, the chosen setting
+    and the rule that chose it, and sample generations."""
+
+    model: str
+    site: str
+    rows: list[dict]
+    chosen: str | None
+    rule: str
+    instruction: str
+    samples: list[dict] = field(default_factory=list)
+
+    def text(self) -> str:
+        if self.chosen is None:
+            return f"No setting met the side-effect limits ({self.rule})."
+        row = next(r for r in self.rows if r["setting"] == self.chosen)
+        prompt = next(r for r in self.rows if r["setting"] == "prompting")
+        return (
+            f"Chosen: {self.chosen} (behaviour {row['behaviour']:+.3f}, KL {row['kl']:.3f}) vs prompting "
+            f"(behaviour {prompt['behaviour']:+.3f}, KL {prompt['kl']:.3f}); rule: {self.rule}."
+        )
+
+    def tables(self) -> list[Table]:
+        tables = [Table(f"Steering sweep ({self.site}); chosen by: {self.rule}", [_rounded(r) for r in self.rows])]
+        if self.samples:
+            tables.append(Table("Sample generations", self.samples))
+        return tables
+
+    def figures(self) -> list[Figure]:
+        steered = [r for r in self.rows if r["layers"]]
+        layers = sorted({r["layers"] for r in steered})
+        coeffs = sorted({r["coeff"] for r in steered})
+        series = {
+            f"L{layers_}": [
+                next((r["behaviour"] for r in steered if (r["layers"], r["coeff"]) == (layers_, c)), None)
+                for c in coeffs
+            ]
+            for layers_ in layers
+        }
+        for name in ("none", "prompting"):
+            base = next(r for r in self.rows if r["setting"] == name)["behaviour"]
+            series[name] = [base] * len(coeffs)
+        return [
+            Figure(
+                "steering_sweep",
+                "lines",
+                f"{self.model}: behaviour by coefficient",
+                "coefficient",
+                "behaviour",
+                x=coeffs,
+                series=series,
+            )
+        ]
+
+
+def _rounded(row: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def choose(rows: list[dict], max_kl: float, max_ppl_rise: float) -> str | None:
+    """The steered row with the largest behaviour among those within the side-effect limits."""
+    base = next(r for r in rows if r["setting"] == "none")["perplexity"]
+    ok = [
+        r
+        for r in rows
+        if r["layers"] and r["kl"] <= max_kl and (base is None or r["perplexity"] <= (1 + max_ppl_rise) * base)
+    ]
+    return max(ok, key=lambda r: r["behaviour"])["setting"] if ok else None
+
+
+def sweep(
+    model: Model,
+    vectors: dict[int, Tensor],
+    settings: Sequence[Setting],
+    data: SweepData,
+    *,
+    instruction: str = "",
+    site: str = "resid_post",
+    positions: Sequence[int] | None = None,
+    max_kl: float = 0.2,
+    max_ppl_rise: float = 0.1,
+    samples: int = 3,
+    max_new_tokens: int = 24,
+    batched: bool = True,
+) -> SteerResult:
+    """Evaluate every setting, the unsteered model and the prompting baseline (module docstring)."""
+    if positions is not None and any(p < 0 for p in positions):
+        raise LmscopeError("the sweep takes positions counted from the start (>= 0)")
+    if not settings:
+        raise LmscopeError("no steering settings to sweep")
+    rows_in: list[Setting | None] = [None, *settings]
+    measured = _evaluate(model, data, vectors, rows_in, "", site, positions, batched)
+    prompted = (
+        _evaluate(model, data, vectors, [None], instruction, site, positions, batched)[0] if instruction else None
+    )
+    rows = [_row("none", (), 0.0, measured[0])]
+    if prompted is not None:
+        rows.append(_row("prompting", (), 0.0, prompted))
+    rows += [_row(s.name, s.layers, s.coeff, m) for s, m in zip(settings, measured[1:], strict=True)]
+    rule = f"largest behaviour with KL <= {max_kl:g} and perplexity <= {1 + max_ppl_rise:g} x unsteered"
+    chosen = choose(rows, max_kl, max_ppl_rise)
+    result = SteerResult(model.name, site, rows, chosen, rule, instruction)
+    if samples:
+        setting = next((s for s in settings if s.name == chosen), None)
+        result.samples = generations(
+            model, vectors, setting, data.items[:samples], instruction, site, positions, max_new_tokens
+        )
+    return result
+
+
+def _row(name: str, layers: tuple[int, ...], coeff: float, m: Measures) -> dict:
+    return {
+        "setting": name,
+        "layers": "+".join(map(str, layers)),
+        "coeff": coeff,
+        "behaviour": m.behaviour,
+        "p_target": m.p_target,
+        "kl": m.kl,
+        "perplexity": m.perplexity,
+    }
+
+
+def naive_sweep(
+    model: Model, vectors: dict[int, Tensor], settings: Sequence[Setting], data: SweepData, **kw
+) -> SteerResult:
+    """:func:`sweep` as the plain loop: one forward per setting and text (the reference)."""
+    return sweep(model, vectors, settings, data, batched=False, **kw)
+
+
+def generations(
+    model: Model,
+    vectors: dict[int, Tensor],
+    setting: Setting | None,
+    items: Sequence[EvalItem],
+    instruction: str,
+    site: str = "resid_post",
+    positions: Sequence[int] | None = None,
+    max_new_tokens: int = 24,
+) -> list[dict]:
+    """Greedy continuations of each item's prompt: unsteered, with the instruction, and steered."""
+    out = []
+    ivs = interventions(vectors, [setting], site=site, positions=positions) if setting else []
+    for item in items:
+        row = {"prompt": item.prompt, "none": model.generate(item.prompt, max_new_tokens=max_new_tokens).texts[0]}
+        if instruction:
+            row["prompting"] = model.generate(instruction + item.prompt, max_new_tokens=max_new_tokens).texts[0]
+        if setting:
+            row[setting.name] = model.generate(item.prompt, ivs, max_new_tokens=max_new_tokens).texts[0]
+        out.append(row)
+    return out
+
+
+def parse_layers(spec: str, n_layers: int) -> list[tuple[int, ...]]:
+    """``"6,9,12+15"`` -> ``[(6,), (9,), (12, 15)]``: comma-separated settings, ``+`` joins layers."""
+    groups = []
+    for part in spec.split(","):
+        try:
+            layers = tuple(int(x) for x in part.split("+"))
+        except ValueError:
+            raise LmscopeError(f"bad layer list {spec!r}: expected e.g. 6,9,12+15") from None
+        bad = [layer for layer in layers if not 0 <= layer < n_layers]
+        if bad:
+            raise LmscopeError(f"layer {bad[0]} out of range (model has {n_layers} layers)")
+        groups.append(layers)
+    return groups
