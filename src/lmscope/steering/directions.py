@@ -119,7 +119,7 @@ def _span(text: str) -> tuple[str, tuple[int, int] | None]:
     return text[:start] + inner + text[end + len(SPAN[1]) :], (start, start + len(inner))
 
 
-def _weights(model: Model, texts: Sequence[str], position: str) -> tuple[Tensor, Tensor, Tensor]:
+def pooling_weights(model: Model, texts: Sequence[str], position: str) -> tuple[Tensor, Tensor, Tensor]:
     """Token ids, attention mask and per-token pooling weights [batch, pos] (rows sum to 1)."""
     if position not in POSITIONS:
         raise LmscopeError(f"unknown position {position!r} (choose from {', '.join(POSITIONS)})")
@@ -168,7 +168,7 @@ def features(
     out = []
     with torch.no_grad(), progress_bar("activations", len(texts)) as advance:
         for start in range(0, len(texts), batch_size):
-            ids, mask, weights = _weights(model, texts[start : start + batch_size], position)
+            ids, mask, weights = pooling_weights(model, texts[start : start + batch_size], position)
             cache = model.run(
                 {"input_ids": ids, "attention_mask": mask}, names, logits=False, stop_after=max(layers)
             ).cache

@@ -25,14 +25,15 @@ perplexity is at most ``(1 + max_ppl_rise)`` times the unsteered one.
 **Speed**: a sweep's settings are rows of one batch: per evaluation item one forward over the
 rows ``settings x {target, opposite}``, per neutral prompt one over the settings plus the unsteered
 row, per window one over the settings. Each layer gets one ``add`` whose vector has a row per batch
-row (``coeff * v_L`` for the rows whose setting steers at L, else 0). :func:`naive_sweep` is the
-plain loop (one run per setting and text), the reference the tests and ``bench/bench_steer.py``
-compare with.
+row (``coeff * v_L`` for the rows whose setting steers at L, else 0). ``sweep(..., batched=False)`` is
+the plain loop (one run per setting and text), the reference the tests and
+``bench/bench_steer.py`` compare with.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -109,10 +110,12 @@ class Setting:
 
     layers: tuple[int, ...]
     coeff: float
+    method: str = ""  # "" for steering vectors; else the method's name (e.g. "LinEAS")
 
     @property
     def name(self) -> str:
-        return f"L{'+'.join(map(str, self.layers))} x{self.coeff:g}"
+        where = self.method or f"L{'+'.join(map(str, self.layers))}"
+        return f"{where} x{self.coeff:g}"
 
 
 def interventions(
@@ -133,6 +136,31 @@ def interventions(
         vector = vectors[layer] * coeffs[0] if len(settings) == 1 else coeffs[:, None, None] * vectors[layer]
         out.append(add(f"blocks.{layer}.{site}", vector, positions=positions))
     return out
+
+
+# A steering method as the sweep sees it: the interventions that steer batch row r by
+# settings[r] (None: unsteered), for any number of rows.
+Steerer = Callable[[Sequence["Setting | None"]], list[Intervention]]
+
+
+def caa(vectors: dict[int, Tensor], *, site: str = "resid_post", positions: Sequence[int] | None = None) -> Steerer:
+    """The :data:`Steerer` adding ``coeff * vectors[L]`` (:func:`interventions`)."""
+    return functools.partial(interventions, vectors, site=site, positions=positions)
+
+
+def combined(steerers: dict[str, Steerer]) -> Steerer:
+    """One :data:`Steerer` over several methods: each row goes to the steerer of its setting's
+    ``method`` (the others see it as unsteered); their interventions compose."""
+
+    def steer(settings: Sequence[Setting | None]) -> list[Intervention]:
+        out = []
+        for method, steerer in steerers.items():
+            mine = [s if s is not None and s.method == method else None for s in settings]
+            if any(mine):
+                out += steerer(mine)
+        return out
+
+    return steer
 
 
 # -- token-level pieces ------------------------------------------------------------------------
@@ -170,10 +198,8 @@ def _text(model: Model, prefix: str, ids: list[int]) -> Scored:
 def _log_probs(
     model: Model,
     seqs: Sequence[Scored],
-    vectors: dict[int, Tensor],
+    steerer: Steerer,
     rows: Sequence[Setting | None],
-    site: str,
-    positions: Sequence[int] | None,
 ) -> list[Tensor]:
     """One right-padded forward over ``seqs`` (row r steered by ``rows[r]``): per row the
     log-softmax over the vocabulary at its scored positions, [n_scored, vocab] float32."""
@@ -181,7 +207,7 @@ def _log_probs(
     pad = model.pad_id if model.pad_id is not None else 0
     ids = torch.tensor([s.ids + [pad] * (length - len(s.ids)) for s in seqs])
     mask = torch.tensor([[1] * len(s.ids) + [0] * (length - len(s.ids)) for s in seqs])
-    ivs = interventions(vectors, rows, site=site, positions=positions) if any(rows) else []
+    ivs = steerer(rows) if any(rows) else []
     logits = model.run({"input_ids": ids, "attention_mask": mask}, interventions=ivs).logits
     return [F.log_softmax(logits[r, s.start : s.stop].float(), -1) for r, s in enumerate(seqs)]
 
@@ -241,11 +267,9 @@ class _Accumulator:
 def _evaluate(
     model: Model,
     data: SweepData,
-    vectors: dict[int, Tensor],
+    steerer: Steerer,
     rows: list[Setting | None],
     prefix: str,
-    site: str,
-    positions: Sequence[int] | None,
     batched: bool,
 ) -> list[Measures]:
     """Measures of each row of ``rows`` (None: unsteered) with the instruction ``prefix``
@@ -255,8 +279,8 @@ def _evaluate(
 
     def forward(seqs: list[Scored], settings: list[Setting | None]) -> list[Tensor]:
         if batched:
-            return _log_probs(model, seqs, vectors, settings, site, positions)
-        return [_log_probs(model, [s], vectors, [r], site, positions)[0] for s, r in zip(seqs, settings, strict=True)]
+            return _log_probs(model, seqs, steerer, settings)
+        return [_log_probs(model, [s], steerer, [r])[0] for s, r in zip(seqs, settings, strict=True)]
 
     total = len(data.items) + len(data.neutral) + len(data.windows)
     with torch.no_grad(), progress_bar("steering sweep", total) as advance:
@@ -325,18 +349,15 @@ class SteerResult(Result):
 
     def figures(self) -> list[Figure]:
         steered = [r for r in self.rows if r["layers"]]
-        layers = sorted({r["layers"] for r in steered})
         coeffs = sorted({r["coeff"] for r in steered})
+        groups = {r["setting"].rsplit(" x", 1)[0] for r in steered}  # "L9", "L12+15", "LinEAS"
         series = {
-            f"L{layers_}": [
-                next((r["behaviour"] for r in steered if (r["layers"], r["coeff"]) == (layers_, c)), None)
-                for c in coeffs
-            ]
-            for layers_ in layers
+            g: [next((r["behaviour"] for r in steered if r["setting"] == f"{g} x{c:g}"), None) for c in coeffs]
+            for g in sorted(groups)
         }
-        for name in ("none", "prompting"):
-            base = next(r for r in self.rows if r["setting"] == name)["behaviour"]
-            series[name] = [base] * len(coeffs)
+        for row in self.rows:
+            if not row["layers"]:  # the unsteered model and the prompting baseline: flat lines
+                series[row["setting"]] = [row["behaviour"]] * len(coeffs)
         return [
             Figure(
                 "steering_sweep",
@@ -367,7 +388,7 @@ def choose(rows: list[dict], max_kl: float, max_ppl_rise: float) -> str | None:
 
 def sweep(
     model: Model,
-    vectors: dict[int, Tensor],
+    steer: dict[int, Tensor] | Steerer,
     settings: Sequence[Setting],
     data: SweepData,
     *,
@@ -380,36 +401,36 @@ def sweep(
     max_new_tokens: int = 24,
     batched: bool = True,
 ) -> SteerResult:
-    """Evaluate every setting, the unsteered model and the prompting baseline (module docstring)."""
+    """Evaluate every setting, the unsteered model and the prompting baseline (module docstring).
+    ``steer``: steering vectors per layer (added at ``site``, ``positions``), or any
+    :data:`Steerer` (e.g. :func:`lmscope.steering.lineas.Transport.steerer`)."""
+    steerer = caa(steer, site=site, positions=positions) if isinstance(steer, dict) else steer
     if positions is not None and any(p < 0 for p in positions):
         raise LmscopeError("the sweep takes positions counted from the start (>= 0)")
     if not settings:
         raise LmscopeError("no steering settings to sweep")
     rows_in: list[Setting | None] = [None, *settings]
-    measured = _evaluate(model, data, vectors, rows_in, "", site, positions, batched)
-    prompted = (
-        _evaluate(model, data, vectors, [None], instruction, site, positions, batched)[0] if instruction else None
-    )
-    rows = [_row("none", (), 0.0, measured[0])]
+    measured = _evaluate(model, data, steerer, rows_in, "", batched)
+    prompted = _evaluate(model, data, steerer, [None], instruction, batched)[0] if instruction else None
+    rows = [_row("none", None, measured[0])]
     if prompted is not None:
-        rows.append(_row("prompting", (), 0.0, prompted))
-    rows += [_row(s.name, s.layers, s.coeff, m) for s, m in zip(settings, measured[1:], strict=True)]
+        rows.append(_row("prompting", None, prompted))
+    rows += [_row(s.name, s, m) for s, m in zip(settings, measured[1:], strict=True)]
     rule = f"largest behaviour with KL <= {max_kl:g} and perplexity <= {1 + max_ppl_rise:g} x unsteered"
     chosen = choose(rows, max_kl, max_ppl_rise)
     result = SteerResult(model.name, site, rows, chosen, rule, instruction)
     if samples:
         setting = next((s for s in settings if s.name == chosen), None)
-        result.samples = generations(
-            model, vectors, setting, data.items[:samples], instruction, site, positions, max_new_tokens
-        )
+        result.samples = generations(model, steerer, setting, data.items[:samples], instruction, max_new_tokens)
     return result
 
 
-def _row(name: str, layers: tuple[int, ...], coeff: float, m: Measures) -> dict:
+def _row(name: str, setting: Setting | None, m: Measures) -> dict:
     return {
         "setting": name,
-        "layers": "+".join(map(str, layers)),
-        "coeff": coeff,
+        "method": "none" if setting is None else setting.method or "vector",
+        "layers": "+".join(map(str, setting.layers)) if setting else "",
+        "coeff": setting.coeff if setting else 0.0,
         "behaviour": m.behaviour,
         "p_target": m.p_target,
         "kl": m.kl,
@@ -417,26 +438,17 @@ def _row(name: str, layers: tuple[int, ...], coeff: float, m: Measures) -> dict:
     }
 
 
-def naive_sweep(
-    model: Model, vectors: dict[int, Tensor], settings: Sequence[Setting], data: SweepData, **kw
-) -> SteerResult:
-    """:func:`sweep` as the plain loop: one forward per setting and text (the reference)."""
-    return sweep(model, vectors, settings, data, batched=False, **kw)
-
-
 def generations(
     model: Model,
-    vectors: dict[int, Tensor],
+    steerer: Steerer,
     setting: Setting | None,
     items: Sequence[EvalItem],
     instruction: str,
-    site: str = "resid_post",
-    positions: Sequence[int] | None = None,
     max_new_tokens: int = 24,
 ) -> list[dict]:
     """Greedy continuations of each item's prompt: unsteered, with the instruction, and steered."""
     out = []
-    ivs = interventions(vectors, [setting], site=site, positions=positions) if setting else []
+    ivs = steerer([setting]) if setting else []
     for item in items:
         row = {"prompt": item.prompt, "none": model.generate(item.prompt, max_new_tokens=max_new_tokens).texts[0]}
         if instruction:
