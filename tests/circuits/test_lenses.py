@@ -100,7 +100,7 @@ def test_training_lowers_kl_on_held_out_tokens(llama, trained):
 
 
 def test_save_reload_and_mismatches(llama, trained, tmp_path):
-    path = trained.save(tmp_path / "lens.pt")
+    path = trained.save(tmp_path / "lens.safetensors")
     again = load_tuned_lens(llama, path)
     x = torch.randn(5, llama.d_model)
     for layer in ("embed", 0, 2):
@@ -108,9 +108,9 @@ def test_save_reload_and_mismatches(llama, trained, tmp_path):
     assert again.info == trained.info
     with pytest.raises(LmscopeError, match="another model: model 'tiny-llama'"):
         load_tuned_lens(tiny_model("gpt2"), path)  # same sizes, another model
-    (tmp_path / "bad.pt").write_bytes(b"not a tuned lens")
-    with pytest.raises(LmscopeError, match="not a readable"):
-        load_tuned_lens(llama, tmp_path / "bad.pt")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a tuned lens")
+    with pytest.raises(LmscopeError, match="cannot read"):
+        load_tuned_lens(llama, tmp_path / "bad.safetensors")
     with pytest.raises(LmscopeError, match="no such file"):
         load_tuned_lens(llama, tmp_path / "missing.pt")
 
@@ -127,13 +127,13 @@ def test_cli_logit_lens(capsys, tmp_path, smollm2):
     "argv, message",
     [
         (["--train-tuned", "--corpus", "/no/such/corpus.txt"], "corpus /no/such/corpus.txt: no such file"),
-        (["--tuned", "/no/such/lens.pt"], "no such file"),
-        (["--tuned", "BAD"], "not a readable tuned-lens file"),
+        (["--tuned", "/no/such/lens.safetensors"], "no such file"),
+        (["--tuned", "BAD"], "cannot read"),
         (["--tuned", "BAD", "--train-tuned"], "not both"),
     ],
 )
 def test_cli_bad_input(capsys, tmp_path, argv, message):
-    bad = tmp_path / "bad.pt"
+    bad = tmp_path / "bad.safetensors"
     bad.write_text("garbage")
     argv = [str(bad) if a == "BAD" else a for a in argv]
     code, _, err = run_cli(capsys, "lens", "hi", *argv, "--out", str(tmp_path / "out"))
@@ -142,7 +142,7 @@ def test_cli_bad_input(capsys, tmp_path, argv, message):
 
 
 def test_cli_train_save_and_reload_tuned_lens(capsys, tmp_path, smollm2):
-    path = tmp_path / "tuned.pt"
+    path = tmp_path / "tuned.safetensors"
     common = ["lens", "The capital of France is", "--token", " Paris", "--top", "3"]
     train = ["--train-tuned", "--corpus", "wikitext2", "--tokens", "48", "--steps", "1", "--save", str(path)]
     code, out, _ = run_cli(capsys, *common, *train, "--out", str(tmp_path / "a"))

@@ -10,7 +10,7 @@ Tuned Lens"): before that read-out, an affine translator per residual stream,
 on corpus tokens to minimise ``KL(p_final || p_lens(L))``, the final logits of the frozen model
 being the targets. The last residual stream's translator stays the identity (its logit lens is
 the model's output). :func:`train_tuned_lens` trains one, :meth:`TunedLens.save` and
-:func:`load_tuned_lens` store and reload it (``torch.save`` of the translators with a header:
+:func:`load_tuned_lens` store and reload it (safetensors: the translators with a header:
 model name, d_model, n_layers, vocabulary size).
 
 :func:`lens` reads a text with either lens: :class:`LensResult` holds, per residual stream and
@@ -21,6 +21,7 @@ the last position) or of chosen tokens, and the top-k tokens per stream at one p
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from lmscope.circuits.lens import _decode, _slug, answer_ids, layer_labels
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
+from lmscope.core.tensorfile import load_tensors, save_tensors
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Table
 
@@ -99,21 +101,10 @@ class TunedLens:
         return self.model.unembed(x.to(self.model.hf.dtype)).float()
 
     def save(self, path: str | Path) -> Path:
-        """Write the translators and a header (model name, d_model, n_layers, vocab) to ``path``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {
-                "format": FORMAT,
-                "version": 1,
-                **_shape(self.model),
-                "info": self.info,
-                "weight": self.translators.weight.detach().cpu(),
-                "bias": self.translators.bias.detach().cpu(),
-            },
-            path,
-        )
-        return path
+        """Write the translators and a header (model name, d_model, n_layers, vocab) to ``path``
+        (safetensors)."""
+        tensors = {"weight": self.translators.weight, "bias": self.translators.bias}
+        return save_tensors(path, tensors, FORMAT, version=1, **_shape(self.model), info=self.info)
 
 
 def _shape(model: Model) -> dict:
@@ -124,20 +115,17 @@ def load_tuned_lens(model: Model, path: str | Path, check_name: bool = True) -> 
     """The tuned lens saved at ``path`` (:meth:`TunedLens.save`) for ``model``. A missing or
     corrupt file, or one for another model (d_model, n_layers, vocabulary, and the model's name
     unless ``check_name`` is false), raises :class:`LmscopeError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise LmscopeError(f"tuned lens {path}: no such file")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a truncated or foreign file
-        raise LmscopeError(f"tuned lens {path}: not a readable tuned-lens file ({type(e).__name__})") from e
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise LmscopeError(f"tuned lens {path}: not a tuned-lens file")
+        tensors, meta = load_tensors(path, FORMAT)
+    except LmscopeError as e:
+        raise LmscopeError(f"tuned lens: {e}") from e
+    data = {k: json.loads(v) if k != "model" else v for k, v in meta.items() if k != "format"}
     want = _shape(model)
     keys = [k for k in want if k != "model" or check_name]
     wrong = [f"{k} {data.get(k)!r} (model: {want[k]!r})" for k in keys if data.get(k) != want[k]]
     if wrong:
         raise LmscopeError(f"tuned lens {path} was trained for another model: " + ", ".join(wrong))
+    data.update(tensors)
     n_resid, d = model.n_layers + 1, model.d_model
     weight, bias = data.get("weight"), data.get("bias")
     if not isinstance(weight, Tensor) or not isinstance(bias, Tensor) or weight.shape != (n_resid, d, d):

@@ -17,42 +17,26 @@ lmscope's ``blocks.L.resid_post``. The coefficient is baked into the vectors; ll
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lmscope.core.errors import LmscopeError
+from lmscope.core.tensorfile import load_tensors, save_tensors
 
 FORMAT = "lmscope-steering"
 
 
 def save(path: str | Path, tensors: dict[str, Tensor], **metadata) -> Path:
     """Write ``tensors`` and ``metadata`` (values stored as strings; non-strings as JSON)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}}
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=meta)
-    return path
+    return save_tensors(path, tensors, FORMAT, **metadata)
 
 
 def load(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The tensors and metadata of a file written by :func:`save`."""
-    try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except (OSError, SafetensorError) as e:
-        raise LmscopeError(f"cannot read {path}: {e}") from e
-    if meta.get("format") != FORMAT:
-        raise LmscopeError(f"{path} is not an lmscope steering file (format {meta.get('format')!r})")
-    return tensors, meta
+    return load_tensors(path, FORMAT)
 
 
 def save_vectors(path: str | Path, vectors: dict[int, Tensor], **metadata) -> Path:
