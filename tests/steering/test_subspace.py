@@ -11,7 +11,7 @@ import torch
 import transformers as T
 
 import lmscope
-from lmscope.steering.subspace import das, illusion_check, readers, row_space
+from lmscope.steering.subspace import das, illusion_check, load_subspace, readers, row_space
 from tests.helpers import one_thread
 from tests.tiny import random_ids, tiny_model
 
@@ -178,7 +178,7 @@ def test_mlp_post_null_space_is_causally_disconnected():
 # -- DAS and the illusion check on planted ground truth --------------------------------------------
 
 
-def test_das_recovers_the_planted_direction():
+def test_das_recovers_the_planted_direction(tmp_path):
     model, dirs = planted(illusion=False)
     base, source, labels = task(160, seed=1)
     with one_thread():
@@ -191,6 +191,8 @@ def test_das_recovers_the_planted_direction():
     assert "held-out" in result.text() and result.tables()[0].rows[0]["k"] == 1
     check = illusion_check(model, SITE, result.basis, base, source, labels)
     assert not check.flagged
+    basis, meta = load_subspace(result.save(tmp_path / "das.safetensors", model=model.name))
+    assert torch.equal(basis, result.basis) and meta["site"] == SITE and json.loads(meta["k"]) == 1
 
 
 def test_illusion_check_flags_a_dormant_plus_disconnected_direction():

@@ -52,6 +52,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +63,7 @@ from lmscope.core.model import Inputs, Model
 from lmscope.core.sites import Site
 from lmscope.core.weights import parameter
 from lmscope.reports.results import Result, Table
+from lmscope.steering.store import load, save
 
 Positions = int | Sequence[int] | None
 
@@ -201,6 +203,19 @@ class DASResult(Result):
             "final loss": round(self.losses[-1], 4) if self.losses else math.nan,
         }
         return [Table("Distributed alignment search (Geiger et al. 2023)", [row])]
+
+    def save(self, path: str | Path, **metadata) -> Path:
+        """The basis and its site, positions and accuracies as an lmscope steering file."""
+        info = {"k": self.k, "positions": self.positions, "train_iia": self.train_iia, "heldout_iia": self.heldout_iia}
+        return save(path, {"basis": self.basis}, method="das", site=self.site, **info, **metadata)
+
+
+def load_subspace(path: str | Path) -> tuple[Tensor, dict[str, str]]:
+    """``(basis [features, k], metadata)`` from :meth:`DASResult.save`'s file."""
+    tensors, meta = load(path)
+    if meta.get("method") != "das" or "basis" not in tensors:
+        raise LmscopeError(f"{path} is not a saved subspace")
+    return tensors["basis"], meta
 
 
 def das(
