@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -42,6 +42,7 @@ from lmscope.core.hookpoints import point_modules
 from lmscope.core.hooks import Hook, hooked
 from lmscope.core.model import Model
 from lmscope.core.weights import transformed
+from lmscope.quant.rotation import MODES, rotated
 
 if TYPE_CHECKING:
     from lmscope.quant.kv import KVSummary
@@ -207,15 +208,18 @@ def block_linears(model: Model) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def quantized_weights(model: Model, bits: int, group_size: int | None = None) -> Iterator[None]:
+def quantized_weights(
+    model: Model, bits: int, group_size: int | None = None, quantiser: Callable[..., Tensor] = fake_quant_sym
+) -> Iterator[None]:
     """Fake-quantise the block linear weights (symmetric, per output channel, groups of
-    ``group_size`` inputs): in place, the originals restored on exit (also after an error); weights
-    accelerate has offloaded to the CPU or disk are quantised as each forward loads them
-    (:func:`lmscope.core.weights.transformed`)."""
+    ``group_size`` inputs; ``quantiser(w, bits, in_dim, group_size)``, :func:`fake_quant_sym` or
+    :func:`lmscope.quant.osp.fake_quant_sym_mse`): in place, the originals restored on exit (also
+    after an error); weights accelerate has offloaded to the CPU or disk are quantised as each
+    forward loads them (:func:`lmscope.core.weights.transformed`)."""
     with contextlib.ExitStack() as stack:
         for linear in block_linears(model):
             in_dim = 0 if type(linear).__name__ == "Conv1D" else 1  # Conv1D stores [in, out]
-            quantize = lambda w, d=in_dim: fake_quant_sym(w, bits, d, group_size)
+            quantize = lambda w, d=in_dim: quantiser(w, bits, d, group_size)
             stack.enter_context(transformed(linear, quantize))
         yield
 
@@ -227,36 +231,84 @@ def quantized_activations(model: Model, bits: int, group_size: int | None = None
     return hooked(model, [Hook("linears.in", layer, quantise) for layer in range(model.n_layers)])
 
 
+SCHEMES = ("minmax", "osp")
+_ROTATION_NAMES = {"quarot": "+QuaRot", "ffn": "+FFN-Had"}  # row-name suffixes of the rotation modes
+
+
 @dataclass(frozen=True)
 class QuantConfig:
-    """A full simulated-quantisation setting: KV cache, weights and activations (None = off)."""
+    """A full simulated-quantisation setting: KV cache, weights and activations (None = off).
+
+    ``scheme``: ``"minmax"`` (this module's quantisers) or ``"osp"`` (Outlier-Safe Pre-Training's
+    W/A/KV setting, :mod:`lmscope.quant.osp`: weight, activation and K/V bits from ``weight_bits``,
+    ``act_bits`` and ``kv``, the rest of the scheme fixed). ``rotation``: ``"quarot"`` or ``"ffn"``
+    fuses that Hadamard rotation (:func:`lmscope.quant.rotation.rotated`, signs from ``seed``)
+    into the model before quantising."""
 
     kv: KVQuant = field(default_factory=KVQuant)
     weight_bits: int | None = None
     weight_group: int | None = None
     act_bits: int | None = None
     act_group: int | None = None
+    scheme: str = "minmax"
+    rotation: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise LmscopeError(f"unknown quantisation scheme {self.scheme!r} (choose from {', '.join(SCHEMES)})")
+        if self.rotation is not None and self.rotation not in MODES:
+            raise LmscopeError(f"unknown rotation {self.rotation!r} (choose from {', '.join(MODES)})")
+
+    @classmethod
+    def osp(cls, bits: int = 4, *, rotation: str | None = None, seed: int = 0) -> QuantConfig:
+        """OSP's W``bits``A``bits``KV``bits`` (its W4A4KV4 at 4), optionally with a rotation."""
+        if not 2 <= bits <= 8:
+            raise LmscopeError(f"OSP quantisation bits must be between 2 and 8, got {bits}")
+        kv = KVQuant(bits, bits, group_size=128)  # keys per token in groups of 128 (values per head)
+        return cls(kv, weight_bits=bits, act_bits=bits, scheme="osp", rotation=rotation, seed=seed)
 
     @property
     def name(self) -> str:
-        parts = [self.kv.name]
-        if self.weight_bits:
-            parts.append(f"W{self.weight_bits}")
-        if self.act_bits:
-            parts.append(f"A{self.act_bits}")
-        return "-".join(parts)
+        if self.scheme == "osp":
+            k, v = self.kv.k_bits, self.kv.v_bits
+            kv = f"KV{k or 'fp'}" if k == v else f"K{k or 'fp'}V{v or 'fp'}"
+            parts = [f"W{self.weight_bits or 'fp'}A{self.act_bits or 'fp'}{kv}"]
+        else:
+            parts = [self.kv.name]
+            if self.weight_bits:
+                parts.append(f"W{self.weight_bits}")
+            if self.act_bits:
+                parts.append(f"A{self.act_bits}")
+        return "-".join(parts) + _ROTATION_NAMES.get(self.rotation, "")
+
+
+def osp_w4a4kv4(rotation: str | None = None, seed: int = 0) -> QuantConfig:
+    """Outlier-Safe Pre-Training's 4-bit setting W4A4KV4 (:mod:`lmscope.quant.osp`), "with
+    Hadamard rotation" when ``rotation`` is ``"quarot"`` (or OSP's ``"ffn"``)."""
+    return QuantConfig.osp(4, rotation=rotation, seed=seed)
 
 
 @contextlib.contextmanager
 def quantized(model: Model, config: QuantConfig) -> Iterator[None]:
-    """Run forwards of ``model`` under ``config`` inside this context; everything is undone on exit."""
+    """Run forwards of ``model`` under ``config`` inside this context (the rotation first, then the
+    quantisation); everything is undone on exit."""
     with contextlib.ExitStack() as stack:
-        if config.weight_bits:
-            stack.enter_context(quantized_weights(model, config.weight_bits, config.weight_group))
-        if config.act_bits:
-            stack.enter_context(quantized_activations(model, config.act_bits, config.act_group))
-        if config.kv.k_bits is not None or config.kv.v_bits is not None or config.kv.layers:
-            stack.enter_context(model.hooks(attention=kv_attention(config.kv)))
+        if config.rotation is not None:
+            stack.enter_context(rotated(model, config.seed, config.rotation))
+        if config.scheme == "osp":
+            from lmscope.quant.osp import osp_quantized  # osp builds on this module
+
+            kv = config.kv
+            bits = (config.weight_bits, config.act_bits, kv.k_bits, kv.v_bits)
+            stack.enter_context(osp_quantized(model, *bits, k_group=kv.group_size))
+        else:
+            if config.weight_bits:
+                stack.enter_context(quantized_weights(model, config.weight_bits, config.weight_group))
+            if config.act_bits:
+                stack.enter_context(quantized_activations(model, config.act_bits, config.act_group))
+            if config.kv.k_bits is not None or config.kv.v_bits is not None or config.kv.layers:
+                stack.enter_context(model.hooks(attention=kv_attention(config.kv)))
         yield
 
 
