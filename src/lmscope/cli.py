@@ -614,6 +614,14 @@ def quant(
     k_axis: Annotated[str, typer.Option(help="key quantisation axis: token or channel")] = "token",
     v_axis: Annotated[str, typer.Option(help="value quantisation axis: token or channel")] = "token",
     kv_window: Annotated[int, typer.Option(help="most recent tokens kept in full precision")] = 0,
+    scheme: Annotated[
+        str, typer.Option(help="minmax (the settings above) or osp: Outlier-Safe Pre-Training's W/A/KV setting")
+    ] = "minmax",
+    bits: Annotated[int, typer.Option(help="--scheme osp: bits of weights, activations, keys and values")] = 4,
+    rotate: Annotated[bool, typer.Option(help="add each quantised setting with a Hadamard rotation fused in")] = False,
+    rotation: Annotated[
+        str, typer.Option(help="--rotate: quarot (residual stream, heads, MLP) or ffn (MLP only, OSP's FFN Had)")
+    ] = "quarot",
     corpus: CorpusOpt = "wikitext2",
     tokens: Annotated[int, typer.Option(help="number of corpus tokens")] = 4096,
     window: WindowOpt = 512,
@@ -622,21 +630,34 @@ def quant(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("out/quant"),
 ) -> None:
     """Perplexity (and multiple-choice accuracy) under simulated KV / weight / activation quantisation."""
-    from lmscope.quant.configs import parse_kv_specs, quant_configs
+    from lmscope.quant.configs import QuantConfigs, parse_kv_specs, quant_configs
     from lmscope.quant.corpus import load_corpus
     from lmscope.quant.evaluation import QuantTable, load_choices, quant_table
+    from lmscope.quant.fake import QuantConfig
+    from lmscope.quant.rotation import check
 
     options = {"group_size": group, "k_axis": k_axis, "v_axis": v_axis, "window": kv_window}
     kv_configs = parse_kv_specs(kv_specs, **options)  # bad specs fail before the model loads
+    QuantConfig(scheme=scheme, rotation=rotation)  # a bad --scheme or --rotation fails before the model loads
+    osp = [QuantConfig.osp(bits)] if scheme == "osp" else []
     items = load_choices(choices) if choices is not None else None
     out = output_dir(out)
     m = _load(model, device, dtype, max_memory, offload_folder)
+    if rotate:
+        check(m, rotation)
     text = load_corpus(m, corpus, max_tokens=tokens)
     wa = {"weight_bits": weights, "weight_group": weight_group, "act_bits": acts}
     kv_options = {"group_size": group, "k_axis": k_axis, "v_axis": v_axis, "kv_window": kv_window}
-    plan = quant_configs(m, kv_configs, **wa, budget=budget, corpus=text, window=window, **kv_options)
+    if osp:  # OSP's setting replaces the KV / weight / activation settings
+        plan = QuantConfigs([QuantConfig(), *osp])
+    else:
+        plan = quant_configs(m, kv_configs, **wa, budget=budget, corpus=text, window=window, **kv_options)
+    if rotate:
+        plan.configs += [replace(config, rotation=rotation) for config in plan.configs[1:]]
     settings = {"corpus": corpus, "tokens": len(text), "window": window, "stride": stride, "kv": options}
-    settings.update(budget=budget, **wa)
+    settings.update(
+        budget=budget, **wa, scheme=scheme, bits=bits if osp else None, rotation=rotation if rotate else None
+    )
     payload = {**header("quant", model, m, settings), **plan.to_json()}
 
     def on_row(partial: QuantTable) -> None:  # results.json after every row, the plot once all are done
@@ -789,6 +810,233 @@ def lens(
     console.print(f"wrote {out / 'results.json'} and plots")
 
 
+def _float_list(spec: str, name: str) -> list[float]:
+    try:
+        return [float(x) for x in spec.split(",")]
+    except ValueError:
+        raise LmscopeError(f"--{name}: expected comma-separated numbers, got {spec!r}") from None
+
+
+def _int_list(spec: str | None, name: str) -> list[int] | None:
+    try:
+        return None if spec is None else [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise LmscopeError(f"--{name}: expected comma-separated integers, got {spec!r}") from None
+
+
+@app.command()
+def probe(
+    model: ModelArg = DEFAULT_MODEL,
+    data: Annotated[
+        Path, typer.Option(help="JSONL: {text, label} or contrastive {positive, negative[, prompt]}")
+    ] = ...,
+    layers: Annotated[str | None, typer.Option(help="comma-separated layers (default: all)")] = None,
+    site: Annotated[str, typer.Option(help="per-layer site, e.g. resid_post, resid_mid, attn.out")] = "resid_post",
+    position: Annotated[str, typer.Option(help="last, mean, or span ([[marked]] in each text)")] = "last",
+    test_fraction: Annotated[float, typer.Option(help="held-out fraction (pairs kept together)")] = 0.25,
+    seed: Annotated[int, typer.Option(help="split seed")] = 0,
+    save_to: Annotated[Path | None, typer.Option("--save", help="write the directions (safetensors)")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("out/probe"),
+) -> None:
+    """Difference-of-means, first-principal-component and logistic-regression probes per layer, with
+    held-out accuracy per layer."""
+    from lmscope.steering.directions import load_examples
+    from lmscope.steering.directions import probe as fit_probes
+    from lmscope.steering.store import save as save_tensors
+
+    examples = load_examples(data)
+    chosen = _int_list(layers, "layers")
+    out = output_dir(out)
+    m = _load(model, device, dtype, None, None)
+    result = fit_probes(m, examples, chosen, site=site, position=position, test_fraction=test_fraction, seed=seed)
+    payload = header("probe", model, m, {"data": str(data), "site": site, "position": position, "seed": seed})
+    save(out, {**payload, "probe": result.to_json()}, result.figures())
+    if save_to is not None:
+        tensors = {
+            f"{method}.{layer}": d[i]
+            for method, d in result.directions.items()
+            for i, layer in enumerate(result.layers)
+        }
+        meta = {"model": m.name, "site": site, "method": "probe", "position": position, "data": result.data}
+        console.print(f"saved directions to {save_tensors(save_to, tensors, layers=result.layers, **meta)}")
+    table = Table("layer", *result.accuracy, title=f"{m.name}: held-out accuracy ({site}, {position})")
+    for row in result.tables()[0].rows:
+        table.add_row(str(row["layer"]), *(f"{row[k]:.3f}" for k in result.accuracy))
+    console.print(table)
+    console.print(result.text(), highlight=False, markup=False)
+    console.print(f"wrote {out / 'results.json'} and plots")
+
+
+@app.command()
+def steer(
+    model: ModelArg = DEFAULT_MODEL,
+    pairs: Annotated[Path, typer.Option(help="contrastive pairs (JSONL: positive, negative[, prompt])")] = ...,
+    eval_file: Annotated[Path, typer.Option("--eval", help="JSONL: prompt, target[, opposite]")] = ...,
+    layers: Annotated[str | None, typer.Option(help="settings' layers, e.g. 6,9,12+15 (+ joins)")] = None,
+    coeffs: Annotated[str, typer.Option(help="comma-separated coefficients")] = "1,2,4,8",
+    instruction: Annotated[str, typer.Option(help="the prompting baseline's prefix")] = "",
+    neutral: Annotated[Path | None, typer.Option(help="neutral prompts, one per line (default: bundled)")] = None,
+    windows: Annotated[int, typer.Option(help="WikiText-2 windows for perplexity")] = 4,
+    window: WindowOpt = 64,
+    position: Annotated[str, typer.Option(help="where the vector is read: last, mean or span")] = "last",
+    max_kl: Annotated[float, typer.Option(help="choice: largest KL to unsteered allowed")] = 0.2,
+    max_ppl_rise: Annotated[float, typer.Option(help="choice: largest relative perplexity rise")] = 0.1,
+    samples: Annotated[int, typer.Option(help="prompts with sample generations")] = 3,
+    lineas: Annotated[bool, typer.Option(help="also learn LinEAS maps (negatives -> positives, unpaired)")] = False,
+    lineas_steps: Annotated[int, typer.Option(help="LinEAS Adam steps")] = 100,
+    lineas_strengths: Annotated[str, typer.Option(help="LinEAS strengths to sweep")] = "0.5,1",
+    lineas_sparsity: Annotated[float, typer.Option(help="LinEAS group-sparsity weight")] = 1e-3,
+    save_to: Annotated[Path | None, typer.Option("--save", help="write the vectors (safetensors)")] = None,
+    gguf: Annotated[Path | None, typer.Option(help="write the chosen setting as a llama.cpp control vector")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("out/steer"),
+) -> None:
+    """Steering vectors (contrastive activation addition) swept over layers x coefficients, with behaviour,
+    side effects (KL on neutral prompts, perplexity) and a prompting baseline side by side; with --lineas,
+    LinEAS maps (Rodriguez et al. 2025) learned from the same examples, in the same table."""
+    from lmscope.quant.corpus import load_corpus
+    from lmscope.reports.report import PartWriter
+    from lmscope.steering.directions import load_examples
+    from lmscope.steering.lineas import METHOD, train_lineas
+    from lmscope.steering.steer import (
+        Setting,
+        SweepData,
+        caa,
+        combined,
+        load_eval,
+        neutral_prompts,
+        parse_layers,
+        steering_vectors,
+        sweep,
+    )
+    from lmscope.steering.store import export_control_vector, save_vectors
+
+    examples, items, texts = load_examples(pairs), load_eval(eval_file), neutral_prompts(neutral)
+    values, strengths = _float_list(coeffs, "coeffs"), _float_list(lineas_strengths, "lineas-strengths")
+    out = output_dir(out)
+    m = _load(model, device, dtype, None, None)
+    n = m.n_layers
+    groups = (
+        parse_layers(layers, n) if layers else [(layer,) for layer in range(n // 4, 3 * n // 4 + 1, max(1, n // 8))]
+    )
+    settings = [Setting(g, c) for g in groups for c in values]
+    vectors = steering_vectors(m, examples, sorted({layer for g in groups for layer in g}), position=position)
+    corpus = load_corpus(m, "wikitext2", max_tokens=windows * window) if windows else None
+    data = SweepData(items, texts, [w.tolist() for w in corpus.windows(window)] if corpus else [])
+    steerer = caa(vectors)
+    if lineas:
+        texts = {y: [t for t, label in zip(examples.texts, examples.labels, strict=True) if label == y] for y in (0, 1)}
+        transport = train_lineas(m, texts[0], texts[1], steps=lineas_steps, sparsity=lineas_sparsity, position=position)
+        console.print(f"LinEAS: {len(transport.active())} of {m.n_layers} layers active")
+        settings += [transport.setting(v) for v in strengths]
+        steerer = combined({"": steerer, METHOD: transport.steerer()})
+        if save_to is not None:
+            console.print(f"saved the LinEAS maps to {transport.save(out / 'lineas.safetensors', model=m.name)}")
+    result = sweep(
+        m, steerer, settings, data, instruction=instruction, max_kl=max_kl, max_ppl_rise=max_ppl_rise, samples=samples
+    )
+    options = {"pairs": str(pairs), "eval": str(eval_file), "instruction": instruction, "position": position}
+    payload = header("steer", model, m, {**options, "windows": windows, "window": window, "data": examples.source})
+    writer = PartWriter(out, f"lmscope steer: {model}", payload, planned=1)
+    writer.add("steer", "Steering sweep", "Contrastive activation addition vs a prompting baseline.", result)
+    if save_to is not None:
+        meta = {
+            "model": m.name,
+            "site": "resid_post",
+            "method": "mean_diff",
+            "position": position,
+            "data": examples.source,
+        }
+        console.print(f"saved vectors to {save_vectors(save_to, vectors, **meta)}")
+    if gguf is not None and result.chosen is not None and not result.chosen.startswith(METHOD):
+        setting = next(s for s in settings if s.name == result.chosen)
+        chosen = {layer: setting.coeff * vectors[layer] for layer in setting.layers}
+        console.print(f"saved the chosen setting to {export_control_vector(gguf, chosen, m.hf.config.model_type)}")
+    table = Table("setting", "behaviour", "p(target)", "KL", "perplexity", title=f"{m.name}: steering sweep")
+    for row in result.rows:
+        p, ppl = row["p_target"], row["perplexity"]
+        cells = [
+            f"{row['behaviour']:+.3f}",
+            "-" if p is None else f"{p:.3f}",
+            f"{row['kl']:.3f}",
+            "-" if ppl is None else f"{ppl:.2f}",
+        ]
+        table.add_row(row["setting"] + (" *" if row["setting"] == result.chosen else ""), *cells)
+    console.print(table)
+    console.print(result.text(), highlight=False, markup=False, soft_wrap=True)
+    console.print(f"wrote {out / 'results.json'}, {out / 'report.html'} and plots")
+
+
+@app.command()
+def pretrain(
+    recipe: Annotated[
+        str, typer.Option(help="adam, muon, muon-all, osp (Muon + SSNorm + EmbProj), osp-ssnorm or osp-embproj")
+    ] = "osp",
+    compare: Annotated[
+        str | None, typer.Option(help="recipes to train side by side with the same data and seed, e.g. adam,muon,osp")
+    ] = None,
+    corpus: Annotated[
+        str, typer.Option(help="training text: text or JSONL file, or 'wikitext2' (the bundled validation split)")
+    ] = "wikitext2",
+    eval_corpus: Annotated[
+        str, typer.Option(help="evaluation text: text or JSONL file, or 'wikitext2' (the bundled test split)")
+    ] = "wikitext2",
+    tokenizer: Annotated[str, typer.Option(help="model whose tokenizer to use (SmolLM2's by default)")] = DEFAULT_MODEL,
+    layers: Annotated[int, typer.Option(help="decoder layers")] = 4,
+    d_model: Annotated[int, typer.Option(help="hidden size")] = 128,
+    heads: Annotated[int, typer.Option(help="attention heads")] = 2,
+    seq_len: Annotated[int, typer.Option(help="tokens per training window (and evaluation window)")] = 128,
+    batch_size: Annotated[int, typer.Option(help="windows per step")] = 8,
+    steps: Annotated[int, typer.Option(help="training steps")] = 300,
+    lr: Annotated[float, typer.Option(help="peak learning rate (AdamW)")] = 3e-3,
+    muon_lr: Annotated[float | None, typer.Option(help="peak learning rate of Muon (default: --lr)")] = None,
+    weight_decay: Annotated[float, typer.Option(help="decoupled weight decay of the matrices")] = 0.1,
+    warmup: Annotated[int | None, typer.Option(help="warm-up steps (default: 10% of --steps)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the initialisation and the data order")] = 0,
+    log_every: Annotated[int, typer.Option(help="log the loss and OSP kurtosis every N steps")] = 25,
+    checkpoint_every: Annotated[int, typer.Option(help="write a checkpoint every N steps")] = 100,
+    train_tokens: Annotated[int | None, typer.Option(help="use only the first N training tokens")] = None,
+    eval_tokens: Annotated[int, typer.Option(help="evaluation tokens (perplexity, massive activations)")] = 16384,
+    resume: Annotated[bool, typer.Option(help="continue an interrupted run in --out from its checkpoints")] = False,
+    device: DeviceOpt = "auto",
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("out/pretrain"),
+) -> None:
+    """Pre-train a small Llama from scratch with Adam, Muon or Outlier-Safe Pre-Training (Park et al.
+    2025); --compare trains several recipes: kurtosis over training, massive activations, perplexity
+    in full precision and 4-bit (W4A4KV4) with and without rotation."""
+    from lmscope.training import PretrainSettings, get_recipe, run_pretraining
+
+    recipes = [r.strip() for r in compare.split(",") if r.strip()] if compare is not None else [recipe]
+    for name in recipes:
+        get_recipe(name)  # an unknown recipe fails before anything loads
+    settings = PretrainSettings(
+        d_model=d_model, n_layers=layers, n_heads=heads, seq_len=seq_len, batch_size=batch_size, steps=steps,
+        lr=lr, muon_lr=muon_lr, weight_decay=weight_decay, warmup=warmup, seed=seed, log_every=log_every,
+        checkpoint_every=checkpoint_every, corpus=corpus, eval_corpus=eval_corpus, tokenizer=tokenizer,
+        train_tokens=train_tokens, eval_tokens=eval_tokens,
+    )  # fmt: skip
+    out = output_dir(out)
+    result = run_pretraining(
+        recipes, settings, out, resume=resume, device=device, earlier=lambda payload: _earlier_parts(out, payload)
+    )
+    table = Table(
+        "recipe", "loss", "kurtosis", "max |x|", "massive", *result.schemes, "ms/step",
+        title=f"pretrain: {settings.steps} steps of {settings.batch_size} x {settings.seq_len} tokens; "
+        "final loss, OSP kurtosis, outliers, perplexity per setting",
+    )  # fmt: skip
+    for row in result.tables()[0].rows:
+        cells = [row["final loss"], row["OSP kurtosis"], row["max |x|"], row["massive"]]
+        cells += [row[f"ppl {s}"] for s in result.schemes] + [row["ms/step"]]
+        table.add_row(row["recipe"], *(_number(v) for v in cells))
+    console.print(table)
+    console.print(
+        f"wrote {out / 'report.html'}, {out / 'results.json'}, PNG plots and the models in {out}/<recipe>/model"
+    )
+
+
 def _earlier_parts(out: Path, payload: dict) -> dict:
     """The parts of ``out/results.json`` when it was written by the same command with the same
     settings (an interrupted run to resume), else nothing."""
@@ -802,6 +1050,10 @@ def _earlier_parts(out: Path, payload: dict) -> dict:
         json.dumps(payload["settings"])
     )
     return earlier.get("parts", {}) if same else {}
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 def _bits(value) -> str:

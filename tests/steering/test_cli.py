@@ -1,0 +1,86 @@
+"""``lmscope probe`` and ``lmscope steer`` on the planted model saved to disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lmscope.steering.store import load_control_vector, load_vectors
+from tests.helpers import run_cli
+from tests.steering.planted import planted, sentences
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("steer")
+    model, _ = planted()
+    model.hf.save_pretrained(root / "model")
+    model.tokenizer.save_pretrained(root / "model")
+    (root / "pairs.jsonl").write_text(
+        "".join(json.dumps({"prompt": s, "positive": " good", "negative": " bad"}) + "\n" for s in sentences(12))
+    )
+    (root / "eval.jsonl").write_text(
+        "".join(json.dumps({"prompt": s, "target": " P", "opposite": " N"}) + "\n" for s in sentences(3, seed=4))
+    )
+    (root / "neutral.txt").write_text("\n".join(sentences(2, seed=9)))
+    return root
+
+
+def test_steer_writes_the_sweep_and_the_vectors(capsys, files, tmp_path):
+    code, _, err = run_cli(
+        capsys, "steer", str(files / "model"), "--pairs", str(files / "pairs.jsonl"), "--eval", str(files / "eval.jsonl"),
+        "--layers", "1", "--coeffs", "0.1,0.2", "--instruction", "good", "--neutral", str(files / "neutral.txt"),
+        "--windows", "0", "--samples", "1", "--max-kl", "100", "--max-ppl-rise", "10",
+        "--save", str(tmp_path / "v.safetensors"), "--gguf", str(tmp_path / "v.gguf"), "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert code == 0, err
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = results["parts"]["steer"]["rows"]
+    assert [r["setting"] for r in rows] == ["none", "prompting", "L1 x0.1", "L1 x0.2"]
+    assert results["parts"]["steer"]["chosen"] == "L1 x0.2", rows  # the larger push, within the generous limits
+    assert (tmp_path / "out" / "report.html").exists()
+    vectors, meta = load_vectors(tmp_path / "v.safetensors")
+    assert list(vectors) == [1] and meta["method"] == "mean_diff"
+    assert list(load_control_vector(tmp_path / "v.gguf")) == [1]
+
+
+def test_steer_with_lineas_adds_its_rows(capsys, files, tmp_path):
+    code, _, err = run_cli(
+        capsys, "steer", str(files / "model"), "--pairs", str(files / "pairs.jsonl"), "--eval", str(files / "eval.jsonl"),
+        "--layers", "1", "--coeffs", "0.1", "--neutral", str(files / "neutral.txt"), "--windows", "0", "--samples", "0",
+        "--lineas", "--lineas-steps", "3", "--lineas-strengths", "1", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert code == 0, err
+    rows = json.loads((tmp_path / "results.json").read_text())["parts"]["steer"]["rows"]
+    assert [(r["setting"], r["method"]) for r in rows] == [
+        ("none", "none"),
+        ("L1 x0.1", "vector"),
+        ("LinEAS x1", "LinEAS"),
+    ]
+
+
+def test_probe_writes_accuracy_per_layer(capsys, files, tmp_path):
+    code, _, err = run_cli(
+        capsys, "probe", str(files / "model"), "--data", str(files / "pairs.jsonl"), "--out", str(tmp_path),
+    )  # fmt: skip
+    assert code == 0, err
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["probe"]["layers"] == [0, 1] and results["probe"]["accuracy"]["mean_diff"] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--layers", "5"], "out of range"),
+        (["--coeffs", "1,x"], "--coeffs"),
+        (["--eval", "missing.jsonl"], "cannot read"),
+    ],
+)
+def test_bad_steer_input_is_a_one_line_error(capsys, files, args, message):
+    base = {"--pairs": str(files / "pairs.jsonl"), "--eval": str(files / "eval.jsonl")}
+    for key, value in zip(args[::2], args[1::2], strict=True):
+        base[key] = value
+    argv = [x for kv in base.items() for x in kv]
+    code, _, err = run_cli(capsys, "steer", str(files / "model"), *argv)
+    assert code == 2 and message in err and "Traceback" not in err
