@@ -41,6 +41,8 @@ bench: setup
 	test -d /tmp/tl3_site || $(BIN)/pip install --quiet --no-deps --target /tmp/tl3_site transformer-lens==3.9.0 better-abc
 	$(BIN)/python bench/bench_eap_ig.py
 	$(BIN)/python bench/bench_scaling.py
+	$(BIN)/python bench/bench_steer.py
+	$(BIN)/python bench/bench_pretrain.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench
