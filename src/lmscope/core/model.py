@@ -132,10 +132,11 @@ class Model:
     def with_cache(self, cache) -> dict:
         """``{name: cache}`` for the HF forward's KV-cache argument: ``cache`` since
         transformers 5.24, ``past_key_values`` before it and in older remote code."""
-        params = self.__dict__.get("_forward_params")
-        if params is None:
-            params = self.__dict__["_forward_params"] = inspect.signature(self.hf.forward).parameters
-        return {"cache" if "cache" in params else "past_key_values": cache}
+        name = self.__dict__.get("_cache_arg")  # a string: a Model stays deep-copyable
+        if name is None:
+            params = inspect.signature(self.hf.forward).parameters
+            name = self.__dict__["_cache_arg"] = "cache" if "cache" in params else "past_key_values"
+        return {name: cache}
 
     @property
     def n_params(self) -> int:
