@@ -7,6 +7,7 @@ Bad input raises :class:`~lmscope.core.errors.LmscopeError`, which becomes a one
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
@@ -935,13 +936,15 @@ def steer(
         steerer = combined({"": steerer, METHOD: transport.steerer()})
         if save_to is not None:
             console.print(f"saved the LinEAS maps to {transport.save(out / 'lineas.safetensors', model=m.name)}")
+    start = time.perf_counter()
     result = sweep(
         m, steerer, settings, data, instruction=instruction, max_kl=max_kl, max_ppl_rise=max_ppl_rise, samples=samples
     )
     options = {"pairs": str(pairs), "eval": str(eval_file), "instruction": instruction, "position": position}
     payload = header("steer", model, m, {**options, "windows": windows, "window": window, "data": examples.source})
     writer = PartWriter(out, f"lmscope steer: {model}", payload, planned=1)
-    writer.add("steer", "Steering sweep", "Contrastive activation addition vs a prompting baseline.", result)
+    what = "Contrastive activation addition vs a prompting baseline."
+    writer.add("steer", "Steering sweep", what, result, time.perf_counter() - start)
     if save_to is not None:
         meta = {
             "model": m.name,
