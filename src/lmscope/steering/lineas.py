@@ -37,7 +37,7 @@ from lmscope.core.interventions import Intervention, apply
 from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
 from lmscope.steering.directions import features, pooling_weights
-from lmscope.steering.steer import Setting, Steerer
+from lmscope.steering.steer import Setting, Steerer, first_rows
 from lmscope.steering.store import load, save
 
 METHOD = "LinEAS"
@@ -99,8 +99,8 @@ class Transport:
 
 def _map(scale: Tensor, shift: Tensor, strengths: Tensor):
     def fn(x: Tensor) -> Tensor:
-        s = strengths.to(x.device, x.dtype)
-        s = s[0] if len(s) == 1 else s.view(-1, *([1] * (x.ndim - 1)))
+        s = strengths[0].to(x.device, x.dtype) if len(strengths) == 1 else first_rows(strengths, x)
+        s = s if s.ndim == 0 else s.view(-1, *([1] * (x.ndim - 1)))
         return x + s * ((scale.to(x.dtype) - 1) * x + shift.to(x.dtype))
 
     return fn

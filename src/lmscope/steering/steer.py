@@ -22,10 +22,13 @@ beats most steering methods):
 **Choice**: the setting with the largest behaviour effect whose KL is at most ``max_kl`` and whose
 perplexity is at most ``(1 + max_ppl_rise)`` times the unsteered one.
 
-**Speed**: a sweep's settings are rows of one batch: per evaluation item one forward over the
-rows ``settings x {target, opposite}``, per neutral prompt one over the settings plus the unsteered
-row, per window one over the settings. Each layer gets one ``add`` whose vector has a row per batch
-row (``coeff * v_L`` for the rows whose setting steers at L, else 0). ``sweep(..., batched=False)`` is
+**Speed**: a sweep's settings are rows of one batch: per text (an evaluation prompt with its
+target or its opposite, a neutral prompt, a window) one forward over the settings (plus the
+unsteered row for the KL). The text enters as one unsteered row; each setting's row joins the
+batch as a copy of it entering the setting's lowest steered layer (below, it would be the same),
+so a setting at layer L costs the layers from L up only; each steered layer gets one
+intervention with a row per batch row (``coeff * v_L`` for the rows whose setting steers at L,
+else 0); the unembedding runs at the scored positions only. ``sweep(..., batched=False)`` is
 the plain loop (one run per setting and text), the reference the tests and
 ``bench/bench_steer.py`` compare with.
 """
@@ -33,6 +36,7 @@ the plain loop (one run per setting and text), the reference the tests and
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -43,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmscope.core.errors import LmscopeError
-from lmscope.core.interventions import Intervention, add
+from lmscope.core.interventions import Intervention, add, apply
 from lmscope.core.jsonl import read_jsonl
 from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
@@ -125,21 +129,33 @@ def interventions(
     site: str = "resid_post",
     positions: Sequence[int] | None = None,
 ) -> list[Intervention]:
-    """One ``add`` per steered layer. With one setting the vector is ``[d]``; with several, batch
-    row r gets ``settings[r]`` (None: unsteered) through a ``[rows, 1, d]`` vector."""
+    """One intervention per steered layer. With one setting, ``add`` of ``coeff * v_L`` [d];
+    with several, batch row r gets ``settings[r]`` (None: unsteered) through a ``[rows, 1, d]``
+    vector, of which a batch of k rows takes the first k (see :data:`Steerer`)."""
     missing = {layer for s in settings if s for layer in s.layers} - vectors.keys()
     if missing:
         raise LmscopeError(f"no steering vector for layer(s) {sorted(missing)} (have {sorted(vectors)})")
     out = []
     for layer in sorted({layer for s in settings if s for layer in s.layers}):
         coeffs = torch.tensor([s.coeff if s and layer in s.layers else 0.0 for s in settings])
-        vector = vectors[layer] * coeffs[0] if len(settings) == 1 else coeffs[:, None, None] * vectors[layer]
-        out.append(add(f"blocks.{layer}.{site}", vector, positions=positions))
+        site_name = f"blocks.{layer}.{site}"
+        if len(settings) == 1:
+            out.append(add(site_name, vectors[layer] * coeffs[0], positions=positions))
+        else:
+            rows = coeffs[:, None, None] * vectors[layer]
+            out.append(apply(site_name, lambda x, rows=rows: x + first_rows(rows, x), positions=positions))
     return out
 
 
+def first_rows(values: Tensor, x: Tensor) -> Tensor:
+    """The first ``x.shape[0]`` rows of per-row ``values``, on ``x``'s device and dtype."""
+    return values[: x.shape[0]].to(x.device, x.dtype)
+
+
 # A steering method as the sweep sees it: the interventions that steer batch row r by
-# settings[r] (None: unsteered), for any number of rows.
+# settings[r] (None: unsteered), for any number of rows. The sweep may run a layer on the first
+# k rows only (rows join the batch at their lowest steered layer, in order), so per-row values
+# are taken with first_rows.
 Steerer = Callable[[Sequence["Setting | None"]], list[Intervention]]
 
 
@@ -195,21 +211,25 @@ def _text(model: Model, prefix: str, ids: list[int]) -> Scored:
     return Scored(head + ids, len(head), len(head) + len(ids) - 1)
 
 
-def _log_probs(
-    model: Model,
-    seqs: Sequence[Scored],
-    steerer: Steerer,
-    rows: Sequence[Setting | None],
-) -> list[Tensor]:
-    """One right-padded forward over ``seqs`` (row r steered by ``rows[r]``): per row the
-    log-softmax over the vocabulary at its scored positions, [n_scored, vocab] float32."""
-    length = max(len(s.ids) for s in seqs)
-    pad = model.pad_id if model.pad_id is not None else 0
-    ids = torch.tensor([s.ids + [pad] * (length - len(s.ids)) for s in seqs])
-    mask = torch.tensor([[1] * len(s.ids) + [0] * (length - len(s.ids)) for s in seqs])
-    ivs = steerer(rows) if any(rows) else []
-    logits = model.run({"input_ids": ids, "attention_mask": mask}, interventions=ivs).logits
-    return [F.log_softmax(logits[r, s.start : s.stop].float(), -1) for r, s in enumerate(seqs)]
+def _log_probs(model: Model, seq: Scored, steerer: Steerer, rows: Sequence[Setting | None]) -> list[Tensor]:
+    """Run one sequence for every row (row r steered by ``rows[r]``, None: unsteered): per row
+    the log-softmax over the vocabulary at the scored positions, [n_scored, vocab] float32.
+
+    One forward. The sequence enters as one unsteered row; a steered row joins the batch, as a
+    copy of that row, entering its lowest steered layer (below it the row is unsteered), so the
+    layers below a setting's run once for all the settings above them. The unembedding runs at
+    the scored positions only."""
+    steered = sorted((r for r in range(len(rows)) if rows[r]), key=lambda r: min(rows[r].layers))
+    batch = [None, *(rows[r] for r in steered)]  # batch row 0: unsteered
+    ivs = steerer(batch) if steered else []
+    for layer, group in itertools.groupby(steered, key=lambda r: min(rows[r].layers)):
+        k = len(list(group))
+        ivs.insert(0, apply(f"blocks.{layer}.resid_pre", lambda x, k=k: torch.cat([x, x[:1].expand(k, *x.shape[1:])])))
+    last = f"blocks.{model.n_layers - 1}.resid_post"
+    resid = model.run(torch.tensor([seq.ids]), [last], ivs, logits=False).cache[last]
+    logp = F.log_softmax(model.unembed(resid[:, seq.start : seq.stop]).float(), -1)  # [batch, n_scored, vocab]
+    where = {r: i + 1 for i, r in enumerate(steered)}
+    return [logp[where.get(r, 0)] for r in range(len(rows))]
 
 
 def _completion_logp(logp: Tensor, seq: Scored) -> float:
@@ -277,20 +297,20 @@ def _evaluate(
     acc = _Accumulator(len(rows))
     paired = data.items[0].opposite is not None
 
-    def forward(seqs: list[Scored], settings: list[Setting | None]) -> list[Tensor]:
+    def forward(seq: Scored, settings: Sequence[Setting | None]) -> list[Tensor]:
         if batched:
-            return _log_probs(model, seqs, steerer, settings)
-        return [_log_probs(model, [s], steerer, [r])[0] for s, r in zip(seqs, settings, strict=True)]
+            return _log_probs(model, seq, steerer, settings)
+        return [_log_probs(model, seq, steerer, [r])[0] for r in settings]
 
     total = len(data.items) + len(data.neutral) + len(data.windows)
     with torch.no_grad(), progress_bar("steering sweep", total) as advance:
         for item in data.items:
             completions = [item.target, item.opposite] if paired else [item.target]
             seqs = [_continuation(model, prefix, item.prompt, c) for c in completions]
-            logps = forward([s for s in seqs for _ in rows], [r for _ in seqs for r in rows])
+            logps = [forward(seq, rows) for seq in seqs]
             for r in range(len(rows)):
-                target = _completion_logp(logps[r], seqs[0])
-                diff = target - _completion_logp(logps[len(rows) + r], seqs[1]) if paired else target
+                target = _completion_logp(logps[0][r], seqs[0])
+                diff = target - _completion_logp(logps[1][r], seqs[1]) if paired else target
                 acc.diff[r] += diff
                 acc.p[r] += float(torch.sigmoid(torch.tensor(diff)))
             acc.n_items += 1
@@ -298,15 +318,18 @@ def _evaluate(
         for text in data.neutral:
             ids = _encode(model, text, True)
             plain, seq = _text(model, "", ids), _text(model, prefix, ids[1:] if prefix and _bos(model, ids) else ids)
-            logps = forward([plain, *[seq] * len(rows)], [None, *rows])
-            reference = logps[0][-(seq.stop - seq.start) :]
+            if seq == plain:  # the unsteered reference is one more row of the same sequence
+                reference, *logps = forward(seq, [None, *rows])
+            else:
+                reference, logps = forward(plain, [None])[0], forward(seq, rows)
+            reference = reference[-(seq.stop - seq.start) :]
             for r in range(len(rows)):
-                acc.kl[r] += float(_kl(reference, logps[1 + r]).sum())
+                acc.kl[r] += float(_kl(reference, logps[r]).sum())
                 acc.n_kl[r] += len(reference)
             advance(1)
         for window in data.windows:
             seq = _text(model, prefix, window)
-            logps = forward([seq] * len(rows), list(rows))
+            logps = forward(seq, rows)
             for r in range(len(rows)):
                 acc.nll[r] += _nll(logps[r], seq)
             acc.n_tokens += seq.stop - seq.start
