@@ -200,7 +200,7 @@ def load_hf(
     kw = {"local_files_only": True, "trust_remote_code": bool(trust_remote_code)}
     try:
         note(f"loading {spec} from {where}")
-        with _quiet(hf_logging):
+        with quiet_transformers(hf_logging):
             tokenizer = AutoTokenizer.from_pretrained(where, **kw)
             if device_map is not None:
                 kw.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
@@ -247,7 +247,7 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def _quiet(hf_logging):
+def quiet_transformers(hf_logging):
     """Silence transformers' info/warning chatter during loading (errors still raise)."""
     from lmscope.core.progress import enabled
 

@@ -272,14 +272,14 @@ class Measures:
 class _Accumulator:
     def __init__(self, n: int):
         self.diff, self.p, self.kl, self.nll = ([0.0] * n for _ in range(4))
-        self.n_items, self.n_kl, self.n_tokens = 0, [0] * n, 0
+        self.n_items, self.n_kl, self.n_tokens = 0, 0, 0  # counts shared by every row
 
     def measures(self, r: int, paired: bool, windows: bool) -> Measures:
         ppl = float(torch.tensor(self.nll[r] / self.n_tokens).exp()) if windows else None
         return Measures(
             self.diff[r] / self.n_items,
             self.p[r] / self.n_items if paired else None,
-            self.kl[r] / max(self.n_kl[r], 1),
+            self.kl[r] / max(self.n_kl, 1),
             ppl,
         )
 
@@ -325,7 +325,7 @@ def _evaluate(
             reference = reference[-(seq.stop - seq.start) :]
             for r in range(len(rows)):
                 acc.kl[r] += float(_kl(reference, logps[r]).sum())
-                acc.n_kl[r] += len(reference)
+            acc.n_kl += len(reference)
             advance(1)
         for window in data.windows:
             seq = _text(model, prefix, window)

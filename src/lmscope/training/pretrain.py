@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from lmscope.core.errors import LmscopeError
-from lmscope.core.loading import DEFAULT_MODEL, _quiet, convert_gguf, resolve, resolve_device
+from lmscope.core.loading import DEFAULT_MODEL, convert_gguf, quiet_transformers, resolve, resolve_device
 from lmscope.core.model import Model
 from lmscope.core.progress import note, progress_bar
 from lmscope.quant.corpus import BUNDLED, Corpus, load_corpus
@@ -427,7 +427,7 @@ def save_model(trainer: Trainer, path: Path) -> Path:
     from transformers.utils import logging as hf_logging
 
     model = trainer.plain_model()
-    with _quiet(hf_logging):  # no "Writing model shards" bar under lmscope's own
+    with quiet_transformers(hf_logging):  # no "Writing model shards" bar under lmscope's own
         model.hf.save_pretrained(path)
     trainer.tokenizer.save_pretrained(path)
     return path
