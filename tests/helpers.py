@@ -143,9 +143,12 @@ def logits_under(model, ids, **hooks):
 
 
 def naive_score(model, pair, component, layer, head, position, direction, metric_name):
-    """One full forward with lmscope.patch, normalised like activation_patching."""
+    """One full forward with lmscope.patch, normalised like activation_patching (``head`` is the
+    expert for ``component="expert"``)."""
     metric = get_metric(metric_name)
     site = f"blocks.{layer}.{COMPONENTS[component]}"
+    if component == "expert":
+        site, head = f"{site}.{head}", None
     clean_run = model.run(pair.clean[None], capture=[site])
     corrupt_run = model.run(pair.corrupt[None], capture=[site])
     clean_lp = clean_run.logits[0, -1].log_softmax(-1)
@@ -170,7 +173,7 @@ def check_against_naive(
             pair,
             component,
             L,
-            h if component == "head" else None,
+            h if component in ("head", "expert") else None,
             p if per_position else None,
             direction,
             metric,

@@ -350,7 +350,7 @@ def locate(
     n: PairsOpt = None,
     method: Annotated[str, typer.Option(help="exact, attribution or eap-ig")] = "exact",
     level: Annotated[
-        str, typer.Option(help="head, layer (attention and MLP), position (residual) or expert (MoE; gradient methods)")
+        str, typer.Option(help="head, layer (attention and MLP), position (residual) or expert (mixture-of-experts)")
     ] = "head",
     metric: MetricOpt = "logit_diff",
     direction: Annotated[str, typer.Option(help="denoising or noising (exact only)")] = "denoising",

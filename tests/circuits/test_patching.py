@@ -89,3 +89,32 @@ def test_smollm2_ioi_heads_match_naive_loop(smollm2):
     result = check_against_naive(smollm2, pair, "head", True, cells=cells)
     first = int((pair.clean != pair.corrupt).nonzero()[0])
     assert torch.all(result.scores[:, :first] == 0)  # nothing before the first differing token moves
+
+
+@pytest.mark.parametrize(
+    ("family", "per_position", "direction"),
+    [("mixtral", False, "denoising"), ("mixtral", True, "noising"), ("llama4_text", True, "denoising")],
+)
+def test_experts_match_naive_loop(family, per_position, direction):
+    """Expert level: every routed expert's output patched (weighted by the base run's routing),
+    batched with the cached prefix, equals one full forward with lmscope.patch per expert; Mixtral
+    routes top-k with weights on the outputs, Llama 4 scales the experts' inputs."""
+    from tests.families import tiny_family_model
+
+    model = tiny_family_model(family)
+    pair = token_pair(model, pos=7, differ=(2, 4), seed=3)
+    result = check_against_naive(model, pair, "expert", per_position, direction)
+    assert result.scores.shape == (model.n_layers, 7 if per_position else 1, 4)
+    assert result.scores.abs().max() > 1e-3  # some expert matters
+
+
+def test_experts_in_dense_layers_keep_the_base_score():
+    """Qwen2-MoE's first layer is dense (mlp_only_layers): nothing is patched there (score 0 when
+    denoising), the MoE layers match the naive loop."""
+    from tests.families import tiny_family_model
+
+    model = tiny_family_model("qwen2_moe")
+    pair = token_pair(model, pos=6, differ=(1, 3), seed=2)
+    cells = [(layer, 0, e) for layer in (1, 2) for e in range(4)]
+    result = check_against_naive(model, pair, "expert", False, cells=cells)
+    assert bool((result.scores[0] == 0).all())

@@ -244,3 +244,19 @@ def test_unknown_or_missing_hook_points_are_clear_errors(tiny_models):
     with pytest.raises(lmscope.LmscopeError, match="no hook point 'attn.k_norm'"), hooked(model, hooks):
         pass
     assert _hook_count(model) == before
+
+
+@pytest.mark.parametrize("family", ["opt", "llama4_text"])
+def test_gradient_reaches_a_flattened_mlp_output(family):
+    """OPT's MLP and Llama 4's MoE run on tokens flattened to [batch * pos, d_model]: the captured
+    [batch, pos, d_model] view is written back so its gradient fills, and equals the gradient of
+    the residual stream it is added to (resid_post = resid_mid + mlp.out)."""
+    from tests.families import tiny_family_model
+
+    m = tiny_family_model(family)
+    ids = torch.randint(3, m.d_vocab, (2, 6), generator=torch.Generator().manual_seed(0))
+    run = m.run(ids, capture=["blocks.1.mlp.out", "blocks.1.resid_post"], grad=True)
+    run.logits[:, -1].sum().backward()
+    g_mlp, g_resid = run.cache["blocks.1.mlp.out"].grad, run.cache["blocks.1.resid_post"].grad
+    assert g_mlp is not None and g_mlp.abs().sum() > 0
+    torch.testing.assert_close(g_mlp, g_resid)

@@ -162,3 +162,77 @@ def test_expert_weights_not_stored_per_expert(mixtral):
     stacked = lmscope.Model(dbrx.hf, None, family=replace(dbrx.family, experts_flat=False))
     with pytest.raises(lmscope.LmscopeError, match=r"'mlp.w1' \(128, 64\) of layer 0 is not stored per expert"):
         moe.expert_weights(stacked, 0)
+
+
+# -- Llama 4: sigmoid scores scale the experts' inputs; a shared expert on every token ----------
+
+
+@pytest.fixture(scope="module")
+def llama4() -> lmscope.Model:
+    return tiny_family_model("llama4_text")
+
+
+def _llama4_hand(m, layer, x, forbidden=()):
+    """Llama 4's MoE block by hand from its weights: router logits, top-k, sigmoid scores (0 for
+    the others); expert e applied to ``score_e * x``; the shared expert on ``x``."""
+    block = m.layer_module(layer, "feed_forward")
+    logits = x @ block.router.weight.T
+    chosen = logits.clone()
+    chosen[..., list(forbidden)] = float("-inf")
+    top = chosen.topk(moe.top_k(m, layer), dim=-1)
+    scores = torch.zeros_like(logits).scatter(-1, top.indices, torch.sigmoid(top.values))
+    outs = []
+    for e in range(moe.n_experts(m, layer)):
+        gate, up = ((scores[..., e, None] * x) @ block.experts.gate_up_proj[e]).chunk(2, dim=-1)
+        outs.append((up * F.silu(gate)) @ block.experts.down_proj[e])
+    shared = block.shared_expert
+    shared_out = shared.down_proj(F.silu(shared.gate_proj(x)) * shared.up_proj(x))
+    return logits, scores, outs, shared_out
+
+
+def test_llama4_sites_match_hand_computation(llama4):
+    m, layer = llama4, 1
+    n = moe.n_experts(m, layer)
+    sites = [f"blocks.{layer}.{k}" for k in ("mlp.in", "mlp.out", "moe.router", "moe.weights")]
+    run = m.run(_ids(m), capture=[*sites, *(f"blocks.{layer}.moe.expert.{e}" for e in range(n))])
+    c = run.cache
+    logits, scores, outs, shared = _llama4_hand(m, layer, c[f"blocks.{layer}.mlp.in"])
+    torch.testing.assert_close(c[f"blocks.{layer}.moe.router"], logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c[f"blocks.{layer}.moe.weights"], scores, rtol=1e-5, atol=1e-6)
+    assert bool(((scores != 0).sum(-1) == moe.top_k(m, layer)).all())
+    for e in range(n):
+        torch.testing.assert_close(c[f"blocks.{layer}.moe.expert.{e}"], outs[e], rtol=1e-4, atol=1e-5)
+        assert not bool(outs[e][scores[..., e] == 0].any())  # an expert not chosen contributes 0
+    torch.testing.assert_close(c[f"blocks.{layer}.mlp.out"], shared + sum(outs), rtol=1e-4, atol=1e-5)
+
+
+def test_llama4_forbid_reroutes_and_resect_removes(llama4):
+    m, layer, ids = llama4, 0, _ids(llama4, seed=4)
+    base = m.run(ids, capture=[f"blocks.{layer}.moe.weights", f"blocks.{layer}.mlp.in"]).cache
+    e = int((base[f"blocks.{layer}.moe.weights"] != 0).sum((0, 1)).argmax())
+    x = base[f"blocks.{layer}.mlp.in"]
+    run = m.run(
+        ids, capture=[f"blocks.{layer}.moe.weights", f"blocks.{layer}.mlp.out"], interventions=[moe.forbid(layer, e)]
+    )
+    _, scores, outs, shared = _llama4_hand(m, layer, x, forbidden=[e])
+    torch.testing.assert_close(run.cache[f"blocks.{layer}.moe.weights"], scores, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run.cache[f"blocks.{layer}.mlp.out"], shared + sum(outs), rtol=1e-4, atol=1e-5)
+    resected = m.run(ids, capture=[f"blocks.{layer}.mlp.out"], interventions=[moe.resect(layer, e)])
+    _, scores, outs, shared = _llama4_hand(m, layer, x)
+    kept = sum(o for i, o in enumerate(outs) if i != e)
+    torch.testing.assert_close(resected.cache[f"blocks.{layer}.mlp.out"], shared + kept, rtol=1e-4, atol=1e-5)
+
+
+def test_llama4_expert_patching_and_gradient(llama4):
+    m, layer = llama4, 2
+    a, b = _ids(m, 1), _ids(m, 2)
+    site, out = f"blocks.{layer}.moe.expert.1", f"blocks.{layer}.mlp.out"
+    source = m.run(b, capture=[site]).cache
+    base = m.run(a, capture=[site, out]).cache
+    patched = m.run(a, capture=[site, out], interventions=[lmscope.patch(site, source)]).cache
+    torch.testing.assert_close(patched[site], source[site])
+    # the expert's whole contribution is replaced (its routing weight acted on its input)
+    torch.testing.assert_close(patched[out], base[out] - base[site] + source[site], rtol=1e-4, atol=1e-5)
+    run = m.run(a, capture=[site, out], grad=True)
+    run.logits[:, -1].sum().backward()
+    torch.testing.assert_close(run.cache[site].grad, run.cache[out].grad, rtol=1e-4, atol=1e-6)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from lmscope.circuits.metrics import Metric, get_metric
 from lmscope.circuits.pairs import Baselines, BoundMetric, PromptPair, TokenPair, as_token_pairs, bind
-from lmscope.circuits.patching import COMPONENTS
+from lmscope.circuits.patching import COMPONENTS, layer_sites
 from lmscope.circuits.scores import PatchResult
 from lmscope.core import distributed, memory
 from lmscope.core.errors import LmscopeError
@@ -157,8 +157,8 @@ def attribute(
     """
     if method not in GRADIENT_METHODS:
         raise LmscopeError(f"unknown method '{method}' (choose from {', '.join(GRADIENT_METHODS)})")
-    if component not in (*COMPONENTS, "expert"):
-        raise LmscopeError(f"unknown component '{component}' (choose from {', '.join(COMPONENTS)}, expert)")
+    if component not in COMPONENTS:
+        raise LmscopeError(f"unknown component '{component}' (choose from {', '.join(COMPONENTS)})")
     if steps < 1:
         raise LmscopeError("steps must be at least 1")
     if schedule not in SCHEDULES:
@@ -168,9 +168,10 @@ def attribute(
     lengths = {len(p.clean) for p in token_pairs}
     if per_position and len(lengths) > 1:
         raise LmscopeError(f"per-position scores need pairs of one length; got lengths {sorted(lengths)}")
-    layer_sites = _component_sites(model, component)
-    sites = [site for group in layer_sites for site in group]
-    kind = COMPONENTS.get(component, "moe.expert")
+    kind = COMPONENTS[component]
+    by_layer = layer_sites(model, kind)
+    groups = [by_layer.get(layer, []) for layer in range(model.n_layers)]
+    sites = [site for group in groups for site in group]
     n_steps, schedule = (1, "upstream") if method == "attribution" else (steps, schedule)
     budget = memory.budget(model.device, max_memory)
 
@@ -187,12 +188,12 @@ def attribute(
         node = {
             s: _node_scores((clean.cache[s][0] - corrupt.cache[s][0]) * grads[s], kind, per_position) for s in sites
         }
-        width = max(len(group) for group in layer_sites) if kind == "moe.expert" else 1
+        width = max(len(group) for group in groups) if kind == "moe.expert" else 1
         scores = [
             torch.cat([node[s] for s in group], -1)
             if group
             else torch.zeros(len(pair.clean) if per_position else 1, width)
-            for group in layer_sites
+            for group in groups
         ]
         return torch.stack([s.cpu() for s in scores]), baselines
 
@@ -218,22 +219,6 @@ def attribute(
         method=method,
         tokens=tokens,
     )
-
-
-def _component_sites(model: Model, component: str) -> list[list[str]]:
-    """Per layer, the sites scored for ``component``: one (``attn.z`` holds the heads), or for
-    ``expert`` every expert's output site of a mixture-of-experts layer (none in a dense layer)."""
-    if component != "expert":
-        return [[f"blocks.{layer}.{COMPONENTS[component]}"] for layer in range(model.n_layers)]
-    from lmscope.core.moe import n_experts
-
-    moe_layers = set(model.layers_with("experts")) if model.family.experts else set()
-    if not moe_layers:
-        raise LmscopeError(f"{model.name} has no mixture-of-experts layers to score experts in")
-    return [
-        [f"blocks.{layer}.moe.expert.{e}" for e in range(n_experts(model, layer))] if layer in moe_layers else []
-        for layer in range(model.n_layers)
-    ]
 
 
 def _node_scores(product: Tensor, kind: str, per_position: bool) -> Tensor:

@@ -21,7 +21,7 @@ LEVELS = {
     "head": [("head", False)],
     "layer": [("attn", False), ("mlp", False)],
     "position": [("resid", True)],
-    "expert": [("expert", False)],  # mixture-of-experts models; gradient methods only
+    "expert": [("expert", False)],  # mixture-of-experts models
 }
 
 
@@ -47,8 +47,6 @@ def locate(
         raise LmscopeError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
     if level not in LEVELS:
         raise LmscopeError(f"unknown level '{level}' (choose from {', '.join(LEVELS)})")
-    if method == "exact" and level == "expert":
-        raise LmscopeError("the expert level is scored by gradient methods: use --method attribution or eap-ig")
     if method != "exact" and direction != "denoising":
         raise LmscopeError(f"{method} scores the denoising direction only")
     token_pairs = as_token_pairs(model, pairs)

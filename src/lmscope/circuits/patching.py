@@ -41,13 +41,23 @@ from transformers.cache_utils import Cache
 from lmscope.circuits.metrics import Metric, get_metric
 from lmscope.circuits.pairs import Baselines, BoundMetric, PromptPair, TokenPair, as_token_pairs, bind
 from lmscope.circuits.scores import PatchResult
-from lmscope.core import distributed
+from lmscope.core import distributed, moe
 from lmscope.core.errors import LmscopeError
 from lmscope.core.hooks import Hook, hooked
 from lmscope.core.model import Model, position_ids
 from lmscope.core.progress import progress_bar
 
-COMPONENTS = {"head": "attn.z", "attn": "attn.out", "mlp": "mlp.out", "resid": "resid_pre"}
+COMPONENTS = {"head": "attn.z", "attn": "attn.out", "mlp": "mlp.out", "resid": "resid_pre", "expert": "moe.expert"}
+
+
+def layer_sites(model: Model, kind: str) -> dict[int, list[str]]:
+    """Per layer, the sites of component ``kind``: one (``attn.z`` holds the heads), or for
+    ``moe.expert`` every routed expert's output site of each mixture-of-experts layer (dense
+    layers have none)."""
+    if kind != "moe.expert":
+        return {layer: [f"blocks.{layer}.{kind}"] for layer in range(model.n_layers)}
+    counts = moe.expert_counts(model)
+    return {layer: [f"blocks.{layer}.moe.expert.{e}" for e in range(n)] for layer, n in counts.items()}
 
 
 @dataclass
@@ -159,7 +169,8 @@ def layer_chunk(model: Model, ids: Tensor, mask: Tensor, start: int, cache: Dyna
 
 @dataclass
 class _Variant:
-    """One patch: the component at ``layer`` (and ``head``); the positions are the run's."""
+    """One patch: the component at ``layer`` (and ``head``, or expert for ``moe.expert``); the
+    positions are the run's."""
 
     layer: int
     head: int | None
@@ -178,8 +189,27 @@ def _patch_rows(x: Tensor, start_row: int, variants: list[_Variant], src: Tensor
     return torch.cat([x[:start_row], new]) if start_row else new
 
 
+def _expert_patch(start_row: int, variants: list[_Variant], sources: list[Tensor], pos: Tensor):
+    """The edit for :func:`lmscope.core.moe.expert_hooks`: in rows ``start_row:``, expert e's
+    output at positions ``pos`` becomes ``sources[e]`` [1, chunk_pos, d_model] in the variants
+    that patch e."""
+
+    def edit(e: int, x: Tensor) -> Tensor:
+        rows = torch.tensor([v.head == e for v in variants], device=x.device)
+        where = rows[:, None, None] & pos[None, :, None]
+        new = torch.where(where, sources[e].to(x.dtype), x[start_row:])
+        return torch.cat([x[:start_row], new]) if start_row else new
+
+    return edit
+
+
 def _run_variants(
-    model: Model, chunk: Chunk, kind: str, by_layer: dict[int, list[_Variant]], sources: dict[int, Tensor], pos: Tensor
+    model: Model,
+    chunk: Chunk,
+    kind: str,
+    by_layer: dict[int, list[_Variant]],
+    sources: dict[int, list[Tensor]],
+    pos: Tensor,
 ) -> Tensor:
     """Run every variant of one chunk as a batch that grows as variants join at their layer.
     Returns the final residual at the last position, [n_variants, d_model], in variant order
@@ -195,13 +225,16 @@ def _run_variants(
             h = chunk.hidden[layer].expand(len(new), -1, -1)
             hidden = h if hidden is None else torch.cat([hidden, h])
             if kind == "resid_pre":
-                hidden = _patch_rows(hidden, start_row, new, sources[layer], pos)
+                hidden = _patch_rows(hidden, start_row, new, sources[layer][0], pos)
         hooks = [Hook("resid_pre", layer, lambda x, _h=hidden: _h)]
         if new and kind in ("attn.z", "attn.out", "mlp.out"):
             # attn.z arrives split into heads, [batch, chunk_pos, n_heads, d_head]
-            patch = lambda x, _new=new, _row=start_row, _src=sources[layer]: _patch_rows(x, _row, _new, _src, pos)
+            patch = lambda x, _new=new, _row=start_row, _src=sources[layer][0]: _patch_rows(x, _row, _new, _src, pos)
             hooks.append(Hook(kind, layer, patch))
-        if layer == model.n_layers - 1 and kind != "mlp.out":
+        if new and kind == "moe.expert":
+            experts = sorted({v.head for v in new})
+            hooks += moe.expert_hooks(model, layer, experts, _expert_patch(start_row, new, sources[layer], pos))
+        if layer == model.n_layers - 1 and kind not in ("mlp.out", "moe.expert"):
             hooks += final_position_only(layer)
         args, kwargs = chunk.calls[layer]
         kv = PrefixKV(chunk.prefix, hidden.shape[0])
@@ -245,13 +278,15 @@ def activation_patching(
     max_batch: int = 128,
 ) -> PatchResult:
     """Exact activation patching (Vig et al. 2020; Meng et al. 2022; Wang et al. 2022) of every
-    ``component`` (``head``, ``attn``, ``mlp``, ``resid``) of every layer, over all positions at
-    once or per position, in ``direction`` (``denoising``: clean into corrupted; ``noising``:
-    corrupted into clean).
+    ``component`` (``head``, ``attn``, ``mlp``, ``resid``, or ``expert``: each routed expert's
+    output, ``blocks.{L}.moe.expert.{E}``, weighted by the base run's own routing) of every layer,
+    over all positions at once or per position, in ``direction`` (``denoising``: clean into
+    corrupted; ``noising``: corrupted into clean).
 
     ``pairs``: token pairs, or prompt pairs of equal length (tokenise pairs of different lengths
     with :func:`~lmscope.circuits.pairs.tokenize_pairs` and ``align="final"`` first).
-    Returns :class:`PatchResult` with scores ``[n_layers, n_positions or 1, n_heads or 1]``: the
+    Returns :class:`PatchResult` with scores ``[n_layers, n_positions or 1, n_heads, n_experts or 1]``
+    (dense layers of a mixture-of-experts model patch nothing: they keep the base run's score): the
     metric of each patched run, averaged over pairs, then normalised by the pairs' mean clean and
     corrupted baselines (:class:`~lmscope.circuits.pairs.Baselines`). ``max_batch`` bounds the
     variants run at once.
@@ -267,7 +302,13 @@ def activation_patching(
     lengths = {len(p.clean) for p in token_pairs}
     if per_position and len(lengths) > 1:
         raise LmscopeError(f"per-position patching needs pairs of one length; got lengths {sorted(lengths)}")
-    n_layers, n_heads = model.n_layers, (model.n_heads if component == "head" else 1)
+    sites = layer_sites(model, kind)
+    n_layers = model.n_layers
+    n_heads = 1  # the last axis: heads, experts, or one for a layer component
+    if kind == "attn.z":
+        n_heads = model.n_heads
+    elif kind == "moe.expert":
+        n_heads = max(map(len, sites.values()))
     n_pos = max(lengths) if per_position else 1
     totals = torch.zeros(n_layers, n_pos, n_heads, dtype=torch.float64)
     per_pair = []
@@ -276,7 +317,7 @@ def activation_patching(
 
         def run_pair(pair: TokenPair) -> tuple[Tensor, tuple[float, float]]:
             share = lambda n: advance(n * distributed.world_size())
-            return _patch_pair(model, pair, kind, per_position, direction, metric, n_heads, max_batch, share)
+            return _patch_pair(model, pair, kind, sites, per_position, direction, metric, n_heads, max_batch, share)
 
         # Under torchrun, pairs go round-robin to the ranks and add up in order on each.
         for values, clean_corrupt in distributed.ordered_map(token_pairs, run_pair):
@@ -296,6 +337,7 @@ def _patch_pair(
     model: Model,
     pair: TokenPair,
     kind: str,
+    sites: dict[int, list[str]],
     per_position: bool,
     direction: str,
     metric: Metric,
@@ -311,11 +353,10 @@ def _patch_pair(
     clean = (pair.clean[None].to(model.device), pair.clean_mask[None].to(model.device))
     corrupt = (pair.corrupt[None].to(model.device), pair.corrupt_mask[None].to(model.device))
     base, source = (corrupt, clean) if direction == "denoising" else (clean, corrupt)
-    sites = [f"blocks.{layer}.{kind}" for layer in range(model.n_layers)]
     T = base[0].shape[1]
     first = min(_first_difference(base[0][0], source[0][0], base[1][0], source[1][0]), T - 1)
     full = DynamicCache(config=model.hf.config)
-    src, src_final = _continue(model, *source, 0, full, sites, keep=True)
+    src, src_final = _continue(model, *source, 0, full, [s for names in sites.values() for s in names], keep=True)
     prefix = _cropped(full, first) or prefix_cache(model, *base, first)
     chunk = layer_chunk(model, *base, first, prefix)
     src_logits = model.unembed(src_final[:, -1])
@@ -331,9 +372,9 @@ def _patch_pair(
     if per_position:
         advance(model.n_layers * first)
     variants = [
-        _Variant(layer, head if kind == "attn.z" else None)
-        for layer in range(model.n_layers)
-        for head in range(n_heads)
+        _Variant(layer, head if kind in ("attn.z", "moe.expert") else None)
+        for layer, names in sites.items()
+        for head in range(len(names) if kind == "moe.expert" else n_heads)
     ]
     for start in starts:
         if start != first:
@@ -341,7 +382,7 @@ def _patch_pair(
             chunk = layer_chunk(model, *base, start, prefix_cache(model, *base, start))
         pos = torch.zeros(T - start, dtype=torch.bool, device=model.device)
         pos[0 if per_position else slice(None)] = True
-        sources = {layer: src[name][:, start:] for layer, name in enumerate(sites)}
+        sources = {layer: [src[name][:, start:] for name in names] for layer, names in sites.items()}
         for group_start in range(0, len(variants), max_batch):
             group = variants[group_start : group_start + max_batch]
             by_layer: dict[int, list[_Variant]] = {}

@@ -58,6 +58,12 @@ monet_router, monet_experts
     ``experts(hidden [batch, pos, d_model], g1, g2 [batch, pos, heads, experts])`` and returning
     ``sum_h sum_ij g1[h, i] g2[h, j] E_ij(hidden)`` (:mod:`lmscope.core.monet`). Monet's experts
     module is also the layer's ``mlp``.
+experts_scaled_inputs
+    Llama 4's mixture of experts: the router returns ``(scores, logits)`` with ``scores``
+    [tokens, n_experts] the sigmoid of the top-k logits (0 for the other experts), and every expert
+    runs on every token with its *input* multiplied by its score: the experts module is called as
+    ``experts(x [n_experts * tokens, d_model])`` (expert-major) and returns the experts' outputs in
+    the same layout, which the block sums over experts (plus a shared expert).
 experts_flat
     The experts module stores each weight with the experts flattened into its first axis
     (``[n_experts * d_ffn, d_model]``, DBRX) rather than stacked on it (``[n_experts, ...]``, as
@@ -131,6 +137,7 @@ class Family:
     qkv_clip: str | None = None
     mixer: str | None = None
     q_gate: bool = False
+    experts_scaled_inputs: bool = False
 
 
 LLAMA = Family(
@@ -452,7 +459,10 @@ FAMILIES: dict[str, Family] = {
         mlp_contrib="feed_forward",
         k_norm="self_attn.qk_norm",
         q_norm="self_attn.qk_norm",
-    ),  # its MoE (every expert on every token, sigmoid-scaled inputs) has no moe.* sites
+        router="feed_forward.router",
+        experts="feed_forward.experts",
+        experts_scaled_inputs=True,
+    ),  # dense layers (interleave_moe_layer_step > 1) have a plain MLP at feed_forward
     "mellum": MOE,
     "minimax_m2": MOE,
     "ministral": LLAMA,

@@ -71,7 +71,8 @@ def hooked(model: Model, hooks: Iterable[Hook]) -> Iterator[None]:
             modules = hook.modules if hook.modules is not None else point_modules(model, hook.point, hook.layer)
             if not modules:
                 raise LmscopeError(f"this model has no hook point '{hook.point}'")
-            wrapped = _wrap(point, hook.fn, (model.n_heads, model.d_head))
+            d_head = model.d_head if hook.layer is None else model.d_head_of(hook.layer)
+            wrapped = _wrap(point, hook.fn, (model.n_heads, d_head))
             for module in modules:
                 if point.when == "pre":
                     handles.append(module.register_forward_pre_hook(wrapped, with_kwargs=True))
@@ -359,8 +360,8 @@ class HookSession:
             flat = x.ndim == 2 and self._batch_pos is not None  # tokens flattened (OPT's MLP)
             site_x = x.view(*self._batch_pos, -1) if flat else x
             new = self.sites.process(kind, layer, site_x, self._offset)
-            if flat:
-                return None if new is site_x else new.reshape(x.shape)
+            if flat:  # with grad, the view is written back so its captured .grad fills
+                return None if new is site_x and not self.sites.grad else new.reshape(x.shape)
             # with grad, a split-heads view is written back so its captured .grad fills
             return new if new is not x or (heads and self.sites.grad) else None
 

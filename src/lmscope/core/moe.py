@@ -19,6 +19,11 @@ contract lmscope reads and writes (sites, :mod:`lmscope.core.sites`):
   gradient run the captured tensor is in the graph, so expert-level attribution works as for any
   other site.
 
+Llama 4 (``Family.experts_scaled_inputs``) routes differently: its router returns (scores,
+logits), the scores (sigmoid of the top-k logits, 0 elsewhere) multiply each expert's *input*, and
+every expert runs on every token. There ``moe.weights`` are those scores and ``moe.expert.{E}`` is
+E's whole contribution (its weight already acted on its input); editing it replaces that.
+
 Interventions: :func:`resect` (an expert's routing weight set to 0: removed, as Monet resects
 experts), :func:`scale` (its weight times a factor), :func:`forbid` (the router may not choose it:
 its logit is -inf and the router re-chooses), :func:`force` (the router must choose it: its logit
@@ -54,6 +59,15 @@ def n_experts(model, layer: int) -> int:
         if getattr(config, name, None):
             return int(getattr(config, name))
     raise LmscopeError(f"cannot tell how many experts layer {layer} has")
+
+
+def expert_counts(model) -> dict[int, int]:
+    """The number of routed experts of each mixture-of-experts layer; a clear error for a model
+    without any."""
+    layers = model.layers_with("experts") if model.family.experts else []
+    if not layers:
+        raise LmscopeError(f"{model.name} has no mixture-of-experts layers")
+    return {layer: n_experts(model, layer) for layer in layers}
 
 
 def expert_weights(model, layer: int) -> dict[str, Tensor]:
@@ -220,60 +234,105 @@ def sparse_weights(dense: Tensor) -> tuple[Tensor, Tensor]:
     return index, dense.gather(1, index)
 
 
-def session_hooks(model, layer: int, sites, offset: Callable[[], int]) -> list[Hook]:
-    """The hooks that serve a hook session's ``moe.*`` sites of ``layer`` (``sites`` is the
-    session's :class:`lmscope.core.hooks._Sites`)."""
-    n = n_experts(model, layer)
+def _scaled(model) -> bool:
+    return bool(model.family.experts_scaled_inputs)
+
+
+def routing_hooks(model, layer: int, sites, offset: Callable[[], int]) -> list[Hook]:
+    """The hooks that serve a hook session's ``moe.router`` and ``moe.weights`` sites of ``layer``
+    (``sites`` is the session's :class:`lmscope.core.hooks._Sites`)."""
+    n, scaled = n_experts(model, layer), _scaled(model)
     shape: dict[str, tuple[int, int]] = {}
-    state: dict[str, Tensor] = {}
-    wanted_experts = sorted(
-        {int(k.rsplit(".", 1)[1]) for k, lay in sites.keys() if lay == layer and k.startswith("moe.expert.")}  # noqa: SIM118
-    )
 
     def block_in(x: Tensor) -> None:
         shape["bp"] = tuple(x.shape[:2])
 
     def router_out(module, args, kwargs, out):
-        logits = out[0] if isinstance(out, tuple) else out
+        logits = out[1] if scaled else out[0] if isinstance(out, tuple) else out
         b, p = shape["bp"]
         new = sites.process("moe.router", layer, logits.reshape(b, p, -1), offset())
-        if not sites.edits.get(("moe.router", layer)):
+        rerouted = bool(sites.edits.get(("moe.router", layer)))
+        if rerouted:
+            out = _reroute(module, args, kwargs, new.reshape(logits.shape))
+        if not scaled:
+            return out if rerouted else None
+        # Llama 4: the routing weights are the router's scores, which scale the experts' inputs
+        scores = sites.process("moe.weights", layer, out[0].view(b, p, n), offset())
+        if rerouted or sites.edits.get(("moe.weights", layer)):
+            return scores.reshape(out[0].shape), out[1]
+        return None
+
+    def experts_in(module, args, kwargs):
+        _, index, weights = _split_call(args, kwargs)
+        b, p = shape["bp"]
+        new = sites.process("moe.weights", layer, dense_weights(index, weights, n).view(b, p, n), offset())
+        if not sites.edits.get(("moe.weights", layer)):
             return None
-        return _reroute(module, args, kwargs, new.reshape(logits.shape))
+        return _join_call(args, kwargs, *sparse_weights(new.reshape(-1, n)))
+
+    hooks = [Hook("mlp.in", layer, block_in), Hook("moe.router", layer, router_out)]
+    if not scaled:
+        hooks.append(Hook("moe.experts", layer, experts_in))
+    return hooks
+
+
+def expert_hooks(model, layer: int, experts: Sequence[int], edit: Callable[[int, Tensor], Tensor]) -> list[Hook]:
+    """Hooks that hand ``edit(e, out_e)`` each of ``experts``' output in ``layer``, ``out_e``
+    [batch, pos, d_model] (expert e's output where it was chosen, 0 elsewhere, before its routing
+    weight; Llama 4's experts take their weight on the input, so there it is e's whole
+    contribution), and replace e's contribution ``w_e * out_e`` by ``w_e * edit(e, out_e)``.
+
+    ``out_e`` is detached: in a gradient run what ``edit`` returns is the only path from e to the
+    output, so its gradient is dM/d(out_e). Routing edits made by hooks registered earlier (the
+    session's ``moe.weights``) are seen: the weights are read from the experts' call."""
+    n, scaled = n_experts(model, layer), _scaled(model)
+    state: dict = {}
+
+    def block_in(x: Tensor) -> None:
+        state["bp"] = tuple(x.shape[:2])
 
     def experts_in(module, args, kwargs):
         hidden, index, weights = _split_call(args, kwargs)
-        b, p = shape["bp"]
-        dense = dense_weights(index, weights, n)
-        state["dense"], state["hidden"] = dense, hidden
-        new = sites.process("moe.weights", layer, dense.view(b, p, n), offset())
-        if not sites.edits.get(("moe.weights", layer)):
-            return None
-        state["dense"] = new.reshape(-1, n)
-        return _join_call(args, kwargs, *sparse_weights(state["dense"]))
+        state["dense"], state["hidden"] = dense_weights(index, weights, n), hidden
+
+    def alone(module, out: Tensor, e: int) -> tuple[Tensor, Tensor]:
+        """Expert e's output [tokens, d_model] and its routing weight [tokens, 1]."""
+        if scaled:
+            per_expert = out.view(n, -1, out.shape[-1])
+            return per_expert[e].detach(), per_expert.new_ones(1, 1)
+        dense, hidden = state["dense"], state["hidden"]
+        tokens = dense.shape[0]
+        index = torch.full((tokens, 1), e, dtype=torch.long, device=dense.device)
+        ones = torch.ones(tokens, 1, dtype=dense.dtype, device=dense.device)
+        chosen = (dense[:, e] != 0).to(out.dtype)[:, None]
+        own = module.forward(hidden, index, ones).reshape(tokens, -1) * chosen
+        return own.detach(), dense[:, e, None].to(out.dtype)
 
     def experts_out(module, args, kwargs, out):
-        dense, hidden = state["dense"], state["hidden"]
-        b, p = shape["bp"]
-        tokens = dense.shape[0]
+        b, p = state["bp"]
         total = out
-        for e in wanted_experts:
-            index = torch.full((tokens, 1), e, dtype=torch.long, device=dense.device)
-            ones = torch.ones(tokens, 1, dtype=dense.dtype, device=dense.device)
-            chosen = (dense[:, e] != 0).to(out.dtype)[:, None]
-            # detached: the expert's own path to the output is already in ``out``; in a gradient
-            # run the site is a leaf whose gradient is dM/d(expert output), with no second path
-            alone = (module.forward(hidden, index, ones).reshape(tokens, -1) * chosen).detach()
-            new = sites.process(f"moe.expert.{e}", layer, alone.view(b, p, -1), offset()).reshape(tokens, -1)
-            delta = dense[:, e, None].to(out.dtype) * (new - alone)
+        for e in experts:
+            own, weight = alone(module, out, e)
+            new = edit(e, own.view(b, p, -1)).reshape(own.shape)
+            delta = weight * (new - own)
+            if scaled:  # expert-major rows: e's block of the output
+                delta = torch.cat([torch.zeros_like(own) if i != e else delta for i in range(n)])
             total = total + delta.reshape(out.shape)
-        return total if wanted_experts else None
+        return total
 
-    hooks = [
-        Hook("mlp.in", layer, block_in),
-        Hook("moe.router", layer, router_out),
-        Hook("moe.experts", layer, experts_in),
-    ]
-    if wanted_experts:
-        hooks.append(Hook("moe.experts.out", layer, experts_out))
+    hooks = [Hook("mlp.in", layer, block_in)]
+    if not scaled:
+        hooks.append(Hook("moe.experts", layer, experts_in))
+    return [*hooks, Hook("moe.experts.out", layer, experts_out)]
+
+
+def session_hooks(model, layer: int, sites, offset: Callable[[], int]) -> list[Hook]:
+    """The hooks that serve a hook session's ``moe.*`` sites of ``layer``: routing first, so the
+    experts' outputs are read under the session's routing edits."""
+    wanted = sorted(
+        {int(k.rsplit(".", 1)[1]) for k, lay in sites.keys() if lay == layer and k.startswith("moe.expert.")}  # noqa: SIM118
+    )
+    hooks = routing_hooks(model, layer, sites, offset)
+    if wanted:
+        hooks += expert_hooks(model, layer, wanted, lambda e, x: sites.process(f"moe.expert.{e}", layer, x, offset()))
     return hooks
