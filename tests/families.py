@@ -3,6 +3,8 @@ download): the family matrix of ``lmscope verify`` (tests/verify, scripts/family
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -68,6 +70,7 @@ EXTRA: dict[str, dict] = {
     "qwen2_moe": {"mlp_only_layers": [0]},  # a dense layer among MoE layers
     "qwen3_5_text": _HYBRID,
     "qwen3_5_moe_text": _HYBRID,
+    "gemma4_text": {"num_hidden_layers": 5},
 }
 # Per family: constructor arguments (sub-configs, and what __post_init__ copies into them: DBRX's
 # ffn_config.hidden_size is set from d_model there).
@@ -78,7 +81,46 @@ INIT: dict[str, dict] = {
         "attn_config": {"kv_n_heads": 2, "clip_qkv": 0.5, "rope_theta": 10000.0},
         "ffn_config": {"ffn_hidden_size": 32, "moe_num_experts": 4, "moe_top_k": 2},
     },
+    # Gemma 4: sliding-window layers (head_dim 16, 2 KV heads) and full-attention layers with larger
+    # heads (32), one KV head and values equal to keys; the last two layers reuse the keys and values
+    # of the last earlier layer of their kind (3 <- 2, 4 <- 1); a per-layer input branch of width 8.
+    # Per-layer sizes are resolved at construction, so they are given here.
+    "gemma4_text": {
+        "num_hidden_layers": 5,
+        "layer_types": [
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+        ],
+        "global_head_dim": 32,
+        "num_global_key_value_heads": 1,
+        "attention_k_eq_v": True,
+        "num_kv_shared_layers": 2,
+        "hidden_size_per_layer_input": 8,
+        "vocab_size_per_layer_input": 96,
+    },
 }
+
+
+def _random_layer_scalars(hf) -> None:
+    """Gemma 4: each layer's output scale (``layer_scalar``, initialised to the no-op 1) drawn from [0.5, 1.5]."""
+    for layer in hf.model.layers:
+        layer.layer_scalar.uniform_(0.5, 1.5)
+
+
+# Per family: changes to the constructed model (values its initialisation leaves at a no-op).
+TWEAK: dict[str, Callable] = {"gemma4_text": _random_layer_scalars}
+
+
+def _has(config, key: str) -> bool:
+    """Whether ``config`` has attribute ``key`` (directly or through its attribute_map); a
+    heterogeneous config (Gemma 4) refuses to read its per-layer attributes globally, but has them."""
+    try:
+        return hasattr(config, key) or key in getattr(config, "attribute_map", {})
+    except RuntimeError:
+        return key in (config.per_layer_attributes or ())
 
 
 def tiny_config(model_type: str):
@@ -89,7 +131,7 @@ def tiny_config(model_type: str):
     for key, value in {**SMALL, **extra}.items():
         if key in keep:
             continue
-        if hasattr(config, key) or key in getattr(config, "attribute_map", {}):
+        if _has(config, key):
             try:
                 setattr(config, key, value)
             except (AttributeError, ValueError, TypeError):
@@ -107,6 +149,8 @@ def tiny_family_model(model_type: str, seed: int = 0) -> lmscope.Model:
         for p in hf.parameters():
             if p.ndim >= 2:
                 p.mul_(3.0)
+        if model_type in TWEAK:
+            TWEAK[model_type](hf)
     return lmscope.Model(hf, tokenizer=None, source=f"tiny {model_type}", name=f"tiny-{model_type}")
 
 

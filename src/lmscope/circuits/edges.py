@@ -180,7 +180,7 @@ def _edge_scores(
         columns = []
         for layer in range(L):
             s = saved[layer]
-            g = split_qkv(model, {name: out.grad for name, out in s["out"].items()})
+            g = split_qkv(model, layer, {name: out.grad for name, out in s["out"].items()})
             attn_norm = model.layer_module(layer, fam.attn_norm) if fam.attn_norm else None
             mlp_norm = model.layer_module(layer, fam.mlp_norm) if fam.mlp_norm else None
             with torch.no_grad():
@@ -206,9 +206,9 @@ def _edge_scores(
 def _through_joint_norm(model: Model, layer: int, norm, k_in: Tensor, g_k: Tensor) -> Tensor:
     """Input gradient of each query head's keys, [H, S, T, d], from the gradients at the joint
     key norm's (expanded) output g_k [S, T, H, D] and that norm's input k_in [S, T, K * D]."""
-    H, K, D = model.n_heads, model.n_kv_heads, model.d_head
+    H, K, D = model.n_heads, model.n_kv_heads_of(layer), model.d_head_of(layer)
     cot = g_k.new_zeros(H, *k_in.shape).unflatten(-1, (K, D))  # [H, S, T, K, D]
-    cot[torch.arange(H), :, :, kv_head_of(model)] = g_k.permute(2, 0, 1, 3)
+    cot[torch.arange(H), :, :, kv_head_of(model, layer)] = g_k.permute(2, 0, 1, 3)
     through = _norm_vjp(norm, k_in, cot.flatten(-2))  # [H, S, T, K * D]
     proj = model.layer_module(layer, model.family.k_proj)
     return torch.einsum("hstk,kd->hstd", through, parameter(proj))

@@ -136,7 +136,7 @@ class _EdgeAblation:
 
     def _layer_hooks(self, layer: int) -> list[Hook]:
         m, fam = self.model, self.model.family
-        H, D = m.n_heads, m.d_head
+        H, D = m.n_heads, m.d_head_of(layer)
         saved = {}
 
         def resid(x: Tensor) -> None:
@@ -156,8 +156,8 @@ class _EdgeAblation:
         def joint_keys() -> Tensor:  # each query head's keys through the whole projection and joint norm
             x = saved["pre"][None] - self._missing([f"a{layer}.h{h}<k>" for h in range(H)])
             keys = k_norm.forward(m.layer_module(layer, fam.k_proj)(norm(x)))  # forward: not this hook again
-            keys = keys.unflatten(-1, (m.n_kv_heads, D))  # [H, B, T, K, D]
-            return keys[torch.arange(H), :, :, kv_head_of(m)].permute(1, 2, 0, 3).flatten(-2)  # [B, T, H * D]
+            keys = keys.unflatten(-1, (m.n_kv_heads_of(layer), D))  # [H, B, T, K, D]
+            return keys[torch.arange(H), :, :, kv_head_of(m, layer)].permute(1, 2, 0, 3).flatten(-2)  # [B, T, H * D]
 
         hooks = [Hook("resid_pre", layer, resid)]
         points = qkv_points(m, layer)

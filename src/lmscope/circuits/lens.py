@@ -476,7 +476,7 @@ def _value_bias_output(model: Model, layer: int) -> Tensor:
     """What each head of ``layer`` writes because of the constant part of its values alone,
     ``(b_ln W_V[h] + b_V[h]) W_O[h]`` with ``b_ln`` the bias of a LayerNorm before attention
     (which TransformerLens's ``fold_ln`` folds into ``b_V``): [n_heads, d_model] (float32)."""
-    fam, H, D = model.family, model.n_heads, model.d_head
+    fam, H, D = model.family, model.n_heads, model.d_head_of(layer)
     w_v, b_v = head_params(model, layer, "v")  # [n_heads, d_head, d_model], [n_heads, d_head]: per query head
     const = torch.zeros(H, D, device=model.device) if b_v is None else b_v.float()
     norm = model.layer_module(layer, fam.attn_norm) if fam.attn_norm else None

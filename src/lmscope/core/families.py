@@ -86,6 +86,30 @@ mixer
 q_gate
     The query projection's output holds, per head, the query then an output gate (``sigmoid(gate)``
     multiplies the head's output before ``o_proj``, so ``attn.z`` is the gated output; Qwen 3.5).
+v_norm
+    The norm the values go through after their projection, where the model has one (Gemma 4's
+    scale-free RMS norm over each head).
+v_from_k
+    On a layer whose attention has no ``v_proj``, the values are the key projection's output
+    (before the key norm and rotary embedding): Gemma 4's full-attention layers with
+    ``attention_k_eq_v``.
+kv_reuse
+    The config attribute listing each layer's attention kind (Gemma 4: ``"layer_types"``). A layer
+    whose attention has no ``k_proj`` attends with the keys and values of the last earlier layer of
+    the same kind that has one (:meth:`lmscope.core.model.Model.kv_source`; Gemma 4's KV-shared
+    layers). Its ``attn.k`` / ``attn.v`` sites hold those reused tensors, as it attends with them;
+    an edit there changes that layer's attention only. Such a model is asked for its last logits
+    by position index (an integer ``logits_to_keep`` lets it skip the other positions there).
+extra_contrib
+    A third branch after the MLP: the module whose output the layer also adds to the residual
+    stream (Gemma 4's per-layer inputs, ``post_per_layer_input_norm``; hook point ``extra.contrib``).
+layer_scale
+    A buffer or parameter of the layer (path relative to it) that the layer multiplies its whole
+    output by after adding its branches (Gemma 4's ``layer_scalar``): ``resid_post`` =
+    (``resid_mid`` + MLP + extra contributions) * scale (:meth:`lmscope.core.model.Model.layer_scale`).
+unsupported
+    ``(config attribute, reason)`` pairs: a model whose config sets one of these attributes to a
+    true value is refused with the reason (Gemma 4's ``enable_moe_block``).
 
 Where a tensor is read or written on these modules is the other table,
 :mod:`lmscope.core.hookpoints`.
@@ -138,6 +162,12 @@ class Family:
     mixer: str | None = None
     q_gate: bool = False
     experts_scaled_inputs: bool = False
+    v_norm: str | None = None
+    v_from_k: bool = False
+    kv_reuse: str | None = None
+    extra_contrib: str | None = None
+    layer_scale: str | None = None
+    unsupported: tuple[tuple[str, str], ...] = ()
 
 
 LLAMA = Family(
@@ -352,6 +382,20 @@ FAMILIES: dict[str, Family] = {
         attn_contrib="post_attention_layernorm",
         mlp_norm="pre_feedforward_layernorm",
         mlp_contrib="post_feedforward_layernorm",
+    ),
+    # layers of two kinds with their own head size and KV heads, later layers reusing earlier ones'
+    # keys and values, a per-layer input branch after the MLP, and a scale on each layer's output
+    "gemma4_text": replace(
+        LLAMA,
+        attn_contrib="post_attention_layernorm",
+        mlp_norm="pre_feedforward_layernorm",
+        mlp_contrib="post_feedforward_layernorm",
+        v_norm="self_attn.v_norm",
+        v_from_k=True,
+        kv_reuse="layer_types",
+        extra_contrib="post_per_layer_input_norm",
+        layer_scale="layer_scalar",
+        unsupported=(("enable_moe_block", "not yet: an MoE block beside the MLP, routed by probabilities"),),
     ),
     "glm": LLAMA,
     "glm4": replace(LLAMA, attn_contrib="post_self_attn_layernorm", mlp_contrib="post_mlp_layernorm"),
@@ -628,10 +672,6 @@ LEFT_OUT: dict[str, str] = {
     ),
     "diffllama": "differential attention (two softmax maps subtracted per head)",
     "nanochat": "not yet: parameter-free norms applied as functions, not modules",
-    "gemma4_text": (
-        "not yet: head_dim varies by layer, per-layer inputs add a third residual branch, "
-        "each layer scales the whole residual stream, and later layers reuse earlier layers' keys/values"
-    ),
     "glm4_moe_lite": "not yet: latent attention projections not derived",
     "openai-gpt": "post-norm blocks without a final norm",
     "ctrl": "not yet: attention projections named Wq/Wk/Wv",

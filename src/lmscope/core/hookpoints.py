@@ -79,6 +79,7 @@ HOOK_POINTS: dict[str, HookPoint] = {
     "attn.contrib": _point(("attn_contrib", "mixer"), "post"),  # what attention (or the mixer) adds
     "mlp.resid_in": _point(("mlp_norm", "mlp", "mlp_up"), "pre"),  # the residual stream the MLP reads
     "mlp.contrib": _point("mlp_contrib", "post"),  # what the MLP adds to the residual stream
+    "extra.contrib": _point("extra_contrib", "post"),  # what a third branch adds (Gemma 4's per-layer inputs)
     "final_norm.in": _point("final_norm", "pre"),  # the residual stream the unembedding reads
     "pos_embed": _point("pos_embed", "post"),  # learned position embeddings (GPT-2, OPT)
     "linears.in": _point("linears", "pre"),  # inputs of every linear layer of a block

@@ -56,7 +56,9 @@ class GenerateResult:
 class Model:
     """A loaded causal LM: ``hf`` (the unchanged Hugging Face module), ``tokenizer``,
     its family's table entry, and dimensions (``n_layers``, ``n_heads``, ``n_kv_heads``,
-    ``d_model``, ``d_head``, ``d_mlp``, ``d_vocab``)."""
+    ``d_model``, ``d_head``, ``d_mlp``, ``d_vocab``). Where layers differ in head size or number
+    of KV heads (Gemma 4's two layer kinds), ``d_head`` and ``n_kv_heads`` are the first attention
+    layer's and :meth:`d_head_of` / :meth:`n_kv_heads_of` give each layer's."""
 
     def __init__(self, hf: nn.Module, tokenizer, source: str = "", name: str = "", family: Family | None = None):
         self.hf = hf
@@ -65,22 +67,18 @@ class Model:
         self.name = name or source
         config = hf.config
         self.family: Family = family or family_for(config.model_type)
+        for attribute, reason in self.family.unsupported:
+            if getattr(config, attribute, False):
+                raise LmscopeError(f"model family '{config.model_type}' with {attribute} is not supported: {reason}")
         self.derived = False  # True when the family entry was derived from the module tree
         self.n_layers = len(self.module(self.family.layers))
         self.n_heads = config.num_attention_heads
-        self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
-        if getattr(config, "multi_query", False):  # GPT-BigCode: one key/value head
-            self.n_kv_heads = 1
         self.d_model = config.hidden_size
+        self._kv_heads = [_kv_heads(_layer_config(config, i), self.n_heads) for i in range(self.n_layers)]
+        self._d_heads = [self._layer_d_head(i) for i in range(self.n_layers)]
         attention = self.layers_with("o_proj")  # hybrids: the first attention layer has it
-        if attention:
-            self.d_head = self._in_features(self.layer_module(attention[0], self.family.o_proj)) // self.n_heads
-        else:  # attention exposed only as a whole (Family.mixer on every layer): the config's
-            self.d_head = (
-                getattr(config, "head_dim", None)
-                or getattr(config, "kv_channels", None)
-                or (self.d_model // self.n_heads)
-            )
+        first = attention[0] if attention else 0
+        self.n_kv_heads, self.d_head = self._kv_heads[first], self._d_heads[first]
         downs = [self.layer_module(i, self.family.mlp_down) for i in self.layers_with("mlp_down")]
         self.d_mlp = self._in_features(downs[0]) if downs else None
         self.d_vocab = config.vocab_size
@@ -119,6 +117,62 @@ class Model:
     def _in_features(self, linear: nn.Module) -> int:
         w = linear.weight
         return w.shape[0] if self.family.conv1d else w.shape[1]
+
+    def _layer_d_head(self, layer: int) -> int:
+        """The head size of ``layer``: its output projection's input over the heads, or where it
+        has none (attention exposed only as a whole, ``Family.mixer``) the config's."""
+        if self.has_module(layer, self.family.o_proj):
+            return self._in_features(self.layer_module(layer, self.family.o_proj)) // self.n_heads
+        config = _layer_config(self.hf.config, layer)
+        return (
+            getattr(config, "head_dim", None) or getattr(config, "kv_channels", None) or (self.d_model // self.n_heads)
+        )
+
+    def d_head_of(self, layer: int) -> int:
+        """The head size of ``layer``'s attention (Gemma 4's full-attention layers have larger
+        heads than its sliding-window ones; elsewhere every layer's is ``d_head``)."""
+        return self._d_heads[layer]
+
+    def n_kv_heads_of(self, layer: int) -> int:
+        """The number of key/value heads of ``layer``'s attention (the config's per-layer value
+        where layers differ, as in Gemma 4; elsewhere ``n_kv_heads``)."""
+        return self._kv_heads[layer]
+
+    @property
+    def uniform_heads(self) -> bool:
+        """Whether every attention layer has the same head size and number of KV heads."""
+        layers = self.layers_with("o_proj") or range(self.n_layers)
+        return len({(self._d_heads[i], self._kv_heads[i]) for i in layers}) == 1
+
+    def require_uniform_heads(self, what: str) -> None:
+        """A clear error where layers differ in head size or KV heads, which ``what`` assumes they do not."""
+        if not self.uniform_heads:
+            raise LmscopeError(
+                f"{what}: the layers of {self.hf.config.model_type} differ in head size or number of KV heads "
+                f"(d_head {self._d_heads}, KV heads {self._kv_heads} per layer), which {what} does not support"
+            )
+
+    def kv_source(self, layer: int) -> int:
+        """The layer whose keys and values ``layer`` attends with: itself, or (``Family.kv_reuse``)
+        for a layer without a key projection of its own, the last earlier layer of the same kind
+        that has one (Gemma 4's KV-shared layers)."""
+        fam = self.family
+        if fam.kv_reuse is None or fam.k_proj is None or self.has_module(layer, fam.k_proj):
+            return layer
+        kinds = getattr(self.hf.config, fam.kv_reuse)
+        for earlier in range(layer - 1, -1, -1):
+            if kinds[earlier] == kinds[layer] and self.has_module(earlier, fam.k_proj):
+                return earlier
+        raise LmscopeError(f"layer {layer} has no key projection and no earlier {kinds[layer]} layer has one")
+
+    def layer_scale(self, layer: int) -> Tensor | None:
+        """The factor ``layer`` multiplies its whole output by after adding its branches
+        (``Family.layer_scale``: Gemma 4's ``layer_scalar`` buffer), or None where it has none."""
+        path = self.family.layer_scale
+        if path is None:
+            return None
+        parent, _, name = path.rpartition(".")
+        return getattr(self.layer_module(layer, parent), name)
 
     @property
     def device(self) -> torch.device:
@@ -164,33 +218,18 @@ class Model:
         elif site.kind in MONET_KINDS:
             monet.check_site(self, site)
         elif site.head is not None:
-            n = self.n_kv_heads if site.kind in ("attn.k", "attn.v") else self.n_heads
+            kv = site.kind in ("attn.k", "attn.v")
+            n = self.n_kv_heads_of(site.layer) if kv else self.n_heads
             if not 0 <= site.head < n:
-                what = "KV heads" if n == self.n_kv_heads and site.kind in ("attn.k", "attn.v") else "heads"
-                raise LmscopeError(f"site '{site}': head {site.head} out of range ({n} {what})")
+                raise LmscopeError(
+                    f"site '{site}': head {site.head} out of range ({n} {'KV heads' if kv else 'heads'})"
+                )
         return site
 
     def site_shapes(self, batch: int = 1, pos: int = 1) -> list[tuple[str, tuple[int, ...]]]:
         """Every site name with the shape of its tensor for ``batch`` sequences of ``pos`` tokens."""
-        d = {
-            "embed": (batch, pos, self.d_model),
-            "resid_pre": (batch, pos, self.d_model),
-            "resid_mid": (batch, pos, self.d_model),
-            "resid_post": (batch, pos, self.d_model),
-            "attn.q": (batch, pos, self.n_heads, self.d_head),
-            "attn.k": (batch, pos, self.n_kv_heads, self.d_head),
-            "attn.v": (batch, pos, self.n_kv_heads, self.d_head),
-            "attn.z": (batch, pos, self.n_heads, self.d_head),
-            "attn.pattern": (batch, self.n_heads, pos, pos),
-            "attn.out": (batch, pos, self.d_model),
-            "mlp.in": (batch, pos, self.d_model),
-            "mlp.post": (batch, pos, self.d_mlp),
-            "mlp.out": (batch, pos, self.d_model),
-            "final_norm": (batch, pos, self.d_model),
-            "logits": (batch, pos, self.d_vocab),
-        }
         sites = [parse_site(name) for name in all_sites(self.n_layers)]
-        shapes = [(str(site), d[site.kind]) for site in sites if self._has(site.kind, site.layer)]
+        shapes = [(str(s), self._shape(s.kind, s.layer, batch, pos)) for s in sites if self._has(s.kind, s.layer)]
         for layer in self.layers_with("experts"):
             for kind in ("moe.router", "moe.weights"):
                 shapes.append((f"blocks.{layer}.{kind}", (batch, pos, moe.n_experts(self, layer))))
@@ -200,6 +239,16 @@ class Model:
             shapes.append((f"blocks.{layer}.monet.g2", (batch, pos, heads, n)))
             shapes.append((f"blocks.{layer}.monet.product", (batch, pos, heads, n, n)))
         return shapes
+
+    def _shape(self, kind: str, layer: int | None, batch: int, pos: int) -> tuple[int, ...]:
+        """The shape of site ``kind`` of ``layer`` (heads sized as that layer's)."""
+        if kind == "attn.pattern":
+            return (batch, self.n_heads, pos, pos)
+        if kind in HEAD_KINDS and layer is not None:
+            heads = self.n_kv_heads_of(layer) if kind in ("attn.k", "attn.v") else self.n_heads
+            return (batch, pos, heads, self.d_head_of(layer))
+        width = {"mlp.post": self.d_mlp, "logits": self.d_vocab}.get(kind, self.d_model)
+        return (batch, pos, width)
 
     def _has(self, kind: str, layer: int | None = None) -> bool:
         if kind in MOE_KINDS:
@@ -252,9 +301,9 @@ class Model:
             "parameters": self.n_params,
             "layers": self.n_layers,
             "heads": self.n_heads,
-            "kv_heads": self.n_kv_heads,
+            "kv_heads": self.n_kv_heads if self.uniform_heads else list(self._kv_heads),
             "d_model": self.d_model,
-            "d_head": self.d_head,
+            "d_head": self.d_head if self.uniform_heads else list(self._d_heads),
             "d_mlp": self.d_mlp,
             "vocab": self.d_vocab,
             "dtype": str(next(self.hf.parameters()).dtype).removeprefix("torch."),
@@ -335,7 +384,8 @@ class Model:
         Hugging Face's ``base_model`` (no unembedding, a fifth of SmolLM2's forward) when the
         caller needs captured activations only; the ``logits`` site then cannot be captured.
         ``logits="last"`` computes the last position's logits only ([batch, 1, vocab]; Hugging
-        Face's ``logits_to_keep=1``), which spares a gradient run the whole [batch, pos, vocab].
+        Face's ``logits_to_keep``, see :meth:`_last_position`), which spares a gradient run the
+        whole [batch, pos, vocab].
         ``options`` (``to_cpu``, ``grad``, ``stop_after``) are :class:`~lmscope.core.hooks.HookSession`'s;
         with ``grad`` the forward records gradients.
         """
@@ -346,7 +396,7 @@ class Model:
         forward = self.hf if logits else self.hf.base_model
         result = None
         with torch.set_grad_enabled(options.get("grad", False)), session:
-            keep = {"logits_to_keep": 1} if logits == "last" else {}
+            keep = {"logits_to_keep": self._last_position()} if logits == "last" else {}
             out = forward(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=False, **keep)
             result = out.logits if logits else None
         return RunResult(result, session.cache, ids, mask)
@@ -367,6 +417,8 @@ class Model:
         ``attn.pattern``, which holds the last step.
         """
         ids, mask = self.tokenize(inputs, padding_side="left")
+        if self.family.kv_reuse and "logits_to_keep" in inspect.signature(self.hf.forward).parameters:
+            kwargs.setdefault("logits_to_keep", self._last_position())  # every layer sees the whole prompt
         session = self.hooks(capture, interventions)
         with torch.no_grad(), session:
             out = self.hf.generate(
@@ -380,6 +432,13 @@ class Model:
         new = out[:, ids.shape[1] :]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True) if self.tokenizer else []
         return GenerateResult(texts, out, session.cache)
+
+    def _last_position(self) -> int | Tensor:
+        """``logits_to_keep`` for the last position's logits only: 1, or where layers reuse
+        earlier layers' keys and values (``Family.kv_reuse``) the index of the last position. No
+        other position reads what such layers compute, so under an integer a model may run them on
+        the kept positions only (Gemma 4 does), and their sites would hold one position."""
+        return torch.tensor([-1], device=self.device) if self.family.kv_reuse else 1
 
     def unembed(self, resid: Tensor, tokens: Tensor | None = None) -> Tensor:
         """Logits from the final residual stream ``[..., d_model]``: final norm, unembedding
@@ -408,6 +467,20 @@ class Model:
         """``[bos_token_id]``, or ``[]`` when the tokenizer has no BOS token."""
         bos = self.tokenizer.bos_token_id if self.tokenizer is not None else None
         return [] if bos is None else [bos]
+
+
+def _layer_config(config, layer: int):
+    """The config of ``layer``: its own where layers differ (transformers' ``per_layer_config``,
+    whose per-layer attributes the global config refuses to give), else the global one."""
+    return config.per_layer_config[layer] if getattr(config, "is_heterogeneous", False) else config
+
+
+def _kv_heads(config, n_heads: int) -> int:
+    """The number of key/value heads a (layer's) config gives: one with multi-query attention
+    (GPT-BigCode), else ``num_key_value_heads`` or, without it, one per query head."""
+    if getattr(config, "multi_query", False):
+        return 1
+    return getattr(config, "num_key_value_heads", None) or n_heads
 
 
 def position_ids(mask: Tensor) -> Tensor:

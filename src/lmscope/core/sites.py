@@ -27,7 +27,9 @@
     logits                         the model's logits                [batch, pos, vocab]
 
 Per-head sites (q, k, v, z, pattern) take a head suffix: ``blocks.5.attn.z.3`` is head 3,
-with the head axis removed. The naming follows TransformerLens's hook names
+with the head axis removed. ``d_head`` and ``n_kv_heads`` are the layer's own where layers differ
+(Gemma 4: :meth:`lmscope.core.model.Model.d_head_of`); a layer that reuses an earlier layer's keys
+and values (``Family.kv_reuse``) has those as its ``attn.k`` / ``attn.v``. The naming follows TransformerLens's hook names
 (``hook_resid_pre``, ``attn.hook_z``, ...), without the ``hook_`` prefix.
 """
 

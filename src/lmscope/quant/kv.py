@@ -153,7 +153,9 @@ def _singular_values(gram: Tensor) -> Tensor:
 
 def kv_stats(model: Model, corpus: Corpus, *, window: int = 512, batch_size: int = 4) -> KVStats:
     """Stream ``corpus`` (non-overlapping windows of ``window`` tokens) and accumulate the Gram
-    matrices of every layer's keys and values."""
+    matrices of every layer's keys and values (a clear error where layers differ in head size or
+    KV heads: the statistics stack the layers)."""
+    model.require_uniform_heads("key/value statistics")
     sites = [f"blocks.{layer}.attn.{t}" for layer in range(model.n_layers) for t in "kv"]
     batches = corpus.windows(window).split(batch_size)
 
@@ -186,7 +188,9 @@ def kv_norms(model: Model, corpus: Corpus, *, window: int = 512, batch_size: int
 def weight_norms(model: Model) -> dict:
     """Frobenius and spectral norms of W_k and W_v: per layer (all KV heads' rows) and per KV
     head. Keys: ``"k"``/``"v"`` -> ``frobenius`` [L], ``spectral`` [L], ``head_frobenius``
-    [L][n_kv], ``head_spectral`` [L][n_kv]."""
+    [L][n_kv], ``head_spectral`` [L][n_kv]. A clear error where layers differ in head size or KV
+    heads, or reuse an earlier layer's keys and values."""
+    model.require_uniform_heads("key/value weight norms")
     groups = model.n_heads // model.n_kv_heads
     out = {}
     with torch.no_grad():

@@ -121,10 +121,11 @@ def osp_activations(model: Model, bits: int) -> contextlib.AbstractContextManage
     """Block linear inputs per token (0 in range), the output projection's per head (groups of
     d_head, QuaRot's grouped path), asymmetric."""
     per_token = lambda x: fake_quant_zero_point(x, bits, -1)
-    per_head = lambda x: fake_quant_zero_point(x, bits, -1, model.d_head, include_zero=False)
     hooks = []
     for layer in range(model.n_layers):
         o_proj = point_modules(model, "attn.z", layer)
+        d_head = model.d_head_of(layer)
+        per_head = lambda x, d=d_head: fake_quant_zero_point(x, bits, -1, d, include_zero=False)
         for linear in point_modules(model, "linears.in", layer):
             fn = per_head if any(linear is o for o in o_proj) else per_token
             hooks.append(Hook("linears.in", layer, fn, modules=(linear,)))

@@ -135,6 +135,7 @@ def _plan(model: Model, mode: str) -> list[_Layer]:
         raise LmscopeError(f"unknown rotation {mode!r} (choose from {', '.join(MODES)})")
     if rotation_of(model) is not None:
         raise LmscopeError("the model is already rotated")
+    model.require_uniform_heads("rotation")
     if any(p.device.type == "meta" for p in model.hf.parameters()):
         raise LmscopeError("rotation needs every weight in memory (this model is offloaded to the CPU or disk)")
     downs = model.layers_with("mlp_down")

@@ -341,7 +341,14 @@ def _layer_readers(model: Model, layer: int, part: str, fold: bool = True) -> di
 def _residual_readers(model: Model, layer: int, stage: str) -> dict[str, Tensor]:
     """Everything that reads the residual stream at ``stage`` ("pre", "mid", "post") of ``layer``:
     the layer's own attention (at "pre") and MLP (at "pre"; at "mid" unless attention and MLP read
-    the same stream), every later layer's, and the unembedding after the final norm."""
+    the same stream), every later layer's, and the unembedding after the final norm. A clear error
+    where layers read the stream in a third branch too (``Family.extra_contrib``), whose readers
+    are not named here."""
+    if model.family.extra_contrib:
+        raise LmscopeError(
+            f"the residual stream of {model.hf.config.model_type} is also read by each layer's "
+            f"{model.family.extra_contrib} branch, whose weights are not collected here; pass reader_weights= to illusion_check"
+        )
     out: dict[str, Tensor] = {}
     if stage == "pre":
         out |= _layer_readers(model, layer, "attn")
@@ -397,7 +404,8 @@ def readers(model: Model, site: str | Site) -> dict[str, Tensor]:
     if site.kind == "attn.z":
         weight = _linear_weight(model.layer_module(layer, fam.o_proj)).float()
         if site.head is not None:
-            weight = weight[:, site.head * model.d_head : (site.head + 1) * model.d_head]
+            d_head = model.d_head_of(layer)
+            weight = weight[:, site.head * d_head : (site.head + 1) * d_head]
         return {f"blocks.{layer}.{fam.o_proj}": weight}
     if site.kind == "mlp.in":
         return _layer_readers(model, layer, "mlp", fold=False)  # mlp.in is the norm's output

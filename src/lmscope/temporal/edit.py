@@ -178,7 +178,9 @@ def phrase_position(model: Model, prompt: Text | Sequence[int], phrase: Text) ->
 
 def source_values(model: Model, source: Text) -> Tensor:
     """The mean over every position of ``source`` of each KV head's value vector,
-    ``[n_layers, n_kv_heads, d_head]`` (from one capture of every ``blocks.L.attn.v``)."""
+    ``[n_layers, n_kv_heads, d_head]`` (from one capture of every ``blocks.L.attn.v``; a clear
+    error where layers differ in head size or KV heads)."""
+    model.require_uniform_heads("value edits over every layer")
     ids = torch.tensor([token_ids(model, source)], device=model.device)
     sites = [f"blocks.{layer}.attn.v" for layer in range(model.n_layers)]
     with torch.no_grad():
@@ -186,9 +188,9 @@ def source_values(model: Model, source: Text) -> Tensor:
     return torch.stack([run.cache[site][0].float().mean(0).to(run.cache[site].dtype) for site in sites])
 
 
-def kv_head(model: Model, head: int) -> int:
-    """The KV head serving query head ``head``."""
-    return head // (model.n_heads // model.n_kv_heads)
+def kv_head(model: Model, head: int, layer: int) -> int:
+    """The KV head serving query head ``head`` of ``layer``."""
+    return head // (model.n_heads // model.n_kv_heads_of(layer))
 
 
 def value_edit(model: Model, layer: int, head: int, vector: Tensor, coeff: float, position: int) -> Intervention:
@@ -198,7 +200,7 @@ def value_edit(model: Model, layer: int, head: int, vector: Tensor, coeff: float
     value at ``position``; generated tokens are at later positions and untouched)."""
     site = f"blocks.{layer}.attn.v"
     return apply(
-        site, lambda x: x + coeff * vector.to(x.device, x.dtype), positions=[position], head=kv_head(model, head)
+        site, lambda x: x + coeff * vector.to(x.device, x.dtype), positions=[position], head=kv_head(model, head, layer)
     )
 
 
@@ -455,7 +457,7 @@ def _screens(
     ]
     tokens = _first_tokens(model, target, rows, decoding, max_batch)
     same = {t: _same_token(model, t, baseline) for t in set(tokens)}
-    to_query = [kv_head(model, h) for h in range(model.n_heads)]
+    to_query = [h // (model.n_heads // n_kv) for h in range(model.n_heads)]  # uniform: see source_values
     out = []
     for i in range(len(experiments)):
         first = torch.tensor(tokens[i * n_layers * n_kv : (i + 1) * n_layers * n_kv]).view(n_layers, n_kv)[:, to_query]

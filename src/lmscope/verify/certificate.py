@@ -5,14 +5,16 @@ Checks (names as in results.json):
 
 - ``logits_hooked``: logits with every site hooked are bitwise the plain forward's;
 - ``hidden_states``: ``resid_pre`` / ``resid_post`` / ``final_norm`` equal HF's ``hidden_states``;
-- ``residual_sum``: the residual stream is the sum of embeddings, attention and MLP outputs;
+- ``residual_sum``: the residual stream is the sum of embeddings, attention and MLP outputs (and
+  a third branch's, ``Family.extra_contrib``), times each layer's scale (``Family.layer_scale``);
 - ``logit_lens``: the logit lens on the last layer's residual stream reproduces the logits;
 - ``pattern``: attention probabilities sum to 1, writing them back unchanged reproduces the
   eager forward and editing them changes the output;
 - ``z_to_out``: per-head ``z`` through the output projection's weights reproduces ``attn.out``;
 - ``qkv``: q/k/v equal the projections of the attention input computed from the weights (q and k
   at position 0, where rotary embedding is the identity; clamped where the family clamps them,
-  ``Family.qkv_clip``; through the q/k norm where there is one);
+  ``Family.qkv_clip``; through the q/k/v norm where there is one); a layer that reuses an earlier
+  layer's keys and values (``Family.kv_reuse``) has exactly that layer's;
 - ``head_ablation``: zeroing a head's ``z`` equals zeroing its output-projection columns;
 - ``batching``: a right- and a left-padded batch give each sequence's logits alone;
 - ``kv_cache``: greedy generation with the KV cache equals argmax of full forwards;
@@ -197,12 +199,15 @@ def _residual_sum(m: Model, ids: Tensor) -> str:
     hooks = [Hook("embed", None, keep("embed")), Hook("final_norm.in", None, keep("final"))]
     if m.family.pos_embed:
         hooks.append(Hook("pos_embed", None, keep("pos")))
+    extra = [i for i in range(L) if m.has_module(i, m.family.extra_contrib)]
     for i in range(L):
         hooks += [
             Hook("resid_pre", i, keep(f"pre{i}")),
             Hook("attn.contrib", i, keep(f"attn{i}")),
             Hook("mlp.contrib", i, keep(f"mlp{i}")),
         ]
+    hooks += [Hook("extra.contrib", i, keep(f"extra{i}")) for i in extra]
+    scales = [m.layer_scale(i) for i in range(L)]
     with torch.no_grad(), hooked(m, hooks):
         m.hf(input_ids=ids, use_cache=False)
     embed = got["embed"] * m.embed_scale
@@ -211,10 +216,15 @@ def _residual_sum(m: Model, ids: Tensor) -> str:
     _close(got["pre0"], embed, "resid_pre 0 vs embedding (+ positions)")
     total = got["pre0"]
     for i in range(L):
-        total = total + s * (got[f"attn{i}"].view_as(total) + got[f"mlp{i}"].view_as(total))
+        branches = [got[f"{b}{i}"].view_as(total) for b in ("attn", "mlp", "extra") if f"{b}{i}" in got]
+        total = total + s * sum(branches)
+        if scales[i] is not None:
+            total = total * scales[i]
         nxt = got[f"pre{i + 1}"] if i + 1 < L else got["final"]
-        _close(total, nxt, f"layer {i}: resid_pre + attention + MLP vs next residual stream")
-    return f"embedding + {L} attention and MLP outputs reproduce every residual stream"
+        _close(total, nxt, f"layer {i}: resid_pre + attention + MLP (+ extra) vs next residual stream")
+    parts = "attention, MLP and extra-branch" if extra else "attention and MLP"
+    scaled = ", each layer's scale applied," if any(x is not None for x in scales) else ""
+    return f"embedding + {L} layers' {parts} outputs{scaled} reproduce every residual stream"
 
 
 def _logit_lens(m: Model, ids: Tensor) -> str:
@@ -279,10 +289,10 @@ def _qkv(m: Model, ids: Tensor) -> str:
     layers = _attention_layers(m)
     if not (fam.qkv_proj or fam.q_proj):
         raise _NotApplicable("q/k/v are not linear projections of the input (latent attention)")
-    kv = kv_head_of(m)
     clip = config_value(m.hf.config, fam.qkv_clip)  # q/k/v clamped after the projection (OLMo, DBRX)
     inputs: dict[int, Tensor] = {}
     scales: set[float] = set()
+    reused = [i for i in layers if m.kv_source(i) != i]
 
     def keep(i):
         def fn(x):
@@ -293,19 +303,13 @@ def _qkv(m: Model, ids: Tensor) -> str:
     with hooked(m, [Hook("attn.in", i, keep(i)) for i in layers]):
         cache = m.run(ids, capture=[f"blocks.{i}.attn.{t}" for i in layers for t in "qkv"]).cache
     for i in layers:
-        x = inputs[i]
         for t in "qkv":
-            w, b = head_params(m, i, t)  # per query head
-            hand = (torch.einsum("bpd,hed->bphe", x, w) + (0 if b is None else b)).detach()
-            if clip is not None:
-                hand = hand.clamp(-clip, clip)
-            if t != "q":  # one per KV head
-                hand = hand[:, :, [int((kv == k).nonzero()[0]) for k in range(m.n_kv_heads)]]
-            norm = {"q": fam.q_norm, "k": fam.k_norm}.get(t)
-            if norm and m.has_module(i, norm):
-                with torch.no_grad():
-                    hand = _norm(m.layer_module(i, norm), hand, hand.shape[-2])
             got = cache[f"blocks.{i}.attn.{t}"]
+            if t != "q" and i in reused:  # the source layer's own, checked from its weights
+                source = m.kv_source(i)
+                _close(got, cache[f"blocks.{source}.attn.{t}"], f"layer {i}: {t} vs layer {source}'s, reused", 0)
+                continue
+            hand = _by_hand(m, i, t, inputs[i], clip)
             if t == "v":
                 _close(got, hand, f"layer {i}: v vs x W_v")
                 continue
@@ -316,7 +320,27 @@ def _qkv(m: Model, ids: Tensor) -> str:
                 hand = hand * factor
             _close(got, hand, f"layer {i}: {t} at position 0 vs x W_{t}")
     folded = "" if scales <= {1.0} else f" (q/k scaled by {', '.join(map(str, sorted(scales)))})"
-    return f"{len(layers)} layers, q/k at position 0, v everywhere{folded}"
+    shared = f"; layers {reused} attend with their source layers' k/v" if reused else ""
+    return f"{len(layers)} layers, q/k at position 0, v everywhere{folded}{shared}"
+
+
+def _by_hand(m: Model, layer: int, t: str, x: Tensor, clip: float | None) -> Tensor:
+    """Input ``t`` (q, k or v) of ``layer`` from its attention input ``x`` [batch, pos, d_model]
+    and the weights, before rotary embedding: [batch, pos, heads, d_head] (one per KV head for k
+    and v), clamped where the family clamps, through the layer's q/k/v norm where it has one."""
+    fam = m.family
+    w, b = head_params(m, layer, t)  # per query head
+    hand = (torch.einsum("bpd,hed->bphe", x, w) + (0 if b is None else b)).detach()
+    if clip is not None:
+        hand = hand.clamp(-clip, clip)
+    if t != "q":  # one per KV head
+        kv = kv_head_of(m, layer)
+        hand = hand[:, :, [int((kv == k).nonzero()[0]) for k in range(m.n_kv_heads_of(layer))]]
+    norm = {"q": fam.q_norm, "k": fam.k_norm, "v": fam.v_norm}[t]
+    if norm and m.has_module(layer, norm):
+        with torch.no_grad():
+            hand = _norm(m.layer_module(layer, norm), hand, hand.shape[-2])
+    return hand
 
 
 def _head_ablation(m: Model, ids: Tensor) -> str:
@@ -325,7 +349,8 @@ def _head_ablation(m: Model, ids: Tensor) -> str:
     o = m.layer_module(layer, m.family.o_proj)
     weight = parameter(o)
     saved = weight.detach().clone()
-    cols = slice(head * m.d_head, (head + 1) * m.d_head)
+    d_head = m.d_head_of(layer)
+    cols = slice(head * d_head, (head + 1) * d_head)
     try:
         with torch.no_grad():
             if m.family.conv1d:
