@@ -457,7 +457,7 @@ def _screens(
     ]
     tokens = _first_tokens(model, target, rows, decoding, max_batch)
     same = {t: _same_token(model, t, baseline) for t in set(tokens)}
-    to_query = [h // (model.n_heads // n_kv) for h in range(model.n_heads)]  # uniform: see source_values
+    to_query = [kv_head(model, h, 0) for h in range(model.n_heads)]  # every layer alike: see source_values
     out = []
     for i in range(len(experiments)):
         first = torch.tensor(tokens[i * n_layers * n_kv : (i + 1) * n_layers * n_kv]).view(n_layers, n_kv)[:, to_query]
