@@ -4,7 +4,9 @@ the CLI runner, and hand-written references for simulated KV quantisation."""
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +77,16 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def read_results(folder) -> dict:
+    """``folder/results.json`` parsed strictly: NaN and infinities are refused, as JavaScript's
+    ``JSON.parse`` refuses them (every command's results.json is read through this)."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{folder}/results.json is not strict JSON: it holds {constant}")
+
+    return json.loads((Path(folder) / "results.json").read_text(), parse_constant=refuse)
 
 
 def run_cli(capsys, *argv):

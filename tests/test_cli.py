@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import run_cli
+from tests.helpers import read_results, run_cli
 
 
 def test_run_captures_and_saves(capsys, tmp_path, smollm2):
@@ -91,13 +91,14 @@ def test_locate_writes_results_and_plot(capsys, tmp_path, smollm2, command):
         capsys, command, "--data", str(_pairs_file(tmp_path, [IOI])), "--level", "layer", "--out", str(out)
     )
     assert code == 0 and "mlp" in printed
-    results = json.loads((out / "results.json").read_text())
+    results = read_results(out)
     assert results["command"] == "locate"
     assert results["settings"]["method"] == "exact" and results["versions"]["lmscope"]
-    assert {r["component"] for r in results["results"]} == {"attn", "mlp"}
-    assert len(results["results"][0]["rows"]) == smollm2.n_layers
+    located = results["parts"]["locate"]
+    assert {r["component"] for r in located["results"]} == {"attn", "mlp"}
+    assert len(located["results"][0]["rows"]) == smollm2.n_layers
     assert (out / "attn.png").stat().st_size > 1000 and (out / "mlp.png").is_file()
-    assert results["metric"]["clean"] > 0 > results["metric"]["corrupt"]
+    assert located["metric"]["clean"] > 0 > located["metric"]["corrupt"]
 
 
 def test_gradient_methods_take_a_memory_budget(capsys, tmp_path, smollm2):
@@ -108,9 +109,9 @@ def test_gradient_methods_take_a_memory_budget(capsys, tmp_path, smollm2):
     args = ("locate", "--data", data, "--method", "eap-ig", "--steps", "3", "--out", str(out))
     code, _, _ = run_cli(capsys, *args, "--max-memory", "1GB")
     assert code == 0
-    memory = json.loads((out / "results.json").read_text())["memory"]
+    memory = read_results(out)["parts"]["locate"]["memory"]
     assert memory["budget_bytes"] == 10**9 and memory["peak_bytes"] > 0
-    code, _, err = run_cli(capsys, *args, "--max-memory", "lots")
+    code, _, err = run_cli(capsys, *args, "--max-memory", "lots", "--overwrite")
     assert code == 2 and "bad --max-memory 'lots'" in err and len(err.strip().splitlines()) == 1
 
 
@@ -122,7 +123,7 @@ def test_circuit_and_heads_commands(capsys, tmp_path):
     assert code == 0 and "CRS" in printed
     graph = json.loads((out / "graph.json").read_text())
     assert "logits" in graph["nodes"] and graph["edges"] and (out / "circuit.png").is_file()
-    memory = json.loads((out / "results.json").read_text())["memory"]
+    memory = read_results(out)["parts"]["circuit"]["memory"]
     assert memory["device"] == "cpu" and memory["budget_bytes"] > 0 and memory["peak_bytes"] > 0
     code, printed, _ = run_cli(capsys, "heads", "--out", str(tmp_path / "heads"), "--batch", "2", "--length", "10")
     assert code == 0 and "induction" in printed
@@ -144,7 +145,7 @@ def test_locate_bad_input_keeps_earlier_results(capsys, tmp_path, lines, extra, 
     (out / "results.json").write_text('{"earlier": true}')
     code, _, err = run_cli(capsys, "locate", "--data", str(_pairs_file(tmp_path, lines)), "--out", str(out), *extra)
     assert code == 2 and message in err and err.strip().count("\n") == 0
-    assert json.loads((out / "results.json").read_text()) == {"earlier": True}
+    assert read_results(out) == {"earlier": True}
 
 
 def test_unwritable_output_directory(capsys, tmp_path):
@@ -162,11 +163,11 @@ def test_outliers_command(capsys, tmp_path, smollm2):
     argv = ["outliers", "--tokens", "256", "--window", "128", "--site", "blocks.3.mlp.post", "--out", str(out)]
     code, stdout, _ = run_cli(capsys, *argv)
     assert code == 0 and "OSP excess kurtosis" in stdout and "507" in stdout
-    payload = json.loads((out / "results.json").read_text())
+    payload = read_results(out)
     tokens = load_corpus(smollm2, max_tokens=256).windows(128)
     ref = smollm2.run(tokens, capture=["blocks.12.resid_post", "blocks.3.mlp.post"]).cache
     for name in ("blocks.12.resid_post", "blocks.3.mlp.post"):
-        site = payload["outliers"]["sites"][name]
+        site = payload["parts"]["outliers"]["sites"][name]
         assert site["max_abs"] == pytest.approx(float(ref[name].abs().max()), rel=1e-5)
     assert {"kurtosis.png", "max_abs.png", "max_abs_channels.png"} <= {p.name for p in out.iterdir()}
 
@@ -178,10 +179,10 @@ def test_kv_command(capsys, tmp_path, smollm2):
     out = tmp_path / "kv"
     code, stdout, _ = run_cli(capsys, "kv", "--tokens", "256", "--window", "128", "--out", str(out))
     assert code == 0 and "keys vs values" in stdout
-    payload = json.loads((out / "results.json").read_text())
+    payload = read_results(out)
     tokens = load_corpus(smollm2, max_tokens=256).windows(128)
     keys = smollm2.run(tokens, capture=["blocks.3.attn.k"]).cache["blocks.3.attn.k"]
-    assert payload["kv"]["keys"]["frobenius"][3] == pytest.approx(float(keys.double().norm()), rel=1e-4)
+    assert payload["parts"]["kv"]["kv"]["keys"]["frobenius"][3] == pytest.approx(float(keys.double().norm()), rel=1e-4)
     assert (out / "kv_norms.png").exists()
 
 
@@ -190,7 +191,7 @@ def test_quant_command_keeps_rows_and_plots(capsys, tmp_path):
     argv = ["quant", "--kv", "k4v2,k2v4", "--budget", "3", "--tokens", "256", "--window", "128", "--out", str(out)]
     code, stdout, _ = run_cli(capsys, *argv)
     assert code == 0 and "K4V2" in stdout
-    rows = json.loads((out / "results.json").read_text())["rows"]
+    rows = read_results(out)["parts"]["quant"]["rows"]
     ppl = {r["config"]: r["perplexity"] for r in rows}
     assert set(ppl) == {"fp", "K4V2", "K2V4", "alloc-weights-3b", "alloc-activations-3b"}
     assert ppl["K4V2"] < ppl["K2V4"]
@@ -216,7 +217,7 @@ def test_quant_commands_bad_input_keep_earlier_results(capsys, tmp_path, argv, m
     (out / "results.json").write_text('{"earlier": true}')
     code, _, err = run_cli(capsys, *argv, "--out", str(out))
     assert code == 2 and message in err and err.strip().count("\n") == 0
-    assert json.loads((out / "results.json").read_text()) == {"earlier": True}
+    assert read_results(out) == {"earlier": True}
 
 
 def test_quant_malformed_choices(capsys, tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 from lmscope.circuits.lenses import TunedLens, lens, load_tuned_lens, train_tuned_lens
 from lmscope.core.errors import LmscopeError
-from tests.helpers import run_cli
+from tests.helpers import read_results, run_cli
 from tests.tiny import random_ids, tiny_model
 
 
@@ -118,7 +118,7 @@ def test_save_reload_and_mismatches(llama, trained, tmp_path):
 def test_cli_logit_lens(capsys, tmp_path, smollm2):
     code, out, _ = run_cli(capsys, "lens", "The capital of France is", "--out", str(tmp_path / "lens"))
     assert code == 0 and "Paris" in out
-    saved = json.loads((tmp_path / "lens" / "results.json").read_text())["lens"]
+    saved = read_results(tmp_path / "lens")["parts"]["lens"]
     assert len(saved["layers"]) == smollm2.n_layers + 1 and saved["target_tokens"][-1] == [" Paris"]
     assert (tmp_path / "lens" / "logit_lens_rank.png").is_file()
 
@@ -149,7 +149,7 @@ def test_cli_train_save_and_reload_tuned_lens(capsys, tmp_path, smollm2):
     assert code == 0 and path.is_file() and "Tuned lens" in out
     code, _, _ = run_cli(capsys, *common, "--tuned", str(path), "--out", str(tmp_path / "b"))
     assert code == 0
-    a, b = (json.loads((tmp_path / d / "results.json").read_text())["lens"] for d in "ab")
+    a, b = (read_results(tmp_path / d)["parts"]["lens"] for d in "ab")
     assert a["labels"] == ["token ' Paris'"] and a["prob"] == b["prob"] and a["rank"] == b["rank"]
     assert (tmp_path / "b" / "tuned_lens_prob_token_paris.png").is_file()
 

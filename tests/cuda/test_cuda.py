@@ -110,5 +110,5 @@ def test_two_nccl_processes_equal_one(tmp_path):
         outs.append((out / "results.json").read_text())
     import json
 
-    a, b = (json.loads(text)["outliers"] for text in outs)
+    a, b = (json.loads(text)["parts"]["outliers"] for text in outs)
     assert a == b

@@ -10,7 +10,7 @@ import torch
 from lmscope.experts import domain_loss, expert_stats, resection
 from lmscope.quant.corpus import Corpus
 from tests.experts import synthetic
-from tests.helpers import run_cli
+from tests.helpers import read_results, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_experts_command_writes_report_and_tables(capsys, tmp_path, model):
     code, stdout, err = run_cli(capsys, *args, "--window", "64", "--resect", "2", "--draws", "2", "--out", str(out))
     assert code == 0, err
     assert "expert resection" in stdout and "a.txt specialists" in stdout
-    results = json.loads((out / "results.json").read_text())
+    results = read_results(out)
     routing, res = results["parts"]["routing"], results["parts"]["resection"]
     assert routing["domains"] == ["a.txt", "b.txt"] and routing["tokens"] == [1024, 1024]
     assert len(routing["load"][0]) == 2 and len(routing["load"][0][0]) == 8
@@ -129,7 +129,7 @@ def test_interrupted_experts_command_resumes(capsys, tmp_path, monkeypatch, mode
     args += ["--window", "64", "--resect", "2", "--draws", "2"]
     code, _, err = run_cli(capsys, *args, "--out", str(tmp_path / "full"))
     assert code == 0, err
-    full = json.loads((tmp_path / "full" / "results.json").read_text())["parts"]
+    full = read_results(tmp_path / "full")["parts"]
 
     real = resection_module.domain_loss
     calls = []
@@ -143,16 +143,16 @@ def test_interrupted_experts_command_resumes(capsys, tmp_path, monkeypatch, mode
     monkeypatch.setattr(resection_module, "domain_loss", interrupted)
     code, _, _ = run_cli(capsys, *args, "--out", str(tmp_path / "run"))
     assert code == 130  # interrupted (click: "Aborted!", exit 128 + SIGINT)
-    partial = json.loads((tmp_path / "run" / "results.json").read_text())["parts"]
+    partial = read_results(tmp_path / "run")["parts"]
     assert "routing" in partial and len(partial["resection"]["rows"]) == 1
 
     calls.clear()
     monkeypatch.setattr(resection_module, "domain_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(lmscope.experts, "expert_stats", lambda *a, **k: pytest.fail("routing measured again"))
+    monkeypatch.setattr(lmscope.experts.command, "expert_stats", lambda *a, **k: pytest.fail("routing measured again"))
     code, _, err = run_cli(capsys, *args, "--out", str(tmp_path / "run"))
     assert code == 0 and "read back" in err
     assert len(calls) == 2 + 1 + 2  # a's random draws, b's specialists, b's random draws
-    resumed = json.loads((tmp_path / "run" / "results.json").read_text())["parts"]
+    resumed = read_results(tmp_path / "run")["parts"]
     assert resumed["routing"] == full["routing"]
     for got, want in zip(resumed["resection"]["rows"], full["resection"]["rows"], strict=True):
         assert got["experts"] == want["experts"] and got["loss"] == pytest.approx(want["loss"], rel=1e-6)

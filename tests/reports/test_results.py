@@ -12,6 +12,7 @@ import torch
 
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import ModelCard, Result, Table, header, plain, save
+from tests.helpers import read_results
 
 
 @dataclass
@@ -49,7 +50,7 @@ def test_model_card_and_header(smollm2, tmp_path):
     assert head["command"] == "demo" and head["settings"] == {"model": "smollm2-135m", "n": 3}
     assert head["versions"]["lmscope"] and head["model"] == smollm2.card()
     save(tmp_path, {**head, **card.to_json()}, _Scores(torch.tensor([1.0, 2.0, 3.0]), "y").figures())
-    assert json.loads((tmp_path / "results.json").read_text())["model"]["layers"] == 30
+    assert read_results(tmp_path)["model"]["layers"] == 30
     assert (tmp_path / "scores.png").read_bytes().startswith(b"\x89PNG")
 
 

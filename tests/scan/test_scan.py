@@ -10,11 +10,12 @@ from dataclasses import replace
 import pytest
 
 from lmscope.cli import main
+from lmscope.core.errors import LmscopeError
 from lmscope.reports.html import format_value
 from lmscope.scan import PARTS as SCAN_PARTS
 from lmscope.scan import ScanSettings, scan
 from tests.browser import HOVER_JS, PLOT_BOXES_JS, artifacts_dir, open_report
-from tests.helpers import run_cli
+from tests.helpers import read_results, run_cli
 
 PARTS = ["verify", "model", "outliers", "kv", "heads", "circuit"]
 TINY = ScanSettings(
@@ -36,7 +37,7 @@ def quick_scan(tmp_path_factory):
 @pytest.mark.slow
 def test_quick_scan_writes_every_part(quick_scan, smollm2):
     """results.json holds every part with numbers checked against independent facts of SmolLM2."""
-    payload = json.loads((quick_scan / "results.json").read_text())
+    payload = read_results(quick_scan)
     assert list(payload["parts"]) == PARTS and set(payload["timings"]) == set(PARTS)
     parts = payload["parts"]
     assert parts["verify"]["passed"] and parts["verify"]["counts"] == {"pass": 12, "fail": 0, "n/a": 2}
@@ -65,7 +66,7 @@ def test_quick_scan_writes_every_part(quick_scan, smollm2):
 def test_quick_scan_report_in_chromium(quick_scan):
     """The report renders every plot without console errors, hovering a patching cell shows its
     value from results.json, nothing scrolls sideways; a screenshot is saved as an artifact."""
-    payload = json.loads((quick_scan / "results.json").read_text())
+    payload = read_results(quick_scan)
     html = (quick_scan / "report.html").read_text()
     assert "<script src=" not in html and "<link href=" not in html  # self-contained
     n_plots = html.count('class="plot"')
@@ -87,21 +88,40 @@ def test_quick_scan_report_in_chromium(quick_scan):
         assert errors == []
 
 
-def test_interrupted_scan_keeps_finished_parts(tmp_path, smollm2):
+def test_interrupted_scan_keeps_finished_parts_and_resumes(tmp_path, smollm2):
     """An interruption in the circuit part leaves the four finished parts in results.json and a
-    (partial) report (the certificate is left out to save time)."""
+    (partial) report (the certificate is left out to save time); rerun with the same settings,
+    the scan reads them back (none runs again) and runs the circuit part only, giving the numbers
+    of an uninterrupted scan."""
+    calls = []
+
+    def counted(part):
+        return replace(part, run=lambda model, settings: calls.append(part.name) or part.run(model, settings))
 
     def interrupted(model, settings):
         raise KeyboardInterrupt
 
     assert [part.name for part in SCAN_PARTS] == PARTS
-    parts = [*SCAN_PARTS[1:5], replace(SCAN_PARTS[5], run=interrupted)]
+    parts = [counted(part) for part in SCAN_PARTS[1:6]]
     with pytest.raises(KeyboardInterrupt):
-        scan(smollm2, tmp_path, TINY, parts=parts)
-    payload = json.loads((tmp_path / "results.json").read_text())
-    assert list(payload["parts"]) == PARTS[1:5]
+        scan(smollm2, tmp_path, TINY, parts=[*parts[:4], replace(SCAN_PARTS[5], run=interrupted)])
+    payload = read_results(tmp_path)
+    assert list(payload["parts"]) == PARTS[1:5] and payload["status"] == "running"
     assert all(math.isfinite(row["perplexity"]) for row in payload["parts"]["kv"]["quant"])
-    assert "partial: 4 of 5 parts" in (tmp_path / "report.html").read_text()
+    assert "partial: 4 parts finished" in (tmp_path / "report.html").read_text()
+
+    calls.clear()
+    scan(smollm2, tmp_path, TINY, parts=parts)
+    assert calls == ["circuit"]  # the four finished parts were read back
+    resumed = read_results(tmp_path)
+    assert list(resumed["parts"]) == PARTS[1:6] and resumed["status"] == "complete"
+    assert resumed["parts"]["kv"] == payload["parts"]["kv"]
+    fresh = scan(smollm2, tmp_path / "fresh", TINY, parts=parts)
+    assert resumed["parts"]["circuit"] == read_results(tmp_path / "fresh")["parts"]["circuit"]
+    assert fresh.results["heads"].to_json() == resumed["parts"]["heads"]
+
+    with pytest.raises(LmscopeError, match="other settings .*ioi_pairs: 2 -> 3"):
+        scan(smollm2, tmp_path, replace(TINY, ioi_pairs=3), parts=parts)
 
 
 @pytest.mark.parametrize(

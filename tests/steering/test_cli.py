@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lmscope.steering.store import load_control_vector, load_vectors
-from tests.helpers import run_cli
+from tests.helpers import read_results, run_cli
 from tests.steering.planted import planted, sentences
 
 
@@ -35,7 +35,7 @@ def test_steer_writes_the_sweep_and_the_vectors(capsys, files, tmp_path):
         "--save", str(tmp_path / "v.safetensors"), "--gguf", str(tmp_path / "v.gguf"), "--out", str(tmp_path / "out"),
     )  # fmt: skip
     assert code == 0, err
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    results = read_results(tmp_path / "out")
     rows = results["parts"]["steer"]["rows"]
     assert [r["setting"] for r in rows] == ["none", "prompting", "L1 x0.1", "L1 x0.2"]
     assert results["parts"]["steer"]["chosen"] == "L1 x0.2", rows  # the larger push, within the generous limits
@@ -52,7 +52,7 @@ def test_steer_with_lineas_adds_its_rows(capsys, files, tmp_path):
         "--lineas", "--lineas-steps", "3", "--lineas-strengths", "1", "--out", str(tmp_path),
     )  # fmt: skip
     assert code == 0, err
-    rows = json.loads((tmp_path / "results.json").read_text())["parts"]["steer"]["rows"]
+    rows = read_results(tmp_path)["parts"]["steer"]["rows"]
     assert [(r["setting"], r["method"]) for r in rows] == [
         ("none", "none"),
         ("L1 x0.1", "vector"),
@@ -65,8 +65,8 @@ def test_probe_writes_accuracy_per_layer(capsys, files, tmp_path):
         capsys, "probe", str(files / "model"), "--data", str(files / "pairs.jsonl"), "--out", str(tmp_path),
     )  # fmt: skip
     assert code == 0, err
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["probe"]["layers"] == [0, 1] and results["probe"]["accuracy"]["mean_diff"] == [1.0, 1.0]
+    results = read_results(tmp_path)
+    assert results["parts"]["probe"]["layers"] == [0, 1] and results["parts"]["probe"]["accuracy"]["mean_diff"] == [1.0, 1.0]
 
 
 @pytest.mark.parametrize(
@@ -84,3 +84,38 @@ def test_bad_steer_input_is_a_one_line_error(capsys, files, args, message):
     argv = [x for kv in base.items() for x in kv]
     code, _, err = run_cli(capsys, "steer", str(files / "model"), *argv)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_interrupted_steer_resumes_from_its_finished_parts(capsys, files, tmp_path, monkeypatch):
+    """Interrupted in the sweep, a rerun with the same settings reads the vectors back (they are
+    not computed again) and gives the table of an uninterrupted run."""
+    import lmscope.steering.commands as commands
+
+    args = ["steer", str(files / "model"), "--pairs", str(files / "pairs.jsonl"), "--eval", str(files / "eval.jsonl"),
+            "--layers", "1", "--coeffs", "0.1,0.2", "--neutral", str(files / "neutral.txt"), "--windows", "0",
+            "--samples", "0"]  # fmt: skip
+    code, _, err = run_cli(capsys, *args, "--out", str(tmp_path / "full"))
+    assert code == 0, err
+    full = read_results(tmp_path / "full")
+
+    real_sweep = commands.sweep
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "sweep", interrupted)
+    code, _, _ = run_cli(capsys, *args, "--out", str(tmp_path / "run"))
+    assert code == 130
+    partial = read_results(tmp_path / "run")
+    assert list(partial["parts"]) == ["vectors"] and partial["status"] == "running"
+
+    monkeypatch.setattr(commands, "sweep", real_sweep)
+    monkeypatch.setattr(commands, "steering_vectors", lambda *a, **k: pytest.fail("vectors computed again"))
+    code, _, err = run_cli(capsys, *args, "--out", str(tmp_path / "run"))
+    assert code == 0 and "vectors read back" in err
+    resumed = read_results(tmp_path / "run")
+    assert resumed["parts"]["vectors"] == full["parts"]["vectors"]
+    assert resumed["parts"]["steer"]["rows"] == full["parts"]["steer"]["rows"]
+
+    code, _, err = run_cli(capsys, *args[:-4], "--windows", "0", "--samples", "1", "--out", str(tmp_path / "run"))
+    assert code == 2 and "other settings (samples: 0 -> 1)" in err and err.strip().count("\n") == 0

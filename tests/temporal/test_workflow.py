@@ -17,7 +17,7 @@ import pytest
 
 import lmscope
 from lmscope.cli import main
-from tests.helpers import run_cli
+from tests.helpers import read_results, run_cli
 from tests.temporal import synthetic as syn
 from tests.temporal.synthetic import WORLD
 
@@ -73,9 +73,9 @@ def synthetic_run(tmp_path_factory, temporal_model):
     argv = ["temporal", model_dir, "--data", root / "data", "--steps", 5, "--top", TOP, "--edits", edits,
             "--max-new-tokens", 1, "--corpus", "none", "--out", out]  # fmt: skip
     assert _cli(*argv) == 0
-    first = json.loads((out / "results.json").read_text())
+    first = read_results(out)
     assert _cli(*argv) == 0  # again: circuits read back from graph_*.json
-    second = json.loads((out / "results.json").read_text())
+    second = read_results(out)
     return first, second, out
 
 
@@ -149,11 +149,38 @@ def test_outputs_and_resume(synthetic_run):
     assert len(graphs) == syn.N_YEARS + 1 and len(list(out.glob("graph_*.png"))) == len(graphs)
     graph = json.loads(graphs[0].read_text())
     assert graph["settings"]["steps"] == 5 and graph["nodes"][0] == "input" and graph["edges"]
-    assert first["parts"]["circuits"]["resumed"] == 0
-    assert second["parts"]["circuits"]["resumed"] == syn.N_YEARS + 1
-    assert second["parts"]["heads"] == first["parts"]["heads"]
+    assert first["parts"]["circuits"]["resumed"] == 0 and first["resumed"] == []
+    # the rerun with the same settings reads every finished part back
+    assert second["resumed"] == ["recall", "circuits", "heads", "ablation", "reading", "edit"]
+    assert second["parts"] == first["parts"]
     html = (out / "report.html").read_text()
     assert "Temporal heads" in html and "a1.h1" in html and "complete; lmscope" in html
+
+
+def test_interrupted_study_resumes_from_its_finished_parts(synthetic_run, tmp_path, monkeypatch):
+    """Interrupted in the ablation part, a rerun with the same settings reads recall, circuits
+    and heads back (no circuit is built again) and finishes with the uninterrupted study's numbers."""
+    import lmscope.temporal.workflow as workflow
+
+    first, _, out = synthetic_run
+    root = out.parent
+    argv = ["temporal", root / "model", "--data", root / "data", "--steps", 5, "--top", TOP,
+            "--edits", root / "edits.jsonl", "--max-new-tokens", 1, "--corpus", "none", "--out", tmp_path]  # fmt: skip
+    real = workflow.ablation
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workflow, "ablation", interrupted)
+    assert _cli(*argv) == 130
+    assert list(read_results(tmp_path)["parts"]) == ["recall", "circuits", "heads"]
+    monkeypatch.setattr(workflow, "ablation", real)
+    monkeypatch.setattr(workflow, "build_circuit", lambda *a, **k: pytest.fail("a circuit was built again"))
+    assert _cli(*argv) == 0
+    resumed = read_results(tmp_path)
+    assert resumed["resumed"] == ["recall", "circuits", "heads"]
+    for part in ("heads", "ablation", "edit"):
+        assert _close(resumed["parts"][part], first["parts"][part]), part
 
 
 def test_offloaded_to_disk_gives_the_same_study(synthetic_run, tmp_path):
@@ -169,7 +196,7 @@ def test_offloaded_to_disk_gives_the_same_study(synthetic_run, tmp_path):
         str(root / "model"), device_map="auto", max_memory={"cpu": "100KB"}, offload_folder=str(tmp_path)
     )
     assert "disk" in set(check.hf.hf_device_map.values())  # these settings do put layers on disk
-    second = json.loads((tmp_path / "out" / "results.json").read_text())
+    second = read_results(tmp_path / "out")
     assert second["parts"]["heads"]["temporal_nodes"] == first["parts"]["heads"]["temporal_nodes"]
     for part in ("recall", "ablation"):
         assert _close(second["parts"][part], first["parts"][part]), part
@@ -201,7 +228,7 @@ def test_bad_input_is_one_line(capsys, tmp_path):
 def test_quick_on_smollm2_reports_recall_near_chance(capsys, tmp_path, smollm2):
     code, out, err = run_cli(capsys, "temporal", "--quick", "--out", tmp_path)
     assert code == 0, err
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = read_results(tmp_path)
     assert list(results["parts"]) == ["recall", "circuits", "heads", "ablation", "reading", "edit"]
     assert "temporal accuracy" in out and "near chance" in out
     recall = {c["name"]: c for c in results["parts"]["recall"]["categories"]}

@@ -18,7 +18,7 @@ from lmscope.core.errors import LmscopeError
 from lmscope.quant.corpus import Corpus
 from lmscope.training import PretrainSettings, pretrain
 from lmscope.training.pretrain import CHECKPOINT, Batches, evaluation_corpus, lr_factor, training_corpus
-from tests.helpers import one_thread, run_cli
+from tests.helpers import one_thread, read_results, run_cli
 
 
 class Interrupted(Exception):
@@ -130,8 +130,8 @@ def test_cli_ab_writes_the_report_and_resumes(capsys, tiny_settings, tmp_path):
     with one_thread():
         code, out, _ = run_cli(capsys, *_cli_args(tiny_settings, tmp_path))
     assert code == 0 and "adam" in out and "osp" in out
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["command"] == "pretrain" and results["settings"]["recipes"] == ["adam", "osp"]
+    results = read_results(tmp_path)
+    assert results["command"] == "pretrain" and results["recipes"] == ["adam", "osp"]
     runs = results["parts"]["comparison"]["runs"]
     assert set(runs) == {"adam", "osp"}
     for run in runs.values():
@@ -142,11 +142,11 @@ def test_cli_ab_writes_the_report_and_resumes(capsys, tiny_settings, tmp_path):
     for name in ("report.html", "pretrain_loss.png", "pretrain_kurtosis.png", "pretrain_perplexity.png"):
         assert (tmp_path / name).is_file()
     assert (tmp_path / "osp" / "model" / "config.json").is_file()
-    # --resume with the same settings reads the finished recipes back: nothing is trained again
+    # a rerun with the same settings reads the finished recipes back: nothing is trained again
     with one_thread():
-        code, _, _ = run_cli(capsys, *_cli_args(tiny_settings, tmp_path), "--resume")
-    assert code == 0
-    again = json.loads((tmp_path / "results.json").read_text())["parts"]["comparison"]["runs"]
+        code, _, _ = run_cli(capsys, *_cli_args(tiny_settings, tmp_path))
+    assert code == 0 and read_results(tmp_path)["resumed"] == ["adam", "osp", "comparison"]
+    again = read_results(tmp_path)["parts"]["comparison"]["runs"]
     assert again == runs
 
 

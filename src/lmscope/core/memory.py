@@ -22,6 +22,7 @@ from typing import Self
 import torch
 
 from lmscope.core.errors import LmscopeError
+from lmscope.core.loading import parse_max_memory
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
@@ -65,6 +66,16 @@ def budget(device: torch.device, max_memory: dict | str | int | None = None) -> 
     if max_memory is not None:
         return parse_size(max_memory)
     return int(free_memory(device) * _DEFAULT_SHARE)
+
+
+def model_budget(model) -> int:
+    """The working-memory budget of gradient methods on ``model``: its ``max_memory`` as loaded
+    (``--max-memory``: a bare size, or that device's ``DEVICE=SIZE`` entry), else half of what
+    is free on its device (:func:`budget`)."""
+    spec = getattr(model, "max_memory", None)
+    if isinstance(spec, str) and "=" in spec:
+        spec = parse_max_memory(spec)
+    return budget(model.device, spec)
 
 
 def _trim() -> None:

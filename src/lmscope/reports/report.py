@@ -1,5 +1,6 @@
-"""The scan's HTML report: one section per finished part, drawn from its :class:`Result` alone
-(text, tables, figures), then the settings, versions and timings, in one self-contained page."""
+"""A command's HTML report: one section per finished part, drawn from its :class:`Result` alone
+(text, tables, figures), then the settings, versions and timings, in one self-contained page
+(written by :class:`lmscope.reports.command.RunWriter`)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmscope.reports.html import Report
-from lmscope.reports.results import Result, save
+from lmscope.reports.results import Result
 
 
 @dataclass
 class Section:
-    """One finished part: its title, what it measures, its result and how long it took."""
+    """One finished part: its title, what it measures, its result, how long it took and its key."""
 
     title: str
     description: str
     result: Result
     seconds: float | None = None
+    name: str = ""
 
 
 def write_report(
@@ -26,14 +28,13 @@ def write_report(
     title: str,
     sections: Sequence[Section],
     *,
-    planned: int,
+    complete: bool,
     settings: Mapping,
     versions: Mapping[str, str],
     timings: Mapping[str, float],
 ) -> Path:
-    """Write the report of ``sections`` (the parts finished so far, of ``planned``) to ``path``."""
-    done = len(sections)
-    status = "complete" if done == planned else f"partial: {done} of {planned} parts finished"
+    """Write the report of ``sections`` (the parts finished so far; ``complete``: all of them) to ``path``."""
+    status = "complete" if complete else f"partial: {len(sections)} parts finished so far"
     report = Report(title, subtitle=f"{status}; lmscope {versions.get('lmscope', '')}")
     for section in sections:
         text = section.description
@@ -53,41 +54,3 @@ def write_report(
     rows = [{"part": k, "seconds": v} for k, v in timings.items()]
     report.table(rows + [{"part": "total", "seconds": sum(timings.values())}], caption="time per part")
     return report.write(path)
-
-
-class PartWriter:
-    """Writes a long run's outputs part by part: after each finished part, ``results.json``
-    (its JSON under ``parts[name]``, its time under ``timings[name]``), the part's figures as
-    PNG and ``report.html`` (the finished parts of ``planned``), so an interrupted run leaves
-    every finished part readable. Used by ``lmscope scan`` and ``lmscope temporal``."""
-
-    def __init__(self, out: Path, title: str, payload: dict, planned: int):
-        self.out, self.title, self.planned = out, title, planned
-        self.payload = {**payload, "timings": {}, "parts": {}}
-        self.sections: list[Section] = []
-
-    def add(self, name: str, title: str, description: str, result: Result, seconds: float | None = None) -> None:
-        """Record one finished part and rewrite the outputs."""
-        self.payload["timings"][name] = seconds or 0.0
-        self.payload["parts"][name] = result.to_json()
-        self.sections.append(Section(title, description, result, seconds))
-        save(self.out, self.payload, result.figures())
-        self.write()
-
-    def update(self, name: str, partial: Result) -> None:
-        """Save a part's partial result in ``results.json`` while it runs (the report is
-        rewritten when the part is added)."""
-        self.payload["parts"][name] = partial.to_json()
-        save(self.out, self.payload)
-
-    def write(self) -> Path:
-        """Rewrite ``report.html`` from the parts finished so far."""
-        return write_report(
-            self.out / "report.html",
-            self.title,
-            self.sections,
-            planned=self.planned,
-            settings=self.payload["settings"],
-            versions=self.payload["versions"],
-            timings=self.payload["timings"],
-        )

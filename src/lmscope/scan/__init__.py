@@ -16,32 +16,49 @@ readable):
                 (:mod:`lmscope.circuits.patching`).
 
 Outputs in ``out``: ``results.json``, ``report.html`` (self-contained, interactive) and every
-plot as PNG.
+plot as PNG, written part by part by :class:`~lmscope.reports.command.RunWriter`: a rerun with the
+same settings into the same folder reads the finished parts back and runs the rest.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmscope.core.model import Model
-from lmscope.core.progress import note
-from lmscope.reports.report import PartWriter
-from lmscope.reports.results import Result, header, output_dir
+from lmscope.reports.command import Command, RunWriter
+from lmscope.reports.results import Result, Table
 from lmscope.scan.parts import FULL, KV_CONFIGS, PARTS, QUICK, Part, ScanSettings
 
-__all__ = ["FULL", "KV_CONFIGS", "PARTS", "QUICK", "Part", "ScanResult", "ScanSettings", "scan"]
+__all__ = ["FULL", "KV_CONFIGS", "PARTS", "QUICK", "SCAN", "Part", "ScanResult", "ScanSettings", "run_scan", "scan"]
 
 
 @dataclass
-class ScanResult:
-    """The payload written to ``results.json`` and the result of each finished part."""
+class ScanResult(Result):
+    """The result of each finished part, by name, with its time."""
 
-    payload: dict
-    out: Path
     results: dict[str, Result] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    out: Path | None = None
+
+    def to_json(self) -> dict:
+        return {name: result.to_json() for name, result in self.results.items()}
+
+    def tables(self) -> list[Table]:
+        rows = [{"part": name, "seconds": seconds} for name, seconds in self.timings.items()]
+        return [Table("scan: seconds per part", [*rows, {"part": "total", "seconds": sum(self.timings.values())}])]
+
+
+def run_scan(model: Model, settings: ScanSettings, out: RunWriter, parts: Sequence[Part] | None = None) -> ScanResult:
+    """Scan MODEL: outliers, keys/values and KV quantisation, head roles, an IOI circuit, as report.html."""
+    result = ScanResult(out=out.out)
+    for part in PARTS if parts is None else parts:
+        result.results[part.name] = out.part(
+            part.name, part.title, part.description, lambda part=part: part.run(model, settings)
+        )
+        result.timings[part.name] = out.payload["timings"][part.name]
+    return result
 
 
 def scan(
@@ -50,21 +67,15 @@ def scan(
     settings: ScanSettings = FULL,
     name: str = "",
     parts: Sequence[Part] | None = None,
+    overwrite: bool = False,
 ) -> ScanResult:
     """Run each part (default: :data:`PARTS`) on ``model`` and write ``results.json``, the PNG
-    plots and ``report.html`` to ``out`` after each one. ``name``: the model as the user gave it."""
-    parts = list(PARTS if parts is None else parts)
-    out = output_dir(out)
-    name = name or model.name
-    payload = {**header("scan", name, model, asdict(settings)), "model_name": name}
-    writer = PartWriter(out, f"lmscope scan: {name}", payload, planned=len(parts))
-    result = ScanResult(writer.payload, out)
-    for part in parts:
-        note(f"scan: {part.name}")
-        start = time.perf_counter()
-        part_result = part.run(model, settings)
-        seconds = time.perf_counter() - start
-        result.results[part.name] = part_result
-        writer.add(part.name, part.title, part.description, part_result, seconds)
-        note(f"scan: {part.name} took {seconds:.1f} s")
+    plots and ``report.html`` to ``out`` after each one (:func:`run_scan`). ``name``: the model
+    as the user gave it."""
+    writer = RunWriter(out, "scan", settings, model=model, model_name=name or model.name, overwrite=overwrite)
+    result = run_scan(model, settings, writer, parts)
+    writer.finish()
     return result
+
+
+SCAN = Command("scan", ScanSettings, run_scan, presets={"quick": (QUICK, "less data per part (a few minutes on a 2-core CPU)")})

@@ -17,6 +17,7 @@ from lmscope.core.model import Model
 from lmscope.quant.corpus import load_corpus
 from lmscope.quant.evaluation import QuantTable
 from lmscope.quant.kv import KVNorms
+from lmscope.reports.command import option
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import ModelCard, Result, Table
 
@@ -27,14 +28,14 @@ KV_CONFIGS = ("fp", "k8v8", "k4v4", "k4v2", "k2v4", "k2v2")
 class ScanSettings:
     """How much data each part uses (tokens of WikiText-2 test, IOI pairs, ...)."""
 
-    stats_tokens: int = 16384
-    kv_tokens: int = 4096
-    ppl_tokens: int = 32768
-    window: int = 512
-    kv_configs: tuple[str, ...] = KV_CONFIGS
-    head_batch: int = 8
-    head_length: int = 30
-    ioi_pairs: int = 40
+    stats_tokens: int = option(16384, "WikiText-2 tokens for the outlier statistics")
+    kv_tokens: int = option(4096, "tokens for the key and value norms")
+    ppl_tokens: int = option(32768, "tokens for perplexity under KV quantisation")
+    window: int = option(512, "tokens per window")
+    kv_configs: tuple[str, ...] = option(KV_CONFIGS, "KV settings to compare (repeatable)", flag="--kv")
+    head_batch: int = option(8, "random sequences for the head roles")
+    head_length: int = option(30, "length of each repeated random sequence")
+    ioi_pairs: int = option(40, "IOI pairs for the circuit part")
 
 
 FULL = ScanSettings()

@@ -15,15 +15,15 @@
 6. ``edit``      temporal knowledge editing through every head's values (:mod:`.edit`).
 
 Each part's result is written to ``results.json``, its plots as PNG and ``report.html`` as soon
-as it finishes (:class:`lmscope.reports.report.PartWriter`).
+as it finishes (:class:`lmscope.reports.command.RunWriter`); a rerun with the same settings reads
+the finished parts back.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lmscope.circuits.graph import draw
@@ -32,8 +32,8 @@ from lmscope.core.model import Model
 from lmscope.core.progress import note, progress_bar
 from lmscope.quant.corpus import load_corpus
 from lmscope.reports.figures import Figure
-from lmscope.reports.report import PartWriter
-from lmscope.reports.results import Result, Table, header, output_dir
+from lmscope.reports.command import Command, RunWriter, option
+from lmscope.reports.results import Result, Table
 from lmscope.temporal.ablation import ablation
 from lmscope.temporal.circuits import (
     CategoryCircuit,
@@ -43,7 +43,15 @@ from lmscope.temporal.circuits import (
     save_circuit,
     slug,
 )
-from lmscope.temporal.data import Category, PairSet, Problem, TemporalCategory, invariant_pairs, pairs_by_year
+from lmscope.temporal.data import (
+    Category,
+    PairSet,
+    Problem,
+    TemporalCategory,
+    invariant_pairs,
+    pairs_by_year,
+    select_categories,
+)
 from lmscope.temporal.edit import default_experiments, load_experiments, temporal_edit
 from lmscope.temporal.heads import INVARIANT, temporal_heads
 from lmscope.temporal.reading import read_heads
@@ -59,34 +67,53 @@ class TemporalSettings:
     over k = 1..steps, top 5,000 edges, all pairs, all years, major ratio 0.9, recall with the
     question templates, BOS prepended, greedy editing with 50 new tokens).
 
-    ``years``: the first n years of each temporal category (None: all); ``max_pairs``: pairs per
-    circuit; ``recall_samples``: samples per category for recall and ablation (None: all);
-    ``corpus``/``ppl_tokens``/``window``: the perplexity check (``corpus=None``: skipped);
-    ``read_prompts``: facts per category for the lens; ``ablate_alone``: zero at most n heads alone
-    (those in the most temporal circuits; None: every temporal head); ``edits``: a JSONL of experiments (None:
-    the paper's 15), ``edit_experiments``: only the first n; ``edit``: run the sweep at all."""
+    ``categories``/``data``: which categories (comma-separated keys; files or folders in the
+    paper's format, default the bundled ones); ``years``: the first n years of each temporal
+    category (None: all); ``max_pairs``: pairs per circuit; ``recall_samples``: samples per
+    category for recall and ablation (None: all); ``corpus``/``ppl_tokens``/``window``: the
+    perplexity check (``corpus=None`` or ``"none"``: skipped); ``read_prompts``: facts per
+    category for the lens; ``ablate_alone``: zero at most n heads alone (those in the most
+    temporal circuits; None: every temporal head); ``edits``: a JSONL of experiments (None: the
+    paper's 15), ``edit_experiments``: only the first n; ``edit``: run the sweep at all.
+    Categories and edit experiments are read (and checked) when the settings are made."""
 
-    steps: int = 100
-    schedule: str = "paper"
-    top: int = 5000
-    ratio: float = 0.9
-    max_pairs: int | None = None
-    years: int | None = None
-    recall_samples: int | None = None
-    templates: str = "prompt_templates_zs"
-    chat: bool = True
-    bos: bool = True
-    corpus: str | None = "wikitext2"
-    ppl_tokens: int = 8192
-    window: int = 512
-    read_prompts: int = 16
-    ablate_alone: int | None = None
-    edit: bool = True
-    edits: str | None = None
-    edit_experiments: int | None = None
-    sample: bool = False
-    seed: int = 42
-    max_new_tokens: int = 50
+    categories: str | None = option(None, "comma-separated category keys, e.g. presidents,ceo,roman (default: all)")
+    data: tuple[Path, ...] = option((), "category files or directories in the paper's format (repeatable)")
+    steps: int = option(100, "EAP-IG steps")
+    schedule: str = option("paper", "EAP-IG schedule: paper (k=1..steps) or upstream (k=0..steps-1)")
+    top: int = option(5000, "edges per circuit, by |score| (capped at the graph's)")
+    ratio: float = option(0.9, "a node is major in >= ceil(ratio n) of a group's n circuits")
+    max_pairs: int | None = option(None, "at most N pairs per circuit (default: all)")
+    years: int | None = option(None, "only the first N years of each temporal category")
+    recall_samples: int | None = option(None, "at most N samples per category for recall and ablation",
+                                        flag="--samples")  # fmt: skip
+    templates: str = option("prompt_templates_zs", "the recall prompts' template field")
+    chat: bool = option(True, "wrap recall prompts in the chat template where the tokenizer has one")
+    bos: bool = option(True, "prepend BOS (the paper's code does)")
+    corpus: str | None = option("wikitext2", "perplexity corpus: wikitext2, a text or JSONL file, or none")
+    ppl_tokens: int = option(8192, "perplexity tokens")
+    window: int = option(512, "perplexity window")
+    read_prompts: int = option(16, "facts per category for the lens")
+    ablate_alone: int | None = option(None, "zero at most N heads alone (default: every temporal head)")
+    edit: bool = option(True, "run the value-editing sweep")
+    edits: str | None = option(None, "JSONL of edit experiments (default: the paper's 15)")
+    edit_experiments: int | None = option(None, "only the first N edit experiments")
+    sample: bool = option(False, "sample when generating edits (default: greedy)")
+    seed: int = option(42, "seed for --sample")
+    max_new_tokens: int = option(50, "tokens generated per edit (the trigger window)")
+
+    def __post_init__(self) -> None:
+        if self.corpus == "none":
+            object.__setattr__(self, "corpus", None)
+        if self.edits is not None:
+            object.__setattr__(self, "edits", str(self.edits))
+            load_experiments(self.edits)  # bad experiments fail before the model loads
+        self.selected()
+
+    def selected(self) -> tuple[list[Category], list[Problem]]:
+        """The chosen categories and the malformed rows found while reading them."""
+        keys = [k.strip() for k in self.categories.split(",") if k.strip()] if self.categories else None
+        return select_categories(keys, list(self.data) or None)
 
     @property
     def circuits(self) -> CircuitSettings:
@@ -94,6 +121,7 @@ class TemporalSettings:
 
 
 QUICK = TemporalSettings(
+    categories=",".join(QUICK_CATEGORIES),
     steps=5,
     max_pairs=2,
     years=2,
@@ -184,7 +212,7 @@ def study_circuits(
     categories: Sequence[Category],
     out: Path,
     settings: TemporalSettings,
-    writer: PartWriter | None = None,
+    writer: RunWriter | None = None,
 ) -> StudyCircuits:
     """Build (or read back) every circuit of :func:`pair_sets`, saving each as it is done."""
     result = StudyCircuits([])
@@ -212,48 +240,56 @@ def study_circuits(
 
 
 @dataclass
-class TemporalStudy:
+class TemporalStudy(Result):
     """The results of every finished part, by name, and the output directory."""
 
     out: Path
     results: dict[str, Result]
-    payload: dict
+
+    def to_json(self) -> dict:
+        return {name: result.to_json() for name, result in self.results.items()}
+
+    def text(self) -> str:
+        keys = ("recall", "circuits", "heads", "ablation", "edit")
+        return "\n".join(f"{k}: {self.results[k].text()}" for k in keys if self.results[k].text())
+
+    def tables(self) -> list[Table]:
+        return self.results["recall"].tables()[:1]
 
 
 def run_study(
     model: Model,
-    categories: Sequence[Category],
-    out: str | Path = "out/temporal",
+    categories: Sequence[Category] | None = None,
+    out: str | Path | RunWriter = "out/temporal",
     settings: TemporalSettings = TemporalSettings(),
     *,
     name: str = "",
     problems: Sequence[Problem] = (),
 ) -> TemporalStudy:
-    """Run the six parts (module docstring) on ``categories`` and write ``results.json``,
-    ``report.html``, ``graph_*.json`` and PNGs to ``out``, each part as it finishes.
-    ``problems``: malformed rows found while loading, listed in the results."""
+    """Run the six parts (module docstring) on ``categories`` (default: the settings' choice)
+    and write ``results.json``, ``report.html``, ``graph_*.json`` and PNGs to ``out`` (a folder,
+    or a :class:`RunWriter`), each part as it finishes; a rerun with the same settings reads the
+    finished parts back. ``problems``: malformed rows found while loading, listed in the results."""
+    if categories is None:
+        categories, problems = settings.selected()
     temporal = [c for c in categories if isinstance(c, TemporalCategory)]
     if not temporal:
         raise LmscopeError("no temporal category selected: the study compares temporal with invariant circuits")
-    out = output_dir(out)
-    name = name or model.name
     info = {
         "paper": PAPER,
         "categories": [{"name": c.name, "kind": c.kind, "file": c.file, "samples": len(c.samples)} for c in categories],
         "problems": [str(p) for p in problems],
     }
-    payload = {**header("temporal", name, model, asdict(settings)), **info}
-    writer = PartWriter(out, f"lmscope temporal: {name}", payload, planned=6)
+    for problem in problems:
+        note(f"skipped: {problem}")
+    writer = out if isinstance(out, RunWriter) else RunWriter(out, "temporal", settings, model=model,
+                                                               model_name=name or model.name)  # fmt: skip
+    writer.payload.update(info)
     results: dict[str, Result] = {}
 
     def part(key: str, title: str, description: str, run) -> Result:
-        note(f"temporal: {key}")
-        start = time.perf_counter()
-        result = run()
-        results[key] = result
-        writer.add(key, title, description, result, time.perf_counter() - start)
-        return result
-
+        results[key] = writer.part(key, title, description, run)
+        return results[key]
     known = [limit(c, settings.recall_samples) for c in categories]
     options = {"templates": settings.templates, "chat": settings.chat, "bos": settings.bos}
     known_recall = part("recall", "What the model knows", "Multiple-choice recall per category (paper notebook 5).",
@@ -263,7 +299,7 @@ def run_study(
         "Circuits per year and per invariant category",
         f"EAP-IG ({settings.steps} steps, schedule {settings.schedule}), top {settings.top} edges, pruned; "
         "faithfulness and CRS as the paper's code.",
-        lambda: study_circuits(model, categories, out, settings, writer),
+        lambda: study_circuits(model, categories, writer.out, settings, writer),
     )
     sets = [c.node_set() for c in circuits.circuits]
     heads = part("heads", "Temporal heads", f"Major nodes at ratio {settings.ratio} (paper notebook 2).",
@@ -301,4 +337,19 @@ def run_study(
 
     part("edit", "Editing through head values",
          "Every head's value edit per experiment: successes per head (paper notebook 7).", run_edit)  # fmt: skip
-    return TemporalStudy(out, results, writer.payload)
+    if not isinstance(out, RunWriter):
+        writer.finish()
+    return TemporalStudy(writer.out, results)
+
+
+def run_temporal(model: Model, settings: TemporalSettings, out: RunWriter) -> TemporalStudy:
+    """Temporal Heads (Park et al., ACL 2025): recall, circuits per year, temporal heads, ablation, lens, editing."""
+    return run_study(model, None, out, settings)
+
+
+TEMPORAL = Command(
+    "temporal", TemporalSettings, run_temporal,
+    # --quick on other --data keeps all its categories
+    presets={"quick": (lambda given: replace(QUICK, categories=None) if given.get("data") else QUICK,
+                       "a small run: 2 categories, 2 years, 2 pairs, 5 steps, 1 edit")},  # fmt: skip
+)  # fmt: skip

@@ -34,8 +34,8 @@ from lmscope.quant.osp import osp_quantized
 from lmscope.quant.outliers import activation_stats
 from lmscope.quant.rotation import rotated
 from lmscope.reports.figures import Figure
-from lmscope.reports.report import PartWriter
-from lmscope.reports.results import Result, Table, header
+from lmscope.reports.command import RunWriter
+from lmscope.reports.results import Result, Table
 from lmscope.training.osp import RECIPES, get_recipe
 from lmscope.training.pretrain import (
     PretrainSettings,
@@ -204,63 +204,60 @@ def _finite(value: float | None) -> float | None:
 def run_pretraining(
     recipes: Sequence[str],
     settings: PretrainSettings,
-    out: str | Path,
+    out: str | Path | RunWriter,
     *,
-    resume: bool = False,
     device: str = "cpu",
-    earlier: Callable[[dict], dict] | None = None,
     schemes: Sequence[QuantScheme] = SCHEMES,
 ) -> Comparison:
     """Train each recipe of ``recipes`` (``out/<recipe>/``: checkpoint and final model) with
     ``settings``, evaluate it (:func:`evaluate`) and compare them; ``results.json``,
-    ``report.html`` and PNGs are written to ``out`` after every part. With ``resume``, the
-    recipes finished in ``earlier(payload)`` (the ``parts`` of an earlier ``results.json`` with
-    the same settings, e.g. the CLI's reader) are read back and the others continue from their
-    checkpoints (a recipe whose checkpoint is at its last step is only evaluated again)."""
+    ``report.html`` and PNGs are written to ``out`` (a folder or a :class:`RunWriter`) after
+    every part. A rerun with the same settings reads the finished recipes back and continues the
+    others from their checkpoints (a recipe whose checkpoint is at its last step is only
+    evaluated again)."""
     recipes = [get_recipe(name).name for name in recipes]  # unknown names fail first
     if len(set(recipes)) != len(recipes):
         raise LmscopeError(f"a recipe is listed twice: {', '.join(recipes)}")
-    out = Path(out)
     tokenizer = load_tokenizer(settings.tokenizer)
     train = training_corpus(tokenizer, settings.corpus, settings.train_tokens)
     corpus = evaluation_corpus(tokenizer, settings.eval_corpus, settings.eval_tokens)
     probe = corpus.head(settings.kurtosis_tokens)
-    payload = _payload(recipes, settings, tokenizer, train, corpus)
-    writer = PartWriter(out, f"lmscope pretrain: {', '.join(recipes)}", payload, planned=len(recipes) + 1)
-    finished = earlier(payload) if resume and earlier is not None else {}
-    runs = []
-    for name in recipes:
-        before = TrainingRun.from_json(finished[name]) if name in finished else None
-        if before is not None and before.evaluation is not None:
-            run = before
-        else:
-            run = pretrain(
-                name, settings, tokenizer, train, probe, out / name, resume=resume, device=device,
-                on_log=lambda partial, name=name: writer.update(name, partial),
-            )  # fmt: skip
-            model = load(run.model_path, device=device)
-            run.evaluation = evaluate(model, corpus, probe, window=settings.seq_len, schemes=schemes)
-        runs.append(run)
-        seconds = run.seconds + run.evaluation["seconds"]  # training steps and evaluation
-        writer.add(name, f"Recipe {name}", RECIPES[name].description, run, seconds)
-    comparison = Comparison(runs)
+    writer = out if isinstance(out, RunWriter) else RunWriter(out, "pretrain", settings)
+    writer.payload.update(_header(recipes, settings, tokenizer, train, corpus))
+    resume = writer.resuming
+
+    def train_and_evaluate(name: str) -> TrainingRun:
+        run = pretrain(
+            name, settings, tokenizer, train, probe, writer.out / name, resume=resume, device=device,
+            on_log=lambda partial: writer.update(name, partial),
+        )  # fmt: skip
+        model = load(run.model_path, device=device)
+        run.evaluation = evaluate(model, corpus, probe, window=settings.seq_len, schemes=schemes)
+        return run
+
+    runs = [
+        writer.part(name, f"Recipe {name}", RECIPES[name].description, lambda name=name: train_and_evaluate(name))
+        for name in recipes
+    ]
     description = (
         f"Identical initialisation, data order and {settings.steps} steps; evaluation on {corpus.name} "
         f"({len(corpus)} tokens, windows of {settings.seq_len})."
     )
-    writer.add("comparison", "Comparison", description, comparison)
+    comparison = writer.part("comparison", "Comparison", description, lambda: Comparison(runs))
+    if not isinstance(out, RunWriter):
+        writer.finish()
     return comparison
 
 
-def _payload(recipes: list[str], settings: PretrainSettings, tokenizer, train: Corpus, corpus: Corpus) -> dict:
-    """``results.json``'s header: the settings, versions and the card of the (plain) architecture."""
+def _header(recipes: list[str], settings: PretrainSettings, tokenizer, train: Corpus, corpus: Corpus) -> dict:
+    """What ``results.json`` records besides the settings: the recipes, the tokens used and the
+    card of the (plain) architecture."""
     from transformers import LlamaForCausalLM
 
     plain = Model(LlamaForCausalLM(llama_config(settings, tokenizer)), tokenizer, source="pretrain", name="pretrain")
-    record = {
+    return {
         "recipes": recipes,
-        **settings.to_json(),
         "train_tokens_used": len(train),
         "eval_tokens_used": len(corpus),
+        "model": plain.card(),
     }
-    return header("pretrain", "llama (random initialisation)", plain, record)

@@ -30,7 +30,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
@@ -43,6 +43,7 @@ from lmscope.core.model import Model
 from lmscope.core.progress import note, progress_bar
 from lmscope.quant.corpus import BUNDLED, Corpus, load_corpus
 from lmscope.quant.outliers import activation_stats
+from lmscope.reports.command import option
 from lmscope.reports.results import Result, Table
 from lmscope.training.osp import Recipe, apply_recipe_, build_optimizers, exported, get_recipe
 
@@ -64,28 +65,28 @@ class PretrainSettings:
     ``lr`` (AdamW; Muon's ``muon_lr`` defaults to it), ``weight_decay``, ``warmup`` (None: 10% of
     the steps), ``min_lr_ratio``, ``clip``, ``seed``; ``log_every``, ``checkpoint_every``."""
 
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 2
-    d_mlp: int | None = None
-    seq_len: int = 128
-    batch_size: int = 8
-    steps: int = 300
-    lr: float = 3e-3
-    muon_lr: float | None = None
-    weight_decay: float = 0.1
-    warmup: int | None = None
-    min_lr_ratio: float = 0.1
-    clip: float = 1.0
-    seed: int = 0
-    log_every: int = 25
-    checkpoint_every: int = 100
-    corpus: str = "wikitext2"
-    eval_corpus: str = "wikitext2"
-    tokenizer: str = DEFAULT_MODEL
-    train_tokens: int | None = None
-    eval_tokens: int | None = 16384
-    kurtosis_tokens: int = 512
+    d_model: int = option(128, "hidden size")
+    n_layers: int = option(4, "decoder layers", flag="--layers")
+    n_heads: int = option(2, "attention heads", flag="--heads")
+    d_mlp: int | None = option(None, "feed-forward width (default: OSP's rule, 8d/3 rounded up to 128)")
+    seq_len: int = option(128, "tokens per training window (and evaluation window)")
+    batch_size: int = option(8, "windows per step")
+    steps: int = option(300, "training steps")
+    lr: float = option(3e-3, "peak learning rate (AdamW)")
+    muon_lr: float | None = option(None, "peak learning rate of Muon (default: --lr)")
+    weight_decay: float = option(0.1, "decoupled weight decay of the matrices")
+    warmup: int | None = option(None, "warm-up steps (default: 10% of --steps)")
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak")
+    clip: float = option(1.0, "gradient-norm clipping")
+    seed: int = option(0, "seed of the initialisation and the data order")
+    log_every: int = option(25, "log the loss and OSP kurtosis every N steps")
+    checkpoint_every: int = option(100, "write a checkpoint every N steps")
+    corpus: str = option("wikitext2", "training text: text or JSONL file, or 'wikitext2' (the bundled validation split)")
+    eval_corpus: str = option("wikitext2", "evaluation text: text or JSONL file, or 'wikitext2' (the bundled test split)")
+    tokenizer: str = option(DEFAULT_MODEL, "model whose tokenizer to use (SmolLM2's by default)")
+    train_tokens: int | None = option(None, "use only the first N training tokens")
+    eval_tokens: int | None = option(16384, "evaluation tokens (perplexity, massive activations)")
+    kurtosis_tokens: int = option(512, "evaluation tokens of the kurtosis probe logged during training")
 
     def __post_init__(self):
         names = ("d_model", "n_layers", "n_heads", "seq_len", "batch_size", "steps", "log_every", "checkpoint_every")
@@ -117,7 +118,8 @@ class PretrainSettings:
         return max(1, self.steps // 10) if self.warmup is None else self.warmup
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """The training settings alone (a subclass's extra fields left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(PretrainSettings)}
 
 
 def check_corpus(source: str) -> None:

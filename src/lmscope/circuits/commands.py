@@ -1,0 +1,225 @@
+"""The commands of this package: ``lmscope locate``, ``circuit`` and ``heads`` (settings and run)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from lmscope.circuits.edges import edge_attribution
+from lmscope.circuits.faithfulness import Faithfulness, faithfulness
+from lmscope.circuits.graph import Circuit, draw, select
+from lmscope.circuits.head_roles import head_roles
+from lmscope.circuits.locate import LEVELS, METHODS, locate
+from lmscope.circuits.pairs import TokenPair, tokenize_pairs
+from lmscope.circuits.scores import PatchResult
+from lmscope.circuits.tasks import pairs_for
+from lmscope.core.errors import LmscopeError
+from lmscope.core.memory import PeakMemory, model_budget
+from lmscope.core.model import Model
+from lmscope.reports.command import Command, RunWriter, option
+from lmscope.reports.figures import Figure
+from lmscope.reports.results import Result, Table
+
+
+@dataclass(frozen=True)
+class PairOptions:
+    """Where the prompt pairs come from and how they are scored (shared by locate and circuit)."""
+
+    data: Path | None = option(None, "prompt pairs (JSONL: clean, corrupt, answer, wrong_answer)")
+    task: str | None = option(None, "built-in task: ioi, induction, capitals")
+    n: int | None = option(None, "number of pairs to generate for --task", flag="--n")
+    metric: str = option("logit_diff", "logit_diff, logprob, prob or kl")
+    align: str = option("strict", "strict, or final: left-pad pairs of unequal length")
+
+    def pairs(self, model: Model) -> list[TokenPair]:
+        """The token pairs (one-line errors for a bad file, task or alignment)."""
+        return tokenize_pairs(model, pairs_for(model, self.data, self.task, self.n), self.align)
+
+
+def memory_record(model: Model, budget: int, peak: PeakMemory) -> dict:
+    """Device, working-memory budget and peak above the start, in bytes."""
+    return {"device": str(model.device), "budget_bytes": budget, "peak_bytes": peak.peak}
+
+
+# -- locate --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocateSettings(PairOptions):
+    """``lmscope locate``: score every head, layer, position or expert by one method."""
+
+    method: str = option("exact", f"{', '.join(METHODS)}")
+    level: str = option("head", "head, layer (attention and MLP), position (residual) or expert (mixture-of-experts)")
+    direction: str = option("denoising", "denoising or noising (exact only)")
+    steps: int = option(100, "EAP-IG interpolation steps")
+    top: int = option(10, "rows of the top table")
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise LmscopeError(f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
+        if self.level not in LEVELS:
+            raise LmscopeError(f"unknown level '{self.level}' (choose from {', '.join(LEVELS)})")
+
+
+@dataclass
+class Located(Result):
+    """Scores of every component of one level, with the metric's baselines and the memory used."""
+
+    results: list[PatchResult]
+    memory: dict
+    top: int = 10
+    n_pairs: int = 0
+
+    def to_json(self) -> dict:
+        first = self.results[0]
+        return {
+            "metric": {"name": first.metric, "clean": first.clean, "corrupt": first.corrupt},
+            "n_pairs": self.n_pairs,
+            "memory": self.memory,
+            "results": [r.to_json() for r in self.results],
+        }
+
+    def text(self) -> str:
+        first = self.results[0]
+        return f"{first.method} on {self.n_pairs} pairs: {first.text()}"
+
+    def tables(self) -> list[Table]:
+        rows = [{"component": r.component, **row} for r in self.results for row in r.rows()]
+        rows = sorted(rows, key=lambda row: -abs(row["score"]))[: self.top]
+        return [Table(f"top {len(rows)} components by |score|", rows)]
+
+    def figures(self) -> list[Figure]:
+        return [figure for r in self.results for figure in r.figures()]
+
+
+def run_locate(model: Model, settings: LocateSettings, out: RunWriter) -> Located:
+    """Find where a behaviour lives: patch or attribute every head, layer or position."""
+    pairs = settings.pairs(model)
+    budget = model_budget(model)
+
+    def compute() -> Located:
+        with PeakMemory(model.device) as peak:
+            results = locate(model, pairs, settings.method, settings.level, settings.metric, settings.steps,
+                             settings.direction, max_memory=budget)  # fmt: skip
+        return Located(results, memory_record(model, budget, peak), settings.top, len(pairs))
+
+    return out.part("locate", "Where the behaviour lives", f"{settings.method} scores per {settings.level}.", compute)
+
+
+LOCATE = Command("locate", LocateSettings, run_locate, hidden_aliases=("patch",))
+
+
+# -- circuit -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CircuitSettings(PairOptions):
+    """``lmscope circuit``: EAP-IG edges, a pruned circuit and its faithfulness."""
+
+    top: int | None = option(None, "keep the top N edges by |score|")
+    threshold: float | None = option(None, "keep edges with |score| >= X")
+    steps: int = option(100, "EAP-IG interpolation steps (1: plain EAP)")
+
+    def __post_init__(self) -> None:
+        if (self.top is None) == (self.threshold is None):
+            raise LmscopeError("give exactly one of --top N or --threshold X")
+
+
+@dataclass
+class CircuitResult(Result):
+    """A pruned circuit, its faithfulness and every edge score."""
+
+    circuit: Circuit
+    faithfulness: Faithfulness
+    edges: list[tuple[str, str, float]]
+    metric: dict
+    memory: dict
+
+    def graph(self) -> dict:
+        """``graph.json``: the circuit with its metric and faithfulness."""
+        return {**self.circuit.to_json(), "metric": self.metric["name"], "faithfulness": self.faithfulness.to_json()}
+
+    def to_json(self) -> dict:
+        return {
+            "metric": self.metric,
+            "memory": self.memory,
+            "faithfulness": self.faithfulness.to_json(),
+            "circuit": self.graph(),
+            "edges": [{"from": u, "to": v, "score": s} for u, v, s in self.edges],
+        }
+
+    def text(self) -> str:
+        f = self.faithfulness
+        return (
+            f"full model B = {f.baseline:.3f}, circuit C = {f.circuit:.3f}, corrupted = {f.corrupt:.3f}: "
+            f"faithfulness {f.normalised:.3f}, CRS {f.crs:.1f}"
+        )
+
+    def tables(self) -> list[Table]:
+        strongest = sorted(self.circuit.edges, key=lambda e: -abs(e[2]))[:15]
+        caption = f"circuit: {len(self.circuit.edges)} edges, {len(self.circuit.nodes)} nodes (strongest 15)"
+        return [Table(caption, [{"from": u, "to": v, "score": s} for u, v, s in strongest])]
+
+
+def run_circuit(model: Model, settings: CircuitSettings, out: RunWriter) -> CircuitResult:
+    """EAP-IG edge scores, a pruned circuit, its faithfulness and CRS, as JSON and a drawing."""
+    pairs = settings.pairs(model)
+    budget = model_budget(model)
+
+    def compute() -> CircuitResult:
+        with PeakMemory(model.device) as peak:
+            scores = edge_attribution(model, pairs, settings.metric, settings.steps, max_memory=budget)
+        chosen = select(scores, top=settings.top, threshold=settings.threshold)
+        faith = faithfulness(model, pairs, chosen, settings.metric)
+        metric = {"name": settings.metric, "clean": scores.clean, "corrupt": scores.corrupt}
+        return CircuitResult(chosen, faith, list(scores.edges()), metric, memory_record(model, budget, peak))
+
+    result = out.part("circuit", "Circuit", "EAP-IG edges pruned to a circuit, with its faithfulness.", compute)
+    out.write_json("graph.json", result.graph())
+    title = f"{model.name}: {len(result.circuit.edges)} edges, CRS {result.faithfulness.crs:.1f}"
+    draw(result.circuit, out.file("circuit.png"), title)
+    return result
+
+
+CIRCUIT = Command("circuit", CircuitSettings, run_circuit)
+
+
+# -- heads ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadsSettings:
+    """``lmscope heads``: induction, previous-token and duplicate-token scores of every head."""
+
+    length: int = option(30, "length of the repeated random sequence")
+    batch: int = option(8, "number of sequences")
+
+
+@dataclass
+class _Renamed(Result):
+    """A result whose figures are saved under other names (``heads``: induction.png, not
+    heads_induction.png as in the scan)."""
+
+    inner: Result
+    prefix: str = field(default="heads_")
+
+    def to_json(self) -> dict:
+        return self.inner.to_json()
+
+    def text(self) -> str:
+        return self.inner.text()
+
+    def tables(self) -> list[Table]:
+        return self.inner.tables()
+
+    def figures(self) -> list[Figure]:
+        return [replace(f, name=f.name.removeprefix(self.prefix)) for f in self.inner.figures()]
+
+
+def run_heads(model: Model, settings: HeadsSettings, out: RunWriter) -> Result:
+    """Induction, previous-token and duplicate-token scores of every head."""
+    compute = lambda: _Renamed(head_roles(model, batch=settings.batch, length=settings.length, loss=True))
+    return out.part("heads", "Head roles", "Mean attention to the role's token on repeated random tokens.", compute)
+
+
+HEADS = Command("heads", HeadsSettings, run_heads)
