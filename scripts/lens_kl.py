@@ -13,8 +13,8 @@ import argparse
 import torch
 
 import lmscope
-from lmscope.circuits.lenses import TunedLens, kl_to_final, resid_sites, train_tuned_lens
 from lmscope.quant.corpus import load_corpus
+from lmscope.readout import TunedLens, kl_to_final, resid_sites, train_tuned_lens
 
 
 def main() -> None:

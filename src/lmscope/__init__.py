@@ -39,6 +39,9 @@ _MOVED = {
     "head_roles": "lmscope.circuits.head_roles",
     "discovery": "lmscope.circuits.locate",
     **{name: f"lmscope.quant.{name}" for name in ("corpus", "outliers", "kv", "evaluation")},
+    # the two lens modules of circuits, now the readout package (its public names)
+    "circuits.lens": "lmscope.readout",
+    "circuits.lenses": "lmscope.readout",
 }
 
 

@@ -68,8 +68,8 @@ def test_weight_reading_analyses_equal_in_memory(tiny_pair):
     """EAP-IG edges, direct logit attribution and K/V weight norms read offloaded weights from
     the offload's copy: the same numbers as in memory."""
     from lmscope.circuits.edges import edge_attribution
-    from lmscope.circuits.lens import direct_logit_attribution
     from lmscope.quant.kv import weight_norms
+    from lmscope.readout import direct_logit_attribution
     from tests.helpers import token_pair
 
     memory, offloaded = tiny_pair

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from lmscope.circuits.pairs import TokenPair
 from lmscope.core.errors import LmscopeError
+from lmscope.core.stats import kl_divergence
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,7 @@ def _prob(logits, pair, _):
 
 
 def _neg_kl(logits, pair, clean_logprobs):
-    logp = logits.log_softmax(-1)
-    return -(clean_logprobs.exp() * (clean_logprobs - logp)).sum(-1)
+    return -kl_divergence(clean_logprobs, logits.log_softmax(-1))
 
 
 METRICS = {

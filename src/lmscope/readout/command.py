@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmscope.circuits.lenses import LensResult, TunedLens, lens, load_tuned_lens, train_tuned_lens
+from lmscope.readout.logit_lenses import LensResult, lens
+from lmscope.readout.tuned import TunedLens, load_tuned_lens, train_tuned_lens
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
 from lmscope.quant.corpus import BUNDLED, load_corpus

@@ -51,6 +51,7 @@ from lmscope.core.interventions import Intervention, add, apply
 from lmscope.core.jsonl import read_jsonl
 from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
+from lmscope.core.stats import kl_divergence
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Table
 from lmscope.steering.directions import Examples, features, mean_difference
@@ -241,11 +242,6 @@ def _nll(logp: Tensor, seq: Scored) -> float:
     return -_completion_logp(logp, seq)
 
 
-def _kl(reference: Tensor, other: Tensor) -> Tensor:
-    """``KL(p_reference || p_other)`` per position from log-probabilities [n, vocab] -> [n]."""
-    return (reference.exp() * (reference - other)).sum(-1)
-
-
 # -- the sweep ------------------------------------------------------------------------------
 
 
@@ -324,7 +320,7 @@ def _evaluate(
                 reference, logps = forward(plain, [None])[0], forward(seq, rows)
             reference = reference[-(seq.stop - seq.start) :]
             for r in range(len(rows)):
-                acc.kl[r] += float(_kl(reference, logps[r]).sum())
+                acc.kl[r] += float(kl_divergence(reference, logps[r]).sum())  # KL(unsteered || steered)
             acc.n_kl += len(reference)
             advance(1)
         for window in data.windows:

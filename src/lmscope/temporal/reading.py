@@ -8,7 +8,7 @@ token) and direct logit attribution of every head and MLP (TransformerLens's
 ``stack_head_results(apply_ln=True)``), for prompts that name the year ("In year 2004, ...")
 and the same facts with the year said as an event (``alias_time_templates``: "In the year the
 Summer Olympics were held in Athens, ..."). Do the temporal heads respond to the alias as to the
-number? (:mod:`lmscope.circuits.lens` computes both readings.)
+number? (:mod:`lmscope.readout` computes both readings.)
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
-from lmscope.circuits.lens import (
+from lmscope.core.errors import LmscopeError
+from lmscope.core.model import Model
+from lmscope.readout import (
     AttributionComparison,
     LensComparison,
     compare,
     direct_logit_attribution,
     logit_lens,
 )
-from lmscope.core.errors import LmscopeError
-from lmscope.core.model import Model
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Table
 from lmscope.temporal.data import PromptTokens, TemporalCategory

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from lmscope.circuits.lenses import TunedLens, lens, load_tuned_lens, train_tuned_lens
 from lmscope.core.errors import LmscopeError
+from lmscope.readout import TunedLens, lens, load_tuned_lens, train_tuned_lens
 from tests.helpers import read_results, run_cli
 from tests.tiny import random_ids, tiny_model
 

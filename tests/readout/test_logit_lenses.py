@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from lmscope.circuits.lens import (
+from lmscope.core.errors import LmscopeError
+from lmscope.readout import (
     AttributionComparison,
     LensComparison,
     answer_ids,
@@ -22,7 +23,6 @@ from lmscope.circuits.lens import (
     direct_logit_attribution,
     logit_lens,
 )
-from lmscope.core.errors import LmscopeError
 from tests.tiny import CONFIGS, random_ids, tiny_model
 
 FAMILIES = sorted(CONFIGS)
@@ -330,7 +330,7 @@ def test_results_serialise_and_compare_side_by_side(tiny_models):
 
 
 def test_first_layer_the_answer_stays_on_top():
-    from lmscope.circuits.lens import LogitLens
+    from lmscope.readout import LogitLens
 
     rank = torch.tensor([[5, 1, 1, 3], [1, 1, 2, 1], [1, 1, 1, 1]])[:, :, None]  # [n_resid, batch=4, 1]
     lens = LogitLens(
