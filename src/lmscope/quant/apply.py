@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from lmscope.core.hookpoints import point_modules
 from lmscope.core.hooks import Hook, hooked
 from lmscope.core.model import Model
+from lmscope.core.modules import is_conv1d
 from lmscope.core.weights import transformed
 from lmscope.quant.configs import KVQuant
 from lmscope.quant.kernels import fake_quant_asym, fake_quant_sym
@@ -106,7 +107,7 @@ def quantized_weights(
     forward loads them (:func:`lmscope.core.weights.transformed`)."""
     with contextlib.ExitStack() as stack:
         for linear in block_linears(model):
-            in_dim = 0 if type(linear).__name__ == "Conv1D" else 1  # Conv1D stores [in, out]
+            in_dim = 0 if is_conv1d(linear) else 1  # Conv1D stores [in, out]
             quantize = lambda w, d=in_dim: quantiser(w, bits, d, group_size)
             stack.enter_context(transformed(linear, quantize))
         yield
