@@ -25,6 +25,7 @@ from pathlib import Path
 from lmscope.circuits.edges import edge_attribution
 from lmscope.circuits.faithfulness import Faithfulness, faithfulness
 from lmscope.circuits.graph import Circuit, select
+from lmscope.circuits.nodes import is_head_node
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
 from lmscope.reports.results import write_json
@@ -101,7 +102,7 @@ class CategoryCircuit:
             "dropped": self.dropped,
             "edges": len(self.circuit.edges),
             "nodes": len(self.circuit.nodes),
-            "heads": sum(n.startswith("a") for n in self.circuit.nodes),
+            "heads": sum(is_head_node(n) for n in self.circuit.nodes),
             "B (full model)": round(f.baseline, 4),
             "C (circuit)": round(f.circuit, 4),
             "CRS": round(f.crs, 2),
