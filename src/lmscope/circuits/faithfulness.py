@@ -82,7 +82,8 @@ class Faithfulness:
     crs: float
 
     def to_json(self) -> dict:
-        """The five values by name (``normalised`` may be NaN, written as ``NaN``, as before)."""
+        """The five values by name (``normalised`` may be NaN: ``null`` in results files, read back
+        as NaN by :func:`lmscope.reports.results.nan_for_none`)."""
         return asdict(self)
 
 

@@ -28,7 +28,7 @@ from lmscope.circuits.graph import Circuit, select
 from lmscope.circuits.nodes import is_head_node
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
-from lmscope.reports.results import write_json
+from lmscope.reports.results import nan_for_none, write_json
 from lmscope.temporal.data import PairSet
 from lmscope.temporal.heads import INVARIANT, NodeSet
 
@@ -144,7 +144,10 @@ def load_circuit(path: Path, settings: CircuitSettings, n_pairs: int) -> Categor
         data = json.loads(path.read_text(encoding="utf-8"))
         if data["settings"] != asdict(settings) or data["n_pairs"] != n_pairs:
             return None
-        edges = [(e["from"], e["to"] + (f"<{e['input']}>" if e["input"] else ""), e["score"]) for e in data["edges"]]
+        edges = [
+            (e["from"], e["to"] + (f"<{e['input']}>" if e["input"] else ""), nan_for_none(e["score"]))
+            for e in data["edges"]
+        ]
         return CategoryCircuit(
             data["name"],
             data["group"],
@@ -152,7 +155,7 @@ def load_circuit(path: Path, settings: CircuitSettings, n_pairs: int) -> Categor
             data["dropped"],
             data["graph_edges"],
             Circuit(edges),
-            Faithfulness(**data["faithfulness"]),
+            Faithfulness(**nan_for_none(data["faithfulness"])),
             settings,
         )
     except (OSError, ValueError, KeyError, TypeError):
