@@ -43,8 +43,10 @@ Usage::
     check = illusion_check(model, "blocks.6.resid_post", result.basis, base_prompts, source_prompts, labels)
     check.flagged
 
-Base and source prompts are tokenised with left padding to one common length, so position -1 (the
-default) is every prompt's final token.
+Positions follow :mod:`lmscope.core.interventions`: absolute indices into the sequence, negative
+from its end. Base and source prompts are tokenised with left padding to one common length, so
+position -1 (the default) is every prompt's final token, and a non-negative position counts the
+padding in front of a shorter prompt.
 """
 
 from __future__ import annotations
