@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 import lmscope
-from lmscope import tasks
+from lmscope.circuits import tasks
 from lmscope.circuits.patching import activation_patching
 from lmscope.circuits.scores import PatchResult
 

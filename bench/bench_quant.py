@@ -29,9 +29,9 @@ os.environ.setdefault("LMSCOPE_QUIET", "1")
 import torch
 
 import lmscope
+from lmscope.quant.configs import QuantConfig, parse_kv
 from lmscope.quant.corpus import load_corpus
 from lmscope.quant.evaluation import perplexity
-from lmscope.quant.fake import QuantConfig, parse_kv
 from lmscope.quant.outliers import activation_stats
 
 WINDOW, BATCH = 512, 4

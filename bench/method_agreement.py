@@ -19,7 +19,7 @@ import torch
 os.environ.setdefault("LMSCOPE_QUIET", "1")
 
 import lmscope
-from lmscope import tasks
+from lmscope.circuits import tasks
 from lmscope.circuits.attribution import attribute
 from lmscope.circuits.patching import activation_patching
 

@@ -16,7 +16,7 @@ from lmscope.circuits.metrics import get_metric
 from lmscope.circuits.pairs import TokenPair
 from lmscope.circuits.patching import COMPONENTS, activation_patching
 from lmscope.cli import main
-from lmscope.quant.fake import KVQuant
+from lmscope.quant.configs import KVQuant
 from tests.tiny import tiny_model
 
 # -- prompt pairs and models ------------------------------------------------------------------

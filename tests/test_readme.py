@@ -1,10 +1,11 @@
-"""Every public name the README's Python examples import still imports (the flat module names
-of earlier releases included), and each resolves to the module in the subpackages."""
+"""Every public name the README's Python examples import still imports, and the flat module
+names of earlier releases still import, with a DeprecationWarning, as the subpackages' modules."""
 
 from __future__ import annotations
 
 import importlib
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,12 +35,19 @@ def test_readme_import(module, name):
     assert value is not None
 
 
-def test_flat_names_are_the_subpackage_modules():
-    import lmscope.patching
-
+def test_flat_names_are_the_subpackage_modules(monkeypatch):
     import lmscope.circuits.patching
     import lmscope.quant.kv
 
+    for flat in ("lmscope.patching", "lmscope.kv"):  # imported before: import them afresh
+        monkeypatch.delitem(sys.modules, flat, raising=False)
+    with pytest.warns(
+        DeprecationWarning, match=r"^lmscope\.patching is deprecated; import lmscope\.circuits\.patching$"
+    ):
+        import lmscope.patching
+    with pytest.warns(DeprecationWarning, match=r"^lmscope\.kv is deprecated; import lmscope\.quant\.kv$"):
+        kv = importlib.import_module("lmscope.kv")
+
     assert lmscope.patching is lmscope.circuits.patching
-    assert importlib.import_module("lmscope.kv") is lmscope.quant.kv
+    assert kv is lmscope.quant.kv
     assert lmscope.patching.__spec__.name == "lmscope.circuits.patching"

@@ -15,7 +15,8 @@ The package is layered (enforced by import-linter, see ``.importlinter``):
 - :mod:`lmscope.scan` and :mod:`lmscope.cli` on top.
 
 The flat module names of earlier releases (``lmscope.patching``, ``lmscope.kv``, ...) keep
-working: :data:`_MOVED` maps each to its module in the subpackages, imported on first use.
+working for one more release, with a :class:`DeprecationWarning` naming the new path:
+:data:`_MOVED` maps each to its module in the subpackages, imported on first use.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
+import os
 import sys
+import warnings
 
 # load, Model, sites, interventions: the names listed in core.__all__
 from lmscope.core import *
@@ -45,8 +48,27 @@ _MOVED = {
 }
 
 
+_IMPORTLIB = os.path.dirname(importlib.__file__)
+
+
+def _importer_stacklevel() -> int:
+    """The ``stacklevel`` (for :func:`warnings.warn` called by this function's caller) of the
+    first frame outside the import machinery: the code that imported the module. (``warnings``
+    itself skips importlib's bootstrap frames; ``importlib.import_module``'s frame it counts.)"""
+    frame, level = sys._getframe(2), 2
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not ("importlib" in name and "_bootstrap" in name):
+            if not name.startswith(_IMPORTLIB):
+                break
+            level += 1
+        frame = frame.f_back
+    return level
+
+
 class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports ``lmscope.<old name>`` as the module it moved to (the same module object)."""
+    """Imports ``lmscope.<old name>`` as the module it moved to (the same module object), with a
+    :class:`DeprecationWarning` naming the new path."""
 
     def find_spec(self, fullname, path=None, target=None):
         prefix, _, name = fullname.partition(".")
@@ -55,7 +77,9 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.util.spec_from_loader(fullname, self)
 
     def create_module(self, spec):
-        module = importlib.import_module(_MOVED[spec.name.partition(".")[2]])
+        new = _MOVED[spec.name.partition(".")[2]]
+        warnings.warn(f"{spec.name} is deprecated; import {new}", DeprecationWarning, stacklevel=_importer_stacklevel())
+        module = importlib.import_module(new)
         spec.loader_state = module.__spec__  # the import system stamps the alias's spec on it next
         return module
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lmscope
-from lmscope import tasks
+from lmscope.circuits import tasks
 from lmscope.circuits.attribution import attribute
 from lmscope.circuits.head_roles import head_roles, repeated_loss, repeated_tokens
 from lmscope.circuits.patching import activation_patching

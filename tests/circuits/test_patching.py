@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lmscope
-from lmscope import tasks
+from lmscope.circuits import tasks
 from lmscope.circuits.metrics import get_metric
 from lmscope.circuits.patching import activation_patching
 from tests.helpers import check_against_naive, token_pair

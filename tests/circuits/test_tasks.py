@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lmscope
-from lmscope import tasks
+from lmscope.circuits import tasks
 from lmscope.circuits.head_roles import repeated_loss
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lmscope
-from lmscope import loading
+from lmscope.core import loading
 from tests.tiny import tiny_model
 
 PROMPT = "The capital of France is"

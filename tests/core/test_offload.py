@@ -87,9 +87,10 @@ def test_weight_quantisation_of_offloaded_weights_equals_in_memory(tiny_pair):
     """W4 (groups of 16) perplexity with most layers on disk equals the in-memory model's, the
     quantised weights being read through accelerate's weights map; both models come back
     unchanged."""
+    from lmscope.quant.apply import block_linears
+    from lmscope.quant.configs import QuantConfig
     from lmscope.quant.corpus import Corpus
     from lmscope.quant.evaluation import perplexity
-    from lmscope.quant.fake import QuantConfig, block_linears
 
     memory, offloaded = tiny_pair
     corpus = Corpus("random", torch.randint(3, memory.d_vocab, (96,), generator=torch.Generator().manual_seed(4)))
@@ -110,9 +111,9 @@ def test_every_analysis_equals_in_memory(tiny_pair):
     from lmscope.circuits.edges import edge_attribution
     from lmscope.circuits.faithfulness import faithfulness
     from lmscope.circuits.graph import select
+    from lmscope.quant.configs import KVQuant, QuantConfig
     from lmscope.quant.corpus import Corpus
     from lmscope.quant.evaluation import perplexity
-    from lmscope.quant.fake import KVQuant, QuantConfig
     from lmscope.quant.kv import kv_norms
     from lmscope.quant.outliers import activation_stats
     from tests.helpers import token_pair

@@ -85,7 +85,7 @@ def test_cli_device_and_dtype_errors_are_one_line(capsys, tmp_path):
 def test_fake_quantisation_arithmetic_runs_in_float32():
     """Quantising a bfloat16 tensor gives the float32 computation's result rounded to bfloat16:
     scales and levels are not computed in bfloat16 (which holds only 8 significant bits)."""
-    from lmscope.quant.fake import fake_quant_asym, fake_quant_sym
+    from lmscope.quant.kernels import fake_quant_asym, fake_quant_sym
 
     x = (torch.randn(4, 6, 128, generator=torch.Generator().manual_seed(0)) * 3 + 40).to(torch.bfloat16)
     for quant in (fake_quant_asym, fake_quant_sym):

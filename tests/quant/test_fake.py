@@ -14,19 +14,10 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 import lmscope
-from lmscope.quant.fake import (
-    KVQuant,
-    QuantConfig,
-    allocate_kv_bits,
-    block_linears,
-    fake_quant_asym,
-    fake_quant_sym,
-    kv_attention,
-    parse_kv,
-    quantized,
-    quantized_activations,
-    quantized_weights,
-)
+from lmscope.quant.apply import block_linears, kv_attention, quantized_activations, quantized_weights
+from lmscope.quant.configs import KVQuant, QuantConfig, allocate_kv_bits, parse_kv
+from lmscope.quant.kernels import fake_quant_asym, fake_quant_sym
+from lmscope.quant.simulate import quantized
 from tests.helpers import asym_last, kv_reference_interventions, logits_under, per_channel_quant, per_token_quant
 from tests.tiny import random_ids, tiny_model
 

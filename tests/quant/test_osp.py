@@ -9,14 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import lmscope
-from lmscope.quant.fake import QuantConfig, osp_w4a4kv4, quantized
-from lmscope.quant.osp import (
-    fake_quant_sym_mse,
-    fake_quant_zero_point,
-    osp_activations,
-    osp_kv_attention,
-    osp_quantized,
-)
+from lmscope.quant.configs import QuantConfig, osp_w4a4kv4
+from lmscope.quant.kernels import fake_quant_sym_mse, fake_quant_zero_point
+from lmscope.quant.osp import osp_activations, osp_kv_attention, osp_quantized
+from lmscope.quant.simulate import quantized
 from tests.helpers import run_cli
 from tests.tiny import random_ids, tiny_model
 

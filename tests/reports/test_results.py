@@ -4,14 +4,17 @@ header, and PNG rendering without pyplot or a global backend switch."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from dataclasses import dataclass
 
+import numpy as np
+import pytest
 import torch
 
 from lmscope.reports.figures import Figure
-from lmscope.reports.results import ModelCard, Result, Table, header, plain, save
+from lmscope.reports.results import ModelCard, Result, Table, header, nan_for_none, plain, save, strict, write_json
 from tests.helpers import read_results
 
 
@@ -33,6 +36,41 @@ def test_default_to_json_is_the_fields_as_plain_json():
     assert result.to_json() == {"scores": [0.5, -1.0, 2.0], "label": "x", "pairs": [1, 2]}
     assert json.loads(json.dumps(result.to_json())) == result.to_json()
     assert plain({1: (result, float("nan"))})["1"][0] == result.to_json()
+
+
+def _refuse(constant: str):
+    raise ValueError(f"not strict JSON: {constant}")
+
+
+def test_write_json_is_strict_json(tmp_path):
+    payload = {
+        "nan": float("nan"),
+        "inf": float("inf"),
+        "-inf": -math.inf,
+        "tensor": torch.tensor([1.0, float("nan"), -float("inf")]),
+        "array": np.array([[np.nan, 2.5]]),
+        "numpy": np.float32("nan"),
+        "result": _Scores(torch.tensor([float("inf"), 0.5]), "x"),
+        "kept": [1, 0.25, None, "nan", True],
+    }
+    path = write_json(tmp_path / "results.json", payload)
+    data = json.loads(path.read_text(), parse_constant=_refuse)
+    assert data == {
+        "nan": None,
+        "inf": None,
+        "-inf": None,
+        "tensor": [1.0, None, None],
+        "array": [[None, 2.5]],
+        "numpy": None,
+        "result": {"scores": [None, 0.5], "label": "x", "pairs": [1, 2]},
+        "kept": [1, 0.25, None, "nan", True],
+    }
+    assert strict(payload) == data
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left
+    with pytest.raises(ValueError):
+        json.loads('{"x": NaN}', parse_constant=_refuse)
+    back = nan_for_none(data["tensor"])
+    assert back[0] == 1.0 and math.isnan(back[1]) and math.isnan(back[2])
 
 
 def test_repr_html_has_tables_and_inline_png():

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from lmscope.circuits.attribution import gradient_rows, interpolations, step_bytes
 from lmscope.circuits.metrics import Metric, get_metric
+from lmscope.circuits.nodes import INPUT, LOGITS, head_node, mlp_node, parse_node
 from lmscope.circuits.pairs import Baselines, BoundMetric, PromptPair, TokenPair, as_token_pairs, bind
 from lmscope.core import distributed, memory
 from lmscope.core.anatomy import (
@@ -94,22 +95,23 @@ def graph_nodes(model: Model) -> tuple[list[str], list[str], Tensor]:
     node reads; with a parallel residual, a layer's MLP does not read its attention)."""
     L, H = model.n_layers, model.n_heads
     parallel = model.parallel_residual
-    up = ["input"] + [n for layer in range(L) for n in [f"a{layer}.h{h}" for h in range(H)] + [f"m{layer}"]]
-    down = [n for layer in range(L) for n in [f"a{layer}.h{h}<{t}>" for t in QKV for h in range(H)] + [f"m{layer}"]] + [
-        "logits"
+    up = [INPUT] + [n for layer in range(L) for n in [head_node(layer, h) for h in range(H)] + [mlp_node(layer)]]
+    down = [
+        n for layer in range(L) for n in [head_node(layer, h, t) for t in QKV for h in range(H)] + [mlp_node(layer)]
     ]
+    down.append(LOGITS)
 
     def writes(name: str) -> float:  # the layer position at which a node writes (input: -1)
-        if name == "input":
+        node = parse_node(name)
+        if node.kind == INPUT:
             return -1.0
-        layer = int(name[1:].split(".")[0])
-        return layer + (0.0 if name.startswith("a") else 0.5)
+        return node.layer + (0.0 if node.kind == "head" else 0.5)
 
     def reads(name: str) -> float:
-        if name == "logits":
+        node = parse_node(name)
+        if node.kind == LOGITS:
             return float(L)
-        layer = int(name[1:].split(".")[0].split("<")[0])
-        return layer + (0.0 if name.startswith("a") or parallel else 0.5)
+        return node.layer + (0.0 if node.kind == "head" or parallel else 0.5)
 
     w = torch.tensor([writes(n) for n in up])
     r = torch.tensor([reads(n) for n in down])

@@ -31,6 +31,7 @@ from torch import Tensor
 from lmscope.circuits.edges import graph_nodes
 from lmscope.circuits.graph import Circuit
 from lmscope.circuits.metrics import Metric, get_metric
+from lmscope.circuits.nodes import head_node, mlp_node
 from lmscope.circuits.pairs import Baselines, PromptPair, TokenPair, as_token_pairs, bind
 from lmscope.core import distributed
 from lmscope.core.anatomy import (
@@ -81,7 +82,8 @@ class Faithfulness:
     crs: float
 
     def to_json(self) -> dict:
-        """The five values by name (``normalised`` may be NaN, written as ``NaN``, as before)."""
+        """The five values by name (``normalised`` may be NaN: ``null`` in results files, read back
+        as NaN by :func:`lmscope.reports.results.nan_for_none`)."""
         return asdict(self)
 
 
@@ -92,9 +94,11 @@ def ablate_outside(model: Model, nodes: Sequence[str], corrupt_cache: Mapping[st
     ivs = []
     for layer in range(model.n_layers):
         z = Site("attn.z", layer)
-        ivs += [patch(z, corrupt_cache[z.name], head=h) for h in range(model.n_heads) if f"a{layer}.h{h}" not in keep]
+        ivs += [
+            patch(z, corrupt_cache[z.name], head=h) for h in range(model.n_heads) if head_node(layer, h) not in keep
+        ]
         mlp = Site("mlp.out", layer)
-        if f"m{layer}" not in keep:
+        if mlp_node(layer) not in keep:
             ivs.append(patch(mlp, corrupt_cache[mlp.name]))
     return ivs
 
@@ -145,7 +149,7 @@ class _EdgeAblation:
         norm = m.layer_module(layer, fam.attn_norm) if fam.attn_norm else (lambda x: x)
 
         def per_head(t: str) -> Tensor:
-            names = [f"a{layer}.h{h}<{t}>" for h in range(H)]
+            names = [head_node(layer, h, t) for h in range(H)]
             x = saved["pre"][None] - self._missing(names)  # [H, B, T, d]
             w, b = head_params(m, layer, t)
             out = torch.einsum("hbtd,hed->bthe", norm(x), w)
@@ -154,7 +158,7 @@ class _EdgeAblation:
         k_norm = joint_k_norm(m, layer)
 
         def joint_keys() -> Tensor:  # each query head's keys through the whole projection and joint norm
-            x = saved["pre"][None] - self._missing([f"a{layer}.h{h}<k>" for h in range(H)])
+            x = saved["pre"][None] - self._missing([head_node(layer, h, "k") for h in range(H)])
             keys = k_norm.forward(m.layer_module(layer, fam.k_proj)(norm(x)))  # forward: not this hook again
             keys = keys.unflatten(-1, (m.n_kv_heads_of(layer), D))  # [H, B, T, K, D]
             return keys[torch.arange(H), :, :, kv_head_of(m, layer)].permute(1, 2, 0, 3).flatten(-2)  # [B, T, H * D]
@@ -170,7 +174,7 @@ class _EdgeAblation:
                 else:
                     hooks.append(Hook(points[t], layer, lambda x, _t=t: per_head(_t).flatten(-2)))
 
-        first = self.u_index[f"a{layer}.h0"]
+        first = self.u_index[head_node(layer, 0)]
         corrupt_heads = head_contributions(m, layer, self.corrupt[f"blocks.{layer}.attn.z"])
 
         def heads_out(z: Tensor) -> None:  # z [B, T, H, D]
@@ -182,11 +186,11 @@ class _EdgeAblation:
             saved["mid"] = x
 
         def mlp_input(x: Tensor) -> Tensor:
-            x = saved["mid"] - self._missing([f"m{layer}"])[0]
+            x = saved["mid"] - self._missing([mlp_node(layer)])[0]
             return mlp_norm(x) if mlp_norm is not None else x
 
         def mlp_out(x: Tensor) -> None:
-            self.deltas[self.u_index[f"m{layer}"]] = x - self.corrupt_mlp[layer]
+            self.deltas[self.u_index[mlp_node(layer)]] = x - self.corrupt_mlp[layer]
 
         return hooks + [
             Hook("attn.z", layer, heads_out),

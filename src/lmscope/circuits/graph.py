@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmscope.circuits.edges import EdgeScores
+from lmscope.circuits.nodes import node_order, parse_node
 from lmscope.core.errors import LmscopeError
 from lmscope.reports.plots import graph
 
@@ -34,27 +35,15 @@ class Circuit:
     @property
     def nodes(self) -> list[str]:
         names = {node_of(n) for edge in self.edges for n in edge[:2]}
-        return sorted(names, key=_order)
+        return sorted(names, key=node_order)
 
     def to_json(self) -> dict:
         """``{"nodes": [...], "edges": [{"from", "to", "input", "score"}, ...]}``: ``to`` is a node,
         ``input`` the q/k/v input the edge enters (None for MLPs and the logits)."""
         return {
             "nodes": self.nodes,
-            "edges": [
-                {"from": u, "to": node_of(v), "input": v.split("<")[1][0] if "<" in v else None, "score": s}
-                for u, v, s in self.edges
-            ],
+            "edges": [{"from": u, "to": node_of(v), "input": parse_node(v).qkv, "score": s} for u, v, s in self.edges],
         }
-
-
-def _order(name: str) -> tuple:
-    if name == "input":
-        return (-1, 0, 0)
-    if name == "logits":
-        return (10**9, 0, 0)
-    layer = int(name[1:].split(".")[0])
-    return (layer, 0 if name.startswith("a") else 1, int(name.split(".h")[1]) if ".h" in name else 0)
 
 
 def select(scores: EdgeScores, top: int | None = None, threshold: float | None = None) -> Circuit:
@@ -76,11 +65,11 @@ def prune(circuit: Circuit) -> Circuit:
     edges = list(circuit.edges)
     while True:
         reached = {"input"}
-        for u, v, _ in sorted(edges, key=lambda e: _order(node_of(e[1]))):
+        for u, v, _ in sorted(edges, key=lambda e: node_order(node_of(e[1]))):
             if u in reached:
                 reached.add(node_of(v))
         useful = {"logits"}
-        for u, v, _ in sorted(edges, key=lambda e: _order(e[0]), reverse=True):
+        for u, v, _ in sorted(edges, key=lambda e: node_order(e[0]), reverse=True):
             if node_of(v) in useful:
                 useful.add(u)
         kept = [e for e in edges if e[0] in reached and e[0] in useful and node_of(e[1]) in useful]
@@ -93,11 +82,11 @@ def draw(circuit: Circuit, path: str | Path, title: str = "circuit") -> Path:
     """A layered drawing: layers bottom to top, heads left to right; edge width ~ |score|,
     red positive, blue negative."""
     nodes = circuit.nodes
-    layers = sorted({_order(n)[0] for n in nodes})
+    layers = sorted({node_order(n)[0] for n in nodes})
     rank = {layer: i for i, layer in enumerate(layers)}
     pos = {}
     for n in nodes:
-        layer, kind, head = _order(n)
+        layer, kind, head = node_order(n)
         y = rank[layer] * 2 + kind
         x = 0.0 if n in ("input", "logits") else (head if kind == 0 else -1.5)
         pos[n] = (x, y)

@@ -32,12 +32,9 @@ from torch import Tensor, nn
 from lmscope.core.errors import LmscopeError
 from lmscope.core.families import Family
 from lmscope.core.hooks import traced
+from lmscope.core.modules import is_conv1d, is_linear
 
 _NORM_NAMES = ("norm", "ln_", "ln", "layernorm")
-
-
-def _is_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or type(m).__name__ in ("Conv1D", "FalconLinear")
 
 
 def _is_norm(name: str, m: nn.Module) -> bool:
@@ -104,7 +101,7 @@ def derive_family(hf: nn.Module, layer: int = 0) -> Family:
 
     def owned_linears(path: str) -> list[str]:
         sub = block.get_submodule(path)
-        own = [f"{path}.{n}" for n, m in sub.named_modules() if n and _is_linear(m)]
+        own = [f"{path}.{n}" for n, m in sub.named_modules() if n and is_linear(m)]
         return [n for n in names if n in own]  # in call order
 
     attn = _attention_owner(block)
@@ -125,7 +122,7 @@ def derive_family(hf: nn.Module, layer: int = 0) -> Family:
         (
             n
             for n, m in children.items()
-            if n != top_attn and n not in norms and n in seen and not _is_linear(m) and _holds_compute(m)
+            if n != top_attn and n not in norms and n in seen and not is_linear(m) and _holds_compute(m)
         ),
         None,
     )
@@ -136,7 +133,7 @@ def derive_family(hf: nn.Module, layer: int = 0) -> Family:
         mlp_down = dense_down if experts else (linears[-1] if linears else None)
         mlp_in, mlp_out = io(mlp)
     else:  # the MLP's linears sit in the layer itself (OPT)
-        direct = [n for n in names if n in children and _is_linear(children[n]) and not n.startswith(top_attn)]
+        direct = [n for n in names if n in children and is_linear(children[n]) and not n.startswith(top_attn)]
         if len(direct) < 2:
             raise LmscopeError(f"cannot derive a family for '{hf.config.model_type}': no MLP found")
         mlp, mlp_up, mlp_down = None, direct[0], direct[-1]
@@ -189,7 +186,7 @@ def derive_family(hf: nn.Module, layer: int = 0) -> Family:
         mlp_norm=mlp_norm,
         mlp_contrib=norm_reading(mlp_out) or (mlp or mlp_down),
         parallel_residual=True if parallel else None,
-        conv1d=type(block.get_submodule(o_proj)).__name__ == "Conv1D",
+        conv1d=is_conv1d(block.get_submodule(o_proj)),
         q_norm=q_norm,
         k_norm=k_norm,
         pos_embed=pos_embed,
@@ -224,7 +221,7 @@ def _attention_owner(block: nn.Module) -> str:
     holds linear layers directly."""
     best = None
     for name, m in block.named_modules():
-        if name and "attention" in type(m).__name__.lower() and any(_is_linear(c) for c in m.children()):
+        if name and "attention" in type(m).__name__.lower() and any(is_linear(c) for c in m.children()):
             best = name
     if best is None:
         raise LmscopeError("cannot derive a family: no attention module")
@@ -232,7 +229,7 @@ def _attention_owner(block: nn.Module) -> str:
 
 
 def _holds_compute(m: nn.Module) -> bool:
-    return any(_is_linear(c) or isinstance(c, nn.Parameter) for c in m.modules()) or any(True for _ in m.parameters())
+    return any(is_linear(c) or isinstance(c, nn.Parameter) for c in m.modules()) or any(True for _ in m.parameters())
 
 
 def _qkv(block: nn.Module, attn: str, linears: list[str]) -> dict:
@@ -258,15 +255,15 @@ def _moe_parts(hf: nn.Module, layers: str, mlp: str, calls: list) -> tuple[str |
         prefix = f"{layers}.{i}."
         sub = block.get_submodule(mlp)
         children = {f"{mlp}.{n}": m for n, m in sub.named_children() if prefix + f"{mlp}.{n}" in seen}
-        moe_experts = next((p for p, m in children.items() if seen[prefix + p] == 3 and not _is_linear(m)), None)
+        moe_experts = next((p for p, m in children.items() if seen[prefix + p] == 3 and not is_linear(m)), None)
         moe_router = next(
-            (p for p, m in children.items() if p.rsplit(".", 1)[-1] in ("gate", "router") and not _is_linear(m)),
+            (p for p, m in children.items() if p.rsplit(".", 1)[-1] in ("gate", "router") and not is_linear(m)),
             None,
         ) or next((p for p in children if p.rsplit(".", 1)[-1] == "router"), None)
         if moe_experts and moe_router:
             router, experts = router or moe_router, experts or moe_experts
         elif down is None:
-            own = [n for n, m in sub.named_modules() if n and _is_linear(m)]
+            own = [n for n, m in sub.named_modules() if n and is_linear(m)]
             order = [name.removeprefix(prefix + mlp + ".") for name, *_ in calls if name.startswith(prefix + mlp + ".")]
             linears = [n for n in order if n in own]
             down = f"{mlp}.{linears[-1]}" if linears else None

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lmscope.core.errors import LmscopeError
+from lmscope.core.modules import is_linear
 
 GLOBAL_ROLES = ("embed", "pos_embed", "final_norm", "unembed", "root")
 
@@ -100,10 +101,6 @@ def hook_point(name: str) -> HookPoint:
     return HOOK_POINTS[name]
 
 
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
 def point_modules(model, name: str, layer: int | None = None) -> list[nn.Module]:
     """The modules hook point ``name`` of ``layer`` lives on (empty if the family has none).
 
@@ -117,7 +114,7 @@ def point_modules(model, name: str, layer: int | None = None) -> list[nn.Module]
         if role == "block":
             return [model.layer_module(layer, "")]
         if role == "linears":
-            return [m for m in model.layer_module(layer, "").modules() if _is_linear(m)]
+            return [m for m in model.layer_module(layer, "").modules() if is_linear(m)]
         path = getattr(model.family, role)
         if path is None:
             continue

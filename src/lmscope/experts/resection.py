@@ -23,7 +23,7 @@ from lmscope.experts.routing import ExpertStats
 from lmscope.quant.corpus import Corpus
 from lmscope.quant.evaluation import perplexity
 from lmscope.reports.figures import Figure
-from lmscope.reports.results import Result, Table
+from lmscope.reports.results import Result, Table, nan_for_none
 
 Expert = tuple[int, int]  # (layer, expert)
 
@@ -65,9 +65,12 @@ class Resection(Result):
 
     @classmethod
     def from_json(cls, data: dict) -> Resection:
-        """Read back :meth:`to_json`'s output."""
-        rows = [{**row, "experts": _pairs(row["experts"], row["kind"])} for row in data["rows"]]
-        return cls(data["n"], dict(data["baseline"]), rows)
+        """Read back :meth:`to_json`'s output (a non-finite loss, written as ``null``, as NaN)."""
+        rows = []
+        for row in data["rows"]:
+            losses = {key: nan_for_none(row[key]) for key in ("loss", "draws") if key in row}
+            rows.append({**row, **losses, "experts": _pairs(row["experts"], row["kind"])})
+        return cls(data["n"], nan_for_none(dict(data["baseline"])), rows)
 
     def delta(self, row: dict, domain: str) -> float:
         """The loss change on ``domain`` of one resection."""

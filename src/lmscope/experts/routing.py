@@ -35,7 +35,7 @@ from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
 from lmscope.quant.corpus import Corpus
 from lmscope.reports.figures import Figure
-from lmscope.reports.results import Result, Table
+from lmscope.reports.results import Result, Table, nan_for_none
 
 _EPS = 1e-6
 
@@ -109,7 +109,7 @@ class ExpertStats(Result):
     @classmethod
     def from_json(cls, data: dict) -> ExpertStats:
         """Read back :meth:`to_json`'s output (derived fields are recomputed)."""
-        tensors = {k: torch.tensor(data[k]) for k in ("load", "score", "entropy", "coactivation")}
+        tensors = {k: torch.tensor(nan_for_none(data[k])) for k in ("load", "score", "entropy", "coactivation")}
         fields = {k: data[k] for k in ("domains", "layers", "n_experts", "tokens", "top_tokens")}
         return cls(**fields, **tensors)
 

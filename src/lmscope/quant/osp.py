@@ -5,10 +5,11 @@ W4A4KV4, as its code runs it (dmis-lab/Outlier-Safe-Pre-Training ``scripts/1_eva
 
 - **weights**: every linear layer of the blocks (not the embedding, not the unembedding),
   symmetric round-to-nearest per output channel, the clipping range chosen by GPTQ's MSE search
-  (:func:`fake_quant_sym_mse`);
+  (:func:`lmscope.quant.kernels.fake_quant_sym_mse`);
 - **activations**: the inputs of those layers, asymmetric per token (QuaRot's ``ActQuantizer``,
-  :func:`fake_quant_zero_point`); the attention output projection's input in groups of one head
-  (``o_proj``: ``groupsize = head_dim``); the unembedding's input in full precision;
+  :func:`lmscope.quant.kernels.fake_quant_zero_point`); the attention output projection's input
+  in groups of one head (``o_proj``: ``groupsize = head_dim``); the unembedding's input in full
+  precision;
 - **keys**, after the rotary embedding: queries and keys both rotated per head by the Hadamard
   matrix of order d_head (``QKRotationWrapper``, applied whenever keys are quantised, with or
   without :mod:`lmscope.quant.rotation`), then asymmetric per token in groups of 128 channels of
@@ -36,85 +37,11 @@ from lmscope.core.errors import LmscopeError
 from lmscope.core.hookpoints import point_modules
 from lmscope.core.hooks import Hook, hooked
 from lmscope.core.model import Model
-from lmscope.quant.fake import _grouped, quantized_weights
+from lmscope.quant.apply import quantized_weights
 from lmscope.quant.hadamard import hadamard
+from lmscope.quant.kernels import fake_quant_sym_mse, fake_quant_zero_point
 
-# GPTQ's ``Quantizer.configure`` defaults for the MSE clipping search (IST-DASLab/gptq ``quant.py``),
-# which QuaRot's and OSP's ``WeightQuantizer`` keep.
-GRID, MAX_SHRINK, NORM = 100, 0.8, 2.4
 K_GROUP = 128  # OSP's --k_groupsize
-
-
-# -- quantisers -----------------------------------------------------------------------------
-
-
-def fake_quant_sym_mse(
-    x: Tensor,
-    bits: int,
-    dim: int = -1,
-    group_size: int | None = None,
-    *,
-    grid: int = GRID,
-    max_shrink: float = MAX_SHRINK,
-    norm: float = NORM,
-) -> Tensor:
-    """Symmetric round-to-nearest fake quantisation with GPTQ's MSE clipping search over groups
-    along ``dim`` (the whole axis if None; weights per output channel: ``dim`` = the input axis).
-
-    GPTQ ``Quantizer.find_params(x)`` with ``sym=True, mse=True`` (IST-DASLab/gptq ``quant.py``;
-    QuaRot's and OSP's ``WeightQuantizer``): ``xmax = max(|x|)`` (at least 1e-5); for
-    ``i = 0 .. int(max_shrink * grid) - 1`` the candidate ``scale = (1 - i / grid) * xmax / qmax``
-    gives ``q = scale * clamp(round(x / scale), -qmax - 1, qmax)`` and the error
-    ``sum |q - x|^norm``; the first candidate with the smallest error wins (``qmax = 2^(b-1) - 1``)."""
-    if bits < 2:
-        raise LmscopeError("symmetric quantisation needs at least 2 bits")
-    return _grouped(x, dim, group_size, lambda g: _sym_mse(g, bits, grid, max_shrink, norm))
-
-
-def _sym_mse(g: Tensor, bits: int, grid: int, max_shrink: float, norm: float) -> Tensor:
-    """GPTQ's search, the candidates evaluated a chunk at a time ([..., chunk, group_size])."""
-    qmax = 2 ** (bits - 1) - 1
-    xmax = g.abs().amax(-1, keepdim=True).clamp(min=1e-5)  # [..., 1]
-    shrink = torch.tensor([1 - i / grid for i in range(int(max_shrink * grid))], dtype=g.dtype, device=g.device)
-    chunk = max(1, 2**22 // max(g.numel(), 1))
-    best = torch.full_like(xmax, float("inf"))
-    best_scale = xmax / qmax
-    for part in shrink.split(chunk):
-        scale = (part * xmax / qmax)[..., None]  # [..., chunk, 1]
-        q = (g[..., None, :] / scale).round().clamp(-qmax - 1, qmax) * scale
-        err, idx = (q - g[..., None, :]).abs().pow(norm).sum(-1).min(-1, keepdim=True)  # first smallest
-        better = err < best
-        best = torch.where(better, err, best)
-        best_scale = torch.where(better, scale.squeeze(-1).gather(-1, idx), best_scale)
-    return (g / best_scale).round().clamp(-qmax - 1, qmax) * best_scale
-
-
-def fake_quant_zero_point(
-    x: Tensor, bits: int, dim: int = -1, group_size: int | None = None, *, include_zero: bool = True
-) -> Tensor:
-    """Asymmetric fake quantisation with an integer zero point over groups along ``dim``:
-    QuaRot's ``ActQuantizer`` (``sym=False``, clip ratio 1). With ``lo, hi`` the group's min and
-    max (widened to include 0 when ``include_zero``: QuaRot's per-token path, ``groupsize=-1``;
-    its grouped path ``find_params_per_token_groupwise`` does not widen), ``lo = -1, hi = 1``
-    where both are 0; ``scale = (hi - lo) / (2^b - 1)``, ``zero = round(-lo / scale)``,
-    ``x' = scale * (clamp(round(x / scale) + zero, 0, 2^b - 1) - zero)``. (A constant nonzero
-    group, ``hi = lo``, which QuaRot's grouped path divides by zero on, keeps a tiny scale.)"""
-    return _grouped(x, dim, group_size, lambda g: _zero_point(g, bits, include_zero))
-
-
-def _zero_point(g: Tensor, bits: int, include_zero: bool) -> Tensor:
-    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    if include_zero:
-        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    both = (lo == 0) & (hi == 0)
-    lo, hi = torch.where(both, -1.0, lo), torch.where(both, 1.0, hi)
-    maxq = 2**bits - 1
-    scale = ((hi - lo) / maxq).clamp(min=torch.finfo(g.dtype).tiny)
-    zero = (-lo / scale).round()
-    return scale * (((g / scale).round() + zero).clamp(0, maxq) - zero)
-
-
-# -- the setting ----------------------------------------------------------------------------
 
 
 def osp_activations(model: Model, bits: int) -> contextlib.AbstractContextManager:

@@ -37,7 +37,7 @@ from lmscope.core.errors import LmscopeError
 from lmscope.core import progress
 from lmscope.core.progress import note
 from lmscope.reports.report import Section, write_report
-from lmscope.reports.results import Result, output_dir, plain, save, versions, write_json
+from lmscope.reports.results import Result, output_dir, save, strict, versions, write_json
 
 if TYPE_CHECKING:
     from lmscope.core.model import Model
@@ -91,7 +91,7 @@ class Command:
 
 def jsonable(value: Any) -> Any:
     """``value`` as it reads back from ``results.json`` (plain, strict JSON: NaN as null)."""
-    return json.loads(json.dumps(plain(value), default=str))
+    return json.loads(json.dumps(strict(value), default=str))
 
 
 def settings_record(settings: Any, **extra: Any) -> dict:

@@ -7,6 +7,8 @@ Plotly chart) and, in Jupyter, as HTML (tables and inline PNG images, no network
 ``results.json`` is :func:`header` (command, settings, versions, model card) plus the result's
 JSON, written atomically by :func:`save` (to a temporary file, then renamed), so an interrupted
 or failed command never leaves a half-written file and never destroys a complete earlier one.
+It is strict JSON (:func:`strict`): NaN and infinities are written as ``null``, which
+:func:`nan_for_none` reads back as NaN.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import base64
 import dataclasses
 import html
 import json
+import math
 import os
 import platform
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,14 +45,43 @@ class Table:
 def plain(value: Any) -> Any:
     """``value`` as JSON-ready data: tensors and arrays to lists, tuples to lists, mapping keys to
     strings, nested results to their :meth:`Result.to_json`; floats are kept as they are."""
+    return _json_data(value, finite=False)
+
+
+def strict(value: Any) -> Any:
+    """``value`` as strict JSON data: :func:`plain`'s conversions, with every NaN, +inf and -inf
+    float (Python, numpy, or an element of a tensor or array), at any depth, as None (``null``)."""
+    return _json_data(value, finite=True)
+
+
+def _json_data(value: Any, finite: bool) -> Any:
+    """:func:`plain` (``finite=False``) or :func:`strict` (``finite=True``) of ``value``."""
     if isinstance(value, Result):
-        return value.to_json()
+        value = value.to_json()
+        if not finite:
+            return value
     if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # torch tensor, numpy array/scalar
-        return value.tolist()
+        value = value.tolist()
+        if not finite:
+            return value
+    if isinstance(value, float):
+        return value if not finite or math.isfinite(value) else None
     if isinstance(value, Mapping):
-        return {str(key): plain(item) for key, item in value.items()}
+        return {str(key): _json_data(item, finite) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [plain(item) for item in value]
+        return [_json_data(item, finite) for item in value]
+    return value
+
+
+def nan_for_none(value: Any) -> Any:
+    """Numbers read back from strict JSON (:func:`strict`): None as NaN, also inside lists and
+    mapping values (for fields that hold only numbers: a non-finite number was written as None)."""
+    if value is None:
+        return math.nan
+    if isinstance(value, Mapping):
+        return {key: nan_for_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [nan_for_none(item) for item in value]
     return value
 
 
@@ -159,14 +192,23 @@ def save(out: str | Path, payload: dict, figures: Iterable[Figure] = ()) -> Path
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
-    """Write ``payload`` as JSON atomically (under torchrun, on rank 0 only)."""
+    """Write ``payload`` as strict JSON (:func:`strict`: NaN and infinities as ``null``)
+    atomically: to a temporary file of its own in the same directory, then renamed over
+    ``path``, so concurrent writers never mix their files (under torchrun, on rank 0 only)."""
     path = Path(path)
     if not distributed.is_main():
         return path
-    tmp = path.with_name(path.name + ".tmp")
+    text = json.dumps(strict(payload), indent=1, default=float, allow_nan=False)
+    tmp = None
     try:
-        tmp.write_text(json.dumps(payload, indent=1, default=float))
+        with tempfile.NamedTemporaryFile(
+            "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+        ) as f:
+            tmp = Path(f.name)
+            f.write(text)
         os.replace(tmp, path)
     except OSError as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise LmscopeError(f"cannot write {path}: {e.strerror or e}") from e
     return path

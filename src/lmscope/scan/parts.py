@@ -100,8 +100,8 @@ class KeysAndValues(Result):
 
 def keys_and_values(model: Model, settings: ScanSettings) -> KeysAndValues:
     """K/V norms on ``kv_tokens`` tokens, perplexity under each of ``kv_configs`` on ``ppl_tokens``."""
+    from lmscope.quant.configs import QuantConfig, parse_kv
     from lmscope.quant.evaluation import quant_table
-    from lmscope.quant.fake import QuantConfig, parse_kv
     from lmscope.quant.kv import kv_norms
 
     corpus = load_corpus(model, "wikitext2", max_tokens=max(settings.kv_tokens, settings.ppl_tokens))

@@ -43,8 +43,10 @@ Usage::
     check = illusion_check(model, "blocks.6.resid_post", result.basis, base_prompts, source_prompts, labels)
     check.flagged
 
-Base and source prompts are tokenised with left padding to one common length, so position -1 (the
-default) is every prompt's final token.
+Positions follow :mod:`lmscope.core.interventions`: absolute indices into the sequence, negative
+from its end. Base and source prompts are tokenised with left padding to one common length, so
+position -1 (the default) is every prompt's final token, and a non-negative position counts the
+padding in front of a shorter prompt.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from torch import Tensor, nn
 from lmscope.core.errors import LmscopeError
 from lmscope.core.interventions import subspace_patch
 from lmscope.core.model import Inputs, Model
+from lmscope.core.modules import is_conv1d, is_linear
 from lmscope.core.sites import Site
 from lmscope.core.weights import parameter
 from lmscope.reports.results import Result, Table
@@ -279,14 +282,10 @@ def das(
 # -- what reads a site ----------------------------------------------------------------------------
 
 
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-
-
 def _linear_weight(module: nn.Module) -> Tensor:
     """A linear layer's weight as [out, in] (GPT-2's ``Conv1D`` stores [in, out])."""
     weight = parameter(module).detach()
-    return weight.T if type(module).__name__ == "Conv1D" else weight
+    return weight.T if is_conv1d(module) else weight
 
 
 def _norm_linear(norm: nn.Module | None, d: int, device: torch.device) -> Tensor:
@@ -329,7 +328,7 @@ def _layer_readers(model: Model, layer: int, part: str, fold: bool = True) -> di
     folded = _norm_linear(norm, d, model.device)
     out = {}
     for name, linear in module.named_modules():
-        if not _is_linear(linear) or linear is skipped:
+        if not is_linear(linear) or linear is skipped:
             continue
         weight = _linear_weight(linear).float()
         if weight.shape[1] == d:

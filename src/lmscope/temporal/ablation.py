@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from lmscope.circuits.nodes import head_node
 from lmscope.core.interventions import Intervention, zero
 from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
@@ -138,7 +139,7 @@ def ablation(
     plans = [(NONE, [])]
     if heads:
         alone = heads if alone is None else alone
-        plans += [(f"a{layer}.h{head}", [(layer, head)]) for layer, head in alone] + [(ALL, list(heads))]
+        plans += [(head_node(layer, head), [(layer, head)]) for layer, head in alone] + [(ALL, list(heads))]
     result = Ablation([], corpus.name if corpus is not None else None)
     with progress_bar("ablation", len(plans)) as advance:
         for label, zeroed in plans:

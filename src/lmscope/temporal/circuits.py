@@ -25,9 +25,10 @@ from pathlib import Path
 from lmscope.circuits.edges import edge_attribution
 from lmscope.circuits.faithfulness import Faithfulness, faithfulness
 from lmscope.circuits.graph import Circuit, select
+from lmscope.circuits.nodes import is_head_node
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
-from lmscope.reports.results import write_json
+from lmscope.reports.results import nan_for_none, write_json
 from lmscope.temporal.data import PairSet
 from lmscope.temporal.heads import INVARIANT, NodeSet
 
@@ -101,7 +102,7 @@ class CategoryCircuit:
             "dropped": self.dropped,
             "edges": len(self.circuit.edges),
             "nodes": len(self.circuit.nodes),
-            "heads": sum(n.startswith("a") for n in self.circuit.nodes),
+            "heads": sum(is_head_node(n) for n in self.circuit.nodes),
             "B (full model)": round(f.baseline, 4),
             "C (circuit)": round(f.circuit, 4),
             "CRS": round(f.crs, 2),
@@ -143,7 +144,10 @@ def load_circuit(path: Path, settings: CircuitSettings, n_pairs: int) -> Categor
         data = json.loads(path.read_text(encoding="utf-8"))
         if data["settings"] != asdict(settings) or data["n_pairs"] != n_pairs:
             return None
-        edges = [(e["from"], e["to"] + (f"<{e['input']}>" if e["input"] else ""), e["score"]) for e in data["edges"]]
+        edges = [
+            (e["from"], e["to"] + (f"<{e['input']}>" if e["input"] else ""), nan_for_none(e["score"]))
+            for e in data["edges"]
+        ]
         return CategoryCircuit(
             data["name"],
             data["group"],
@@ -151,7 +155,7 @@ def load_circuit(path: Path, settings: CircuitSettings, n_pairs: int) -> Categor
             data["dropped"],
             data["graph_edges"],
             Circuit(edges),
-            Faithfulness(**data["faithfulness"]),
+            Faithfulness(**nan_for_none(data["faithfulness"])),
             settings,
         )
     except (OSError, ValueError, KeyError, TypeError):

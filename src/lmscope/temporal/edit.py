@@ -63,6 +63,7 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
+from lmscope.circuits.nodes import head_node
 from lmscope.circuits.patching import Chunk, PrefixKV, final_position_only, layer_chunk, prefix_cache
 from lmscope.core import distributed
 from lmscope.core.errors import LmscopeError
@@ -550,7 +551,7 @@ class TemporalEdit(Result):
         n = len(self.outcomes)
         skipped = sum(o.position < 0 for o in self.outcomes)
         top = self.top(3)
-        heads = ", ".join(f"a{layer}.h{head} ({count})" for (layer, head), count in top) or "none"
+        heads = ", ".join(f"{head_node(layer, head)} ({count})" for (layer, head), count in top) or "none"
         note = f" ({skipped} skipped: phrase not in the target)" if skipped else ""
         return f"{n} experiments{note}: {int((self.successes > 0).sum())} heads succeeded at least once; top {heads}."
 
@@ -558,7 +559,7 @@ class TemporalEdit(Result):
         """The heads that succeeded, most first; one row per experiment."""
         heads = [
             {
-                "head": f"a{layer}.h{head}",
+                "head": head_node(layer, head),
                 "layer": layer,
                 "head index": head,
                 "successes": count,
@@ -580,7 +581,7 @@ class TemporalEdit(Result):
                     "unedited has trigger": o.baseline_success,
                     "candidates": len(o.candidates),
                     "successes": len(o.successes),
-                    "heads": " ".join(f"a{layer}.h{head}" for layer, head in o.successes),
+                    "heads": " ".join(head_node(layer, head) for layer, head in o.successes),
                 }
             )
         return [Table("heads whose value edit made the trigger appear", heads), Table("experiments", rows)]
@@ -724,7 +725,7 @@ def _sweep_target(
                 triggered(model, prompt + new[0], e.trigger) if new else None,
                 heads,
                 [(layer, head) for layer, head in heads if hit[own[layer, head // group]]],
-                {f"a{layer}.h{head}": texts[own[layer, head // group]] for layer, head in heads},
+                {head_node(layer, head): texts[own[layer, head // group]] for layer, head in heads},
             )
         )
     return outcomes

@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lmscope.circuits.nodes import head_node, head_of, is_head_node, node_order
 from lmscope.core.errors import LmscopeError
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Table
@@ -50,23 +51,6 @@ def major_nodes(sets: Sequence[frozenset[str]], ratio: float) -> set[str]:
     return {node for node, count in counts.items() if count >= need}
 
 
-def head_index(node: str) -> tuple[int, int]:
-    """``"a3.h2"`` -> ``(3, 2)``."""
-    layer, head = node[1:].split(".h")
-    return int(layer), int(head)
-
-
-def _sorted(nodes) -> list[str]:
-    def key(name: str):
-        if name.startswith("a"):
-            return (head_index(name)[0], 0, head_index(name)[1])
-        if name.startswith("m"):
-            return (int(name[1:]), 1, 0)
-        return (-1 if name == "input" else 10**9, 0, 0)
-
-    return sorted(nodes, key=key)
-
-
 @dataclass
 class TemporalHeads(Result):
     """The selection of :func:`temporal_heads`: node lists as the notebook's report (A.1, A.2,
@@ -86,23 +70,23 @@ class TemporalHeads(Result):
     @property
     def heads(self) -> list[tuple[int, int]]:
         """The temporal heads ``(layer, head)``, in layer order."""
-        return [head_index(n) for n in self.temporal_nodes if n.startswith("a")]
+        return [head_of(n) for n in self.temporal_nodes if is_head_node(n)]
 
     def ranked(self) -> list[tuple[int, int]]:
         """The temporal heads, those in the most temporal circuits first (ties in layer order)."""
-        return sorted(self.heads, key=lambda h: -self.counts.get(f"a{h[0]}.h{h[1]}", 0))
+        return sorted(self.heads, key=lambda h: -self.counts.get(head_node(*h), 0))
 
     @property
     def invariant_heads(self) -> list[tuple[int, int]]:
-        return [head_index(n) for n in self.invariant_nodes if n.startswith("a")]
+        return [head_of(n) for n in self.invariant_nodes if is_head_node(n)]
 
     @property
     def n_temporal_circuits(self) -> int:
         return sum(n for g, n in self.groups.items() if g != INVARIANT)
 
     def text(self) -> str:
-        heads = ", ".join(f"a{layer}.h{head}" for layer, head in self.heads) or "none"
-        inv = ", ".join(f"a{layer}.h{head}" for layer, head in self.invariant_heads) or "none"
+        heads = ", ".join(head_node(layer, head) for layer, head in self.heads) or "none"
+        inv = ", ".join(head_node(layer, head) for layer, head in self.invariant_heads) or "none"
         return (
             f"Temporal heads (major in >= {self.ratio:.0%} of a year's circuits, not in the invariant ones): "
             f"{heads}. Invariant-only heads: {inv}. {len(self.common)} nodes are in every circuit, "
@@ -126,7 +110,7 @@ class TemporalHeads(Result):
             return []
         z = [[0.0] * self.n_layers for _ in range(self.n_heads)]
         for layer, head in self.heads:
-            z[head][layer] = float(self.counts.get(f"a{layer}.h{head}", 0))
+            z[head][layer] = float(self.counts.get(head_node(layer, head), 0))
         return [
             Figure(
                 "temporal_heads",
@@ -161,10 +145,10 @@ def temporal_heads(sets: Sequence[NodeSet], ratio: float = 0.9, n_layers: int = 
     invariant_only = i_major - t_major - common - both
     counts = Counter(node for nodes in temporal for node in nodes if node in temporal_only)
     return TemporalHeads(
-        _sorted(temporal_only),
-        _sorted(invariant_only),
-        _sorted(common),
-        _sorted(both),
+        sorted(temporal_only, key=node_order),
+        sorted(invariant_only, key=node_order),
+        sorted(common, key=node_order),
+        sorted(both, key=node_order),
         dict(counts),
         {name: len(g) for name, g in groups.items()},
         ratio,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmscope.circuits.nodes import head_node
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
 from lmscope.readout import (
@@ -87,7 +88,7 @@ class HeadReading(Result):
             rank = lambda grid, h=(layer, head): int((grid.flatten() > grid[h]).sum()) + 1
             rows.append(
                 {
-                    "head": f"a{layer}.h{head}",
+                    "head": head_node(layer, head),
                     "DLA numeric": round(float(numeric[layer, head]), 4),
                     "DLA alias": round(float(alias[layer, head]), 4),
                     "rank numeric": rank(numeric),

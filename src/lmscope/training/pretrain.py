@@ -44,7 +44,7 @@ from lmscope.core.progress import note, progress_bar
 from lmscope.quant.corpus import BUNDLED, Corpus, load_corpus
 from lmscope.quant.outliers import activation_stats
 from lmscope.reports.command import option
-from lmscope.reports.results import Result, Table
+from lmscope.reports.results import Result, Table, nan_for_none
 from lmscope.training.osp import Recipe, apply_recipe_, build_optimizers, exported, get_recipe
 
 # Training text of a bundled corpus name: WikiText-2's validation split (its test split,
@@ -326,7 +326,16 @@ class TrainingRun(Result):
 
     @classmethod
     def from_json(cls, data: dict) -> TrainingRun:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        """Read back :meth:`to_json`'s output; numbers written as ``null`` (NaN or infinite: a
+        diverged loss, an infinite perplexity) come back as NaN."""
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        for key in ("losses", "kurtosis", "seconds"):
+            if key in fields:
+                fields[key] = nan_for_none(fields[key])
+        if fields.get("evaluation") is not None:
+            numbers = {k: v for k, v in fields["evaluation"].items() if k != "massive"}
+            fields["evaluation"] = {**fields["evaluation"], **nan_for_none(numbers)}
+        return cls(**fields)
 
     @property
     def done(self) -> int:
