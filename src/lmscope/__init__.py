@@ -45,6 +45,8 @@ _MOVED = {
     # the two lens modules of circuits, now the readout package (its public names)
     "circuits.lens": "lmscope.readout",
     "circuits.lenses": "lmscope.readout",
+    # simulated quantisation, split into kernels, configs, apply and simulate (the package's names)
+    "quant.fake": "lmscope.quant",
 }
 
 

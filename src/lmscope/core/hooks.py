@@ -254,7 +254,7 @@ class HookSession:
     methods; ``stop_after`` ends the forward after that layer; ``attention``, if given, replaces
     every layer's attention computation: it is called as ``attention(module, base, query, key,
     value, attention_mask, **kwargs)`` with ``base`` the model's own attention function (e.g. to
-    attend to quantised keys, :func:`lmscope.quant.fake.kv_attention`).
+    attend to quantised keys, :func:`lmscope.quant.apply.kv_attention`).
     """
 
     def __init__(
