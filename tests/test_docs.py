@@ -24,7 +24,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 NO_RUN = re.compile(r"<!-- no-run: (?P<reason>[^>]+?) -->\s*$")
 FENCE = re.compile(r"^(?P<fence>`{3,})(?P<lang>[\w-]*)\s*$")
-SECONDS_PER_PAGE = 60
+SECONDS_PER_PAGE = 180  # a guard against study-sized examples (a page takes 5-40 s on 2 idle cores)
 
 
 def code_blocks(page: Path) -> list[tuple[int, str, str | None]]:
