@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup browser scan test bench lint
+.PHONY: setup browser scan test bench lint docs
 
 $(BIN)/lmscope: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ scan: setup
 test: setup browser
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
+
+# The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken link or reference fails.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 bench: setup
 	$(BIN)/pip install --quiet -e '.[dev,bench]'

@@ -165,7 +165,7 @@ MATRIX_START, MATRIX_END = "<!-- family-matrix:start -->", "<!-- family-matrix:e
 
 
 def render_matrix(certificates: dict) -> str:
-    """The README's family matrix: one row per family (``lmscope verify`` on its tiny model, each
+    """The family matrix of docs/models.md: one row per family (``lmscope verify`` on its tiny model, each
     check's result), then the families left out with the reason."""
     from lmscope.core.families import FAMILIES, LEFT_OUT
     from lmscope.verify import CHECKS

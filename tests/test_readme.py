@@ -1,5 +1,5 @@
-"""Every public name the README's Python examples import still imports, and the flat module
-names of earlier releases still import, with a DeprecationWarning, as the subpackages' modules."""
+"""Every public name the Python examples of the README and docs/ import still imports, and the flat
+module names of earlier releases still import, with a DeprecationWarning, as the subpackages' modules."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).parents[1] / "README.md"
+ROOT = Path(__file__).parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]  # tests/test_docs.py runs their blocks
 
 
 def _imports() -> list[tuple[str, str]]:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    blocks = [b for page in PAGES for b in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)]
     found = []
     for block in blocks:
         for module, names in re.findall(r"^from (lmscope[\w.]*) import ([\w, ]+)", block, flags=re.MULTILINE):
