@@ -30,7 +30,7 @@ import torch
 
 import lmscope
 from lmscope.quant.configs import QuantConfig, parse_kv
-from lmscope.quant.corpus import load_corpus
+from lmscope.core.corpus import load_corpus
 from lmscope.quant.evaluation import perplexity
 from lmscope.quant.outliers import activation_stats
 

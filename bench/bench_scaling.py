@@ -134,7 +134,7 @@ def make_pairs(model, length: int, n: int, corrupt_at: float) -> list:
     import torch
 
     from lmscope.circuits.pairs import TokenPair
-    from lmscope.quant.corpus import load_corpus
+    from lmscope.core.corpus import load_corpus
 
     corpus = load_corpus(model, "wikitext2", max_tokens=2 * n * (length + 1) + 64)
     windows = corpus.windows(length + 1)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import lmscope
-from lmscope.quant.corpus import load_corpus
+from lmscope.core.corpus import load_corpus
 from lmscope.steering.directions import load_examples
 from lmscope.steering.steer import Setting, SweepData, load_eval, neutral_prompts, steering_vectors, sweep
 

@@ -13,7 +13,7 @@ import argparse
 import torch
 
 import lmscope
-from lmscope.quant.corpus import load_corpus
+from lmscope.core.corpus import load_corpus
 from lmscope.readout import TunedLens, kl_to_final, resid_sites, train_tuned_lens
 
 

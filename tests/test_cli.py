@@ -157,7 +157,7 @@ def test_unwritable_output_directory(capsys, tmp_path):
 
 def test_outliers_command(capsys, tmp_path, smollm2):
     """Max |x| of a residual site in results.json equals a direct capture of the same tokens."""
-    from lmscope.quant.corpus import load_corpus
+    from lmscope.core.corpus import load_corpus
 
     out = tmp_path / "outliers"
     argv = ["outliers", "--tokens", "256", "--window", "128", "--site", "blocks.3.mlp.post", "--out", str(out)]
@@ -174,7 +174,7 @@ def test_outliers_command(capsys, tmp_path, smollm2):
 
 def test_kv_command(capsys, tmp_path, smollm2):
     """|K|_F of layer 3 equals the norm of the captured keys of the same tokens."""
-    from lmscope.quant.corpus import load_corpus
+    from lmscope.core.corpus import load_corpus
 
     out = tmp_path / "kv"
     code, stdout, _ = run_cli(capsys, "kv", "--tokens", "256", "--window", "128", "--out", str(out))

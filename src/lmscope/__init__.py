@@ -41,12 +41,14 @@ _MOVED = {
     **{name: f"lmscope.circuits.{name}" for name in ("metrics", "tasks", "patching", "attribution", "edges")},
     "head_roles": "lmscope.circuits.head_roles",
     "discovery": "lmscope.circuits.locate",
-    **{name: f"lmscope.quant.{name}" for name in ("corpus", "outliers", "kv", "evaluation")},
+    "corpus": "lmscope.core.corpus",
+    **{name: f"lmscope.quant.{name}" for name in ("outliers", "kv", "evaluation")},
     # the two lens modules of circuits, now the readout package (its public names)
     "circuits.lens": "lmscope.readout",
     "circuits.lenses": "lmscope.readout",
     # simulated quantisation, split into kernels, configs, apply and simulate (the package's names)
     "quant.fake": "lmscope.quant",
+    "quant.corpus": "lmscope.core.corpus",  # corpora are read by every package
 }
 
 

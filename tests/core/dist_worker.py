@@ -25,7 +25,7 @@ from lmscope.circuits.pairs import TokenPair
 from lmscope.circuits.patching import activation_patching
 from lmscope.core import distributed
 from lmscope.core.errors import LmscopeError
-from lmscope.quant.corpus import Corpus
+from lmscope.core.corpus import Corpus
 from lmscope.quant.evaluation import perplexity
 from lmscope.quant.kv import kv_stats
 from lmscope.quant.outliers import activation_stats

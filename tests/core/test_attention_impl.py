@@ -11,7 +11,7 @@ import torch
 import lmscope
 from lmscope.circuits.edges import edge_attribution
 from lmscope.circuits.patching import activation_patching
-from lmscope.quant.corpus import Corpus
+from lmscope.core.corpus import Corpus
 from lmscope.quant.outliers import activation_stats
 from tests.helpers import token_pair
 from tests.tiny import tiny_model

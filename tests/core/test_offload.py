@@ -89,7 +89,7 @@ def test_weight_quantisation_of_offloaded_weights_equals_in_memory(tiny_pair):
     unchanged."""
     from lmscope.quant.apply import block_linears
     from lmscope.quant.configs import QuantConfig
-    from lmscope.quant.corpus import Corpus
+    from lmscope.core.corpus import Corpus
     from lmscope.quant.evaluation import perplexity
 
     memory, offloaded = tiny_pair
@@ -112,7 +112,7 @@ def test_every_analysis_equals_in_memory(tiny_pair):
     from lmscope.circuits.faithfulness import faithfulness
     from lmscope.circuits.graph import select
     from lmscope.quant.configs import KVQuant, QuantConfig
-    from lmscope.quant.corpus import Corpus
+    from lmscope.core.corpus import Corpus
     from lmscope.quant.evaluation import perplexity
     from lmscope.quant.kv import kv_norms
     from lmscope.quant.outliers import activation_stats

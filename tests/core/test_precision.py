@@ -48,7 +48,7 @@ def test_bfloat16_patching_matches_the_naive_loop():
 def test_bfloat16_statistics_accumulate_in_float64(smollm2_bf16):
     """Outlier statistics of a bfloat16 model equal a float64 reference computed from the same
     bfloat16 activations (the accumulators do not run in bfloat16)."""
-    from lmscope.quant.corpus import Corpus
+    from lmscope.core.corpus import Corpus
     from lmscope.quant.outliers import activation_stats
 
     model = smollm2_bf16

@@ -19,7 +19,7 @@ from lmscope.circuits.pairs import tokenize_pairs
 from lmscope.circuits.patching import activation_patching
 from lmscope.circuits.tasks import pairs_for
 from lmscope.core.memory import PeakMemory
-from lmscope.quant.corpus import load_corpus
+from lmscope.core.corpus import load_corpus
 from lmscope.quant.outliers import activation_stats
 
 ROOT = Path(__file__).resolve().parents[2]

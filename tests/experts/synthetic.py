@@ -23,7 +23,7 @@ import torch
 import transformers as T
 
 import lmscope
-from lmscope.quant.corpus import Corpus
+from lmscope.core.corpus import Corpus
 from tests.helpers import one_thread, word_tokenizer
 
 N_WORDS = 24

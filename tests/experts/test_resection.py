@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmscope.experts import domain_loss, expert_stats, resection
-from lmscope.quant.corpus import Corpus
+from lmscope.core.corpus import Corpus
 from tests.experts import synthetic
 from tests.helpers import read_results, run_cli
 

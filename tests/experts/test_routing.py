@@ -10,7 +10,7 @@ import torch
 
 from lmscope.core.errors import LmscopeError
 from lmscope.experts import expert_stats
-from lmscope.quant.corpus import Corpus
+from lmscope.core.corpus import Corpus
 from tests.experts import synthetic
 from tests.families import tiny_family_model
 from tests.tiny import tiny_model

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lmscope
-from lmscope.quant.corpus import Corpus, corpus_text, load_corpus
+from lmscope.core.corpus import Corpus, corpus_text, load_corpus
 
 DATA = Path(lmscope.__file__).parent / "data" / "wikitext-2"
 

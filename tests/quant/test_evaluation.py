@@ -11,7 +11,7 @@ import torch
 
 import lmscope
 from lmscope.quant.configs import KVQuant, QuantConfig
-from lmscope.quant.corpus import Corpus, load_corpus
+from lmscope.core.corpus import Corpus, load_corpus
 from lmscope.quant.evaluation import Choice, choice_accuracy, choice_scores, load_choices, perplexity
 from tests.helpers import kv_reference_interventions, logits_under
 

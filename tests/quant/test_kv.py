@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmscope.quant.corpus import Corpus, load_corpus
+from lmscope.core.corpus import Corpus, load_corpus
 from lmscope.quant.kv import kv_stats, weight_norms
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lmscope
-from lmscope.quant.corpus import Corpus, load_corpus
+from lmscope.core.corpus import Corpus, load_corpus
 from lmscope.quant.outliers import OutlierStats, SiteStats, activation_stats, hidden_state_sites, osp_token_kurtosis
 
 BATCHES = [1, 37, 250, 412, 300]  # uneven, including a single row

@@ -158,7 +158,7 @@ def test_tuned_lens_beats_the_logit_lens_on_smollm2_at_every_middle_layer(smollm
     """Issue 13's ground truth on a real model: after a short training on WikiText-2, the tuned
     lens's KL to the final logits on held-out tokens is below the logit lens's at every middle
     layer (``scripts/lens_kl.py`` runs the long version)."""
-    from lmscope.quant.corpus import load_corpus
+    from lmscope.core.corpus import load_corpus
 
     m = smollm2
     ids = load_corpus(m, "wikitext2", max_tokens=1024 + 128).tokens

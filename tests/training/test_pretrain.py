@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import lmscope
 from lmscope.core.errors import LmscopeError
-from lmscope.quant.corpus import Corpus
+from lmscope.core.corpus import Corpus
 from lmscope.training import PretrainSettings, pretrain
 from lmscope.training.pretrain import CHECKPOINT, Batches, evaluation_corpus, lr_factor, training_corpus
 from tests.helpers import one_thread, read_results, run_cli

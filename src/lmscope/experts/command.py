@@ -8,7 +8,7 @@ from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
 from lmscope.experts.resection import Resection, resection
 from lmscope.experts.routing import ExpertStats, expert_stats, moe_layers
-from lmscope.quant.corpus import load_corpus
+from lmscope.core.corpus import load_corpus
 from lmscope.reports.command import Command, RunWriter, option
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Table

@@ -20,7 +20,7 @@ from lmscope.core.errors import LmscopeError
 from lmscope.core.interventions import Intervention
 from lmscope.core.model import Model
 from lmscope.experts.routing import ExpertStats
-from lmscope.quant.corpus import Corpus
+from lmscope.core.corpus import Corpus
 from lmscope.quant.evaluation import perplexity
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Table, nan_for_none

@@ -33,7 +33,7 @@ from lmscope.core import moe
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
-from lmscope.quant.corpus import Corpus
+from lmscope.core.corpus import Corpus
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Table, nan_for_none
 

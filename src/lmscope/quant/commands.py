@@ -8,7 +8,7 @@ from pathlib import Path
 from lmscope.core.model import Model
 from lmscope.quant import QuantConfig
 from lmscope.quant.configs import QuantConfigs, parse_kv_specs, quant_configs
-from lmscope.quant.corpus import load_corpus
+from lmscope.core.corpus import load_corpus
 from lmscope.quant.evaluation import QuantTable, load_choices, quant_table
 from lmscope.quant.kv import KVNorms, kv_norms
 from lmscope.quant.outliers import OutlierSummary, activation_stats, residual_sites

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
-from lmscope.quant.corpus import Corpus
+from lmscope.core.corpus import Corpus
 from lmscope.quant.kv import KVSummary, kv_stats, weight_norms
 from lmscope.quant.rotation import MODES
 from lmscope.reports.results import Result, Table

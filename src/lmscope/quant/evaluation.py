@@ -29,7 +29,7 @@ from lmscope.core.jsonl import read_jsonl
 from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
 from lmscope.quant.configs import QuantConfig
-from lmscope.quant.corpus import Corpus
+from lmscope.core.corpus import Corpus
 from lmscope.quant.simulate import quantized
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Table

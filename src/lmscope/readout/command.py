@@ -9,7 +9,7 @@ from lmscope.readout.logit_lenses import LensResult, lens
 from lmscope.readout.tuned import TunedLens, load_tuned_lens, train_tuned_lens
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
-from lmscope.quant.corpus import BUNDLED, load_corpus
+from lmscope.core.corpus import BUNDLED, load_corpus
 from lmscope.reports.command import Command, RunWriter, argument, option
 from lmscope.reports.results import Result
 

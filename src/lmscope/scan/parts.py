@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from lmscope.circuits.scores import PatchResult
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
-from lmscope.quant.corpus import load_corpus
+from lmscope.core.corpus import load_corpus
 from lmscope.quant.evaluation import QuantTable
 from lmscope.quant.kv import KVNorms
 from lmscope.reports.command import option

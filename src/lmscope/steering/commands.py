@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
-from lmscope.quant.corpus import load_corpus
+from lmscope.core.corpus import load_corpus
 from lmscope.reports.command import Command, RunWriter, option
 from lmscope.reports.results import Result, Table
 from lmscope.steering.directions import ProbeResult, load_examples, probe

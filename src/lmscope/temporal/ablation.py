@@ -18,7 +18,7 @@ from lmscope.circuits.nodes import head_node
 from lmscope.core.interventions import Intervention, zero
 from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
-from lmscope.quant.corpus import Corpus
+from lmscope.core.corpus import Corpus
 from lmscope.quant.evaluation import perplexity
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Table

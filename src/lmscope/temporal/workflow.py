@@ -30,7 +30,7 @@ from lmscope.circuits.graph import draw
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
 from lmscope.core.progress import note, progress_bar
-from lmscope.quant.corpus import load_corpus
+from lmscope.core.corpus import load_corpus
 from lmscope.reports.figures import Figure
 from lmscope.reports.command import Command, RunWriter, option
 from lmscope.reports.results import Result, Table

@@ -28,7 +28,7 @@ from pathlib import Path
 from lmscope.core import load
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
-from lmscope.quant.corpus import Corpus
+from lmscope.core.corpus import Corpus
 from lmscope.quant.evaluation import perplexity
 from lmscope.quant.osp import osp_quantized
 from lmscope.quant.outliers import activation_stats

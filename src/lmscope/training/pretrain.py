@@ -41,7 +41,7 @@ from lmscope.core.errors import LmscopeError
 from lmscope.core.loading import DEFAULT_MODEL, convert_gguf, quiet_transformers, resolve, resolve_device
 from lmscope.core.model import Model
 from lmscope.core.progress import note, progress_bar
-from lmscope.quant.corpus import BUNDLED, Corpus, load_corpus
+from lmscope.core.corpus import BUNDLED, Corpus, load_corpus
 from lmscope.quant.outliers import activation_stats
 from lmscope.reports.command import option
 from lmscope.reports.results import Result, Table, nan_for_none
@@ -147,7 +147,7 @@ def load_tokenizer(spec: str = DEFAULT_MODEL):
 
 @dataclass(frozen=True)
 class _Tokenizing:
-    """What :func:`lmscope.quant.corpus.load_corpus` needs of a model: its tokenizer and a name."""
+    """What :func:`lmscope.core.corpus.load_corpus` needs of a model: its tokenizer and a name."""
 
     tokenizer: object
     name: str = "tokenizer"
