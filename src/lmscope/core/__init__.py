@@ -1,16 +1,20 @@
-"""The core: loading a model, the family and hook-point tables, the site grammar, hooks,
+"""The core: loading a model, the family and hook-point tables, the site grammar and its kinds'
+providers (dense, mixture-of-experts, Monet; :func:`register_site_kind` adds one), hooks,
 interventions and the :class:`Model`. Nothing here imports from another lmscope subpackage."""
 
 from __future__ import annotations
 
 import torch
 
+# The built-in site providers register themselves on import, in this order (that of site_shapes);
+# no other module of core imports them.
+from lmscope.core import dense, moe, monet  # noqa: F401
 from lmscope.core.cache import ActivationCache
 from lmscope.core.errors import LmscopeError
 from lmscope.core.interventions import Intervention, add, apply, mean, patch, subspace_patch, zero
 from lmscope.core.loading import DEFAULT_MODEL
 from lmscope.core.model import GenerateResult, Model, RunResult
-from lmscope.core.sites import Site, parse_site
+from lmscope.core.sites import Site, SiteKind, SiteProvider, parse_site, register_site_kind, unregister_site_kind
 
 
 def load(
@@ -86,12 +90,16 @@ __all__ = [
     "Model",
     "RunResult",
     "Site",
+    "SiteKind",
+    "SiteProvider",
     "add",
     "apply",
     "load",
     "mean",
     "parse_site",
     "patch",
+    "register_site_kind",
     "subspace_patch",
+    "unregister_site_kind",
     "zero",
 ]

@@ -4,7 +4,9 @@
 every one of them on exit, also when the forward raised. It is the only place in lmscope that
 calls ``register_forward_hook`` / ``register_forward_pre_hook``; every algorithm hooks through it.
 
-A :class:`HookSession` captures and intervenes on canonical sites (:mod:`lmscope.core.sites`):
+A :class:`HookSession` captures and intervenes on canonical sites (:mod:`lmscope.core.sites`)
+through the hooks their kinds' providers give (:class:`lmscope.core.sites.SiteProvider`); for the
+dense sites (:mod:`lmscope.core.dense`):
 
 - module inputs/outputs (residual stream, ``attn.z``/``out``, MLP, norms, logits) are the hook
   points of the same names;
@@ -25,7 +27,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Self
+from typing import Self
 
 import torch
 from torch import Tensor, nn
@@ -37,10 +39,7 @@ from lmscope.core.cache import ActivationCache
 from lmscope.core.errors import LmscopeError
 from lmscope.core.hookpoints import hook_point, point_modules
 from lmscope.core.interventions import Intervention
-from lmscope.core.sites import ATTN_INTERFACE_KINDS, Site
-
-if TYPE_CHECKING:
-    from lmscope.core.model import Model
+from lmscope.core.sites import ATTN_INTERFACE_KINDS, Site, provider_of, site_kind, site_providers
 
 # -- the primitive ------------------------------------------------------------------------------
 
@@ -62,8 +61,9 @@ class Hook:
 
 
 @contextlib.contextmanager
-def hooked(model: Model, hooks: Iterable[Hook]) -> Iterator[None]:
-    """Register ``hooks`` for the duration of the block; all are removed on exit, also on error."""
+def hooked(model, hooks: Iterable[Hook]) -> Iterator[None]:
+    """Register ``hooks`` on ``model`` (a :class:`lmscope.core.model.Model`) for the duration of
+    the block; all are removed on exit, also on error."""
     handles: list = []
     try:
         for hook in hooks:
@@ -171,7 +171,7 @@ def _wrapped_impl(impl: str) -> str:
 
 
 @contextlib.contextmanager
-def attention_wrapper(model: Model, modules: Sequence[nn.Module], replace: Callable, eager: bool) -> Iterator[None]:
+def attention_wrapper(model, modules: Sequence[nn.Module], replace: Callable, eager: bool) -> Iterator[None]:
     """While the block runs, the attention of ``modules`` calls ``replace(module, base, query, key,
     value, attention_mask, **kwargs)`` (``base``: the model's own attention function; tensors
     [batch, heads, pos, d_head]); ``eager`` switches to eager attention (for patterns). The
@@ -198,30 +198,49 @@ class _StopForward(Exception):
     """Raised by the hook after ``stop_after``'s layer to end the forward early."""
 
 
-class _Sites:
-    """The capture and intervention work of one session, per (kind, layer): interventions in
-    order, then captures into ``cache``."""
+class SessionSites:
+    """The capture and intervention work of one hook session, per (key, layer): interventions in
+    order, then captures into ``cache``. Site providers' hook callbacks hand it each site's tensor
+    (:meth:`process`); ``key`` is a :attr:`lmscope.core.sites.Site.key` (the kind, with the index
+    for an indexed kind such as ``moe.expert.3``), ``layer`` None for global sites. ``grad``: the
+    session keeps captures in the autograd graph; ``to_cpu``: it moves them to the CPU."""
 
     def __init__(self, capture: Sequence[Site], interventions: Sequence[Intervention], to_cpu: bool, grad: bool):
         self.cache = ActivationCache()
         self.to_cpu, self.grad = to_cpu, grad
-        self.captures: dict[tuple[str, int | None], list[Site]] = defaultdict(list)
-        self.edits: dict[tuple[str, int | None], list[Intervention]] = defaultdict(list)
+        self._captures: dict[tuple[str, int | None], list[Site]] = defaultdict(list)
+        self._edits: dict[tuple[str, int | None], list[Intervention]] = defaultdict(list)
+        self._kinds: dict[tuple[str, int | None], str] = {}
         for site in capture:
-            self.captures[site.key, site.layer].append(site)
+            self._captures[site.key, site.layer].append(site)
+            self._kinds[site.key, site.layer] = site.kind
         for iv in interventions:
-            self.edits[iv.site.key, iv.site.layer].append(iv)
+            self._edits[iv.site.key, iv.site.layer].append(iv)
+            self._kinds[iv.site.key, iv.site.layer] = iv.site.kind
 
     def keys(self) -> set[tuple[str, int | None]]:
-        return set(self.captures) | set(self.edits)
+        """Every (key, layer) the session captures or edits."""
+        return set(self._captures) | set(self._edits)
 
-    def wants(self, kind: str, layer: int | None) -> bool:
-        return (kind, layer) in self.captures or (kind, layer) in self.edits
+    def kind_of(self, key: str, layer: int | None) -> str:
+        """The site kind of a (key, layer) the session serves."""
+        return self._kinds[key, layer]
 
-    def process(self, kind: str, layer: int | None, x: Tensor, offset: int) -> Tensor:
-        for iv in self.edits.get((kind, layer), ()):
+    def wants(self, key: str, layer: int | None) -> bool:
+        """Whether the session captures or edits (key, layer)."""
+        return (key, layer) in self._captures or (key, layer) in self._edits
+
+    def edited(self, key: str, layer: int | None) -> bool:
+        """Whether the session has an intervention on (key, layer)."""
+        return bool(self._edits.get((key, layer)))
+
+    def process(self, key: str, layer: int | None, x: Tensor, offset: int) -> Tensor:
+        """Apply the interventions on (key, layer) to the site's whole tensor ``x`` (positions
+        starting at absolute ``offset``), in order, then capture the result; returns it (``x``
+        itself where nothing was edited)."""
+        for iv in self._edits.get((key, layer), ()):
             x = iv(x, offset)
-        for site in self.captures.get((kind, layer), ()):
+        for site in self._captures.get((key, layer), ()):
             self._store(site, x, offset)
         return x
 
@@ -239,7 +258,8 @@ class _Sites:
         previous = self.cache.get(key)
         # During generation, later forwards append their new positions; keys and values
         # already hold every position, and the pattern keeps the latest step.
-        if previous is not None and offset > 0 and site.kind not in ("attn.k", "attn.v", "attn.pattern"):
+        spec = site_kind(site.kind)
+        if previous is not None and offset > 0 and (spec is None or spec.grows):
             value = torch.cat([previous, value], dim=site.pos_axis)
         self.cache[key] = value
 
@@ -259,7 +279,7 @@ class HookSession:
 
     def __init__(
         self,
-        model: Model,
+        model,
         capture: Sequence[Site] = (),
         interventions: Sequence[Intervention] = (),
         *,
@@ -271,11 +291,10 @@ class HookSession:
         self.model = model
         self.attention = attention
         self.stop_after = stop_after
-        self.sites = _Sites(capture, interventions, to_cpu, grad)
+        self.sites = SessionSites(capture, interventions, to_cpu, grad)
         self._stack: contextlib.ExitStack | None = None
         self._offset = 0
         self._batch_pos: tuple[int, int] | None = None
-        self._resid_pre: dict[int, Tensor] = {}
 
     @property
     def cache(self) -> ActivationCache:
@@ -290,7 +309,6 @@ class HookSession:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         stack, self._stack = self._stack, None
-        self._resid_pre.clear()
         if stack is not None:
             stack.close()
         return exc_type is _StopForward
@@ -298,38 +316,20 @@ class HookSession:
     # -- which hooks ----------------------------------------------------------------------
 
     def _hooks(self) -> list[Hook]:
-        keys = self.sites.keys()
+        """The session's hooks: its model-call observer, then per layer (global sites first) each
+        provider's hooks for its sites there, providers in their ``order``."""
+        by_layer: dict[int | None, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+        for key, layer in self.sites.keys():  # noqa: SIM118
+            by_layer[layer][provider_of(self.sites.kind_of(key, layer)).name].add(key)
+        providers = sorted(site_providers(), key=lambda p: p.order)  # stable: registration order breaks ties
         hooks = [Hook("model.call", None, self._on_call)]
-        for kind in ("embed", "final_norm", "logits"):
-            if (kind, None) in keys:
-                hooks.append(Hook(kind, None, self._site_hook(kind, None)))
-        for layer in sorted({layer for _, layer in keys if layer is not None}):
-            hooks += self._layer_hooks(layer, {k for k, lay in keys if lay == layer})
+        for layer in sorted(by_layer, key=lambda lay: -1 if lay is None else lay):
+            for provider in providers:
+                keys = by_layer[layer].get(provider.name)
+                if keys:
+                    hooks += provider.hooks(self, layer, keys)
         if self.stop_after is not None:
             hooks.append(Hook("resid_post", self.stop_after, _stop))
-        return hooks
-
-    def _layer_hooks(self, layer: int, kinds: set[str]) -> list[Hook]:
-        hooks = []
-        if "resid_pre" in kinds or "resid_mid" in kinds:
-            hooks.append(Hook("resid_pre", layer, self._resid_pre_hook(layer)))
-        if "resid_mid" in kinds:
-            if self.model.parallel_residual:
-                raise LmscopeError("resid_mid does not exist in this model: attention and MLP run in parallel")
-            hooks.append(Hook("attn.contrib", layer, self._resid_mid_hook(layer)))
-        if any(k.startswith("monet.") for k in kinds):
-            from lmscope.core.monet import session_hooks as monet_hooks
-
-            # before the site hooks: Monet's experts module is the MLP, whose output mlp.out must
-            # read after a product edit
-            hooks += monet_hooks(self.model, layer, self.sites, lambda: self._offset)
-        for kind in ("attn.z", "attn.out", "mlp.in", "mlp.post", "mlp.out", "resid_post"):
-            if kind in kinds:
-                hooks.append(Hook(kind, layer, self._site_hook(kind, layer)))
-        if any(k.startswith("moe.") for k in kinds):
-            from lmscope.core.moe import session_hooks  # the MoE sites' callbacks
-
-            hooks += session_hooks(self.model, layer, self.sites, lambda: self._offset)
         return hooks
 
     def _attention_context(self) -> contextlib.AbstractContextManager:
@@ -348,13 +348,28 @@ class HookSession:
     def _on_call(self, args, kwargs) -> None:
         past = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed in transformers 5.24
         self._offset = past.get_seq_length() if past is not None else 0
-        self._resid_pre.clear()
         ids = kwargs.get("input_ids", args[0] if args else None)
         ids = ids if ids is not None else kwargs.get("inputs_embeds")
         self._batch_pos = tuple(ids.shape[:2]) if ids is not None else None
 
-    def _site_hook(self, kind: str, layer: int | None) -> Callable:
-        heads = hook_point(kind).heads
+    @property
+    def offset(self) -> int:
+        """The absolute position of the current forward's first token (the KV cache's length
+        during generation, else 0)."""
+        return self._offset
+
+    @property
+    def batch_pos(self) -> tuple[int, int] | None:
+        """(batch, pos) of the current forward's input ids, when it was called with some."""
+        return self._batch_pos
+
+    def point_hook(self, kind: str, layer: int | None, point: str | None = None) -> Callable:
+        """The callback for a :class:`Hook` on hook point ``point`` (default: the point named
+        ``kind``) that serves site ``kind`` of ``layer``: the point's tensor ([batch, pos, ...];
+        split into heads for a heads point; tokens flattened as OPT's MLP has them are viewed as
+        [batch, pos, ...]) goes through :meth:`SessionSites.process` and what comes back is
+        written back."""
+        heads = hook_point(point or kind).heads
 
         def fn(x: Tensor) -> Tensor | None:
             flat = x.ndim == 2 and self._batch_pos is not None  # tokens flattened (OPT's MLP)
@@ -364,25 +379,6 @@ class HookSession:
                 return None if new is site_x and not self.sites.grad else new.reshape(x.shape)
             # with grad, a split-heads view is written back so its captured .grad fills
             return new if new is not x or (heads and self.sites.grad) else None
-
-        return fn
-
-    def _resid_pre_hook(self, layer: int) -> Callable:
-        def fn(x: Tensor) -> Tensor | None:
-            new = self.sites.process("resid_pre", layer, x, self._offset)
-            self._resid_pre[layer] = new
-            return new if new is not x else None
-
-        return fn
-
-    def _resid_mid_hook(self, layer: int) -> Callable:
-        scale = self.model.residual_scale
-
-        def fn(contrib: Tensor) -> Tensor | None:
-            pre = self._resid_pre[layer]
-            mid = pre + contrib * scale if scale != 1 else pre + contrib
-            new = self.sites.process("resid_mid", layer, mid, self._offset)
-            return None if new is mid else (new - pre) / scale
 
         return fn
 

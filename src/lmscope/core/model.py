@@ -10,21 +10,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lmscope.core import moe, monet
 from lmscope.core.cache import ActivationCache
 from lmscope.core.errors import LmscopeError
 from lmscope.core.families import Family, config_value, family_for
 from lmscope.core.hooks import HookSession
 from lmscope.core.interventions import Intervention
-from lmscope.core.sites import (
-    ATTN_INTERFACE_KINDS,
-    HEAD_KINDS,
-    MOE_KINDS,
-    MONET_KINDS,
-    Site,
-    all_sites,
-    parse_site,
-)
+from lmscope.core.sites import Site, parse_site, provider_of, site_providers
 from lmscope.core.weights import parameter
 
 Inputs = str | Sequence[str] | Tensor | Mapping[str, Tensor]
@@ -71,6 +62,7 @@ class Model:
             if getattr(config, attribute, False):
                 raise LmscopeError(f"model family '{config.model_type}' with {attribute} is not supported: {reason}")
         self.derived = False  # True when the family entry was derived from the module tree
+        self.max_memory: str | dict | None = None  # --max-memory as loaded: the gradient methods' budget
         self.n_layers = len(self.module(self.family.layers))
         self.n_heads = config.num_attention_heads
         self.d_model = config.hidden_size
@@ -197,71 +189,31 @@ class Model:
         return sum(p.numel() for p in self.hf.parameters())
 
     def site(self, name: str | Site, head: int | None = None) -> Site:
-        """Parse and validate a site name against this model's layers and heads."""
+        """Parse and validate a site name against this model's layers and heads (or experts, or
+        whatever its kind's provider checks: :class:`lmscope.core.sites.SiteProvider`)."""
         site = name if isinstance(name, Site) else parse_site(name, head)
-        if site.kind in ATTN_INTERFACE_KINDS and not self.family.attn_interface:
-            raise LmscopeError(
-                f"site '{site}': {self.hf.config.model_type} computes attention inline, so attn.q/k/v/pattern "
-                "cannot be read (every other site can)"
-            )
+        provider = provider_of(site.kind)
         if site.layer is not None and not 0 <= site.layer < self.n_layers:
             raise LmscopeError(f"site '{site}': layer {site.layer} out of range (model has {self.n_layers} layers)")
-        if site.kind in HEAD_KINDS and site.layer is not None and not self._has(site.kind, site.layer):
-            heads = self.layers_with("attn")
-            where = f"{site.kind} exists on layers {heads}" if heads else "no layer has head sites"
-            raise LmscopeError(
-                f"site '{site}': layer {site.layer} has no attention heads (its token mixer "
-                f"{self.family.mixer} is read as a whole: attn.out, resid_mid); {where}"
-            )
-        if site.kind in MOE_KINDS:
-            moe.check_site(self, site)
-        elif site.kind in MONET_KINDS:
-            monet.check_site(self, site)
-        elif site.head is not None:
-            kv = site.kind in ("attn.k", "attn.v")
-            n = self.n_kv_heads_of(site.layer) if kv else self.n_heads
-            if not 0 <= site.head < n:
-                raise LmscopeError(
-                    f"site '{site}': head {site.head} out of range ({n} {'KV heads' if kv else 'heads'})"
-                )
+        provider.check_site(self, site)
         return site
 
     def site_shapes(self, batch: int = 1, pos: int = 1) -> list[tuple[str, tuple[int, ...]]]:
-        """Every site name with the shape of its tensor for ``batch`` sequences of ``pos`` tokens."""
-        sites = [parse_site(name) for name in all_sites(self.n_layers)]
-        shapes = [(str(s), self._shape(s.kind, s.layer, batch, pos)) for s in sites if self._has(s.kind, s.layer)]
-        for layer in self.layers_with("experts"):
-            for kind in ("moe.router", "moe.weights"):
-                shapes.append((f"blocks.{layer}.{kind}", (batch, pos, moe.n_experts(self, layer))))
-        for layer in self.layers_with("monet_experts"):
-            heads, n = monet.dims(self)
-            shapes.append((f"blocks.{layer}.monet.g1", (batch, pos, heads, n)))
-            shapes.append((f"blocks.{layer}.monet.g2", (batch, pos, heads, n)))
-            shapes.append((f"blocks.{layer}.monet.product", (batch, pos, heads, n, n)))
-        return shapes
+        """Every whole site this model has, with the shape of its tensor for ``batch`` sequences of
+        ``pos`` tokens: each registered provider's sites in turn (dense, mixture-of-experts, Monet,
+        then any registered later)."""
+        return [
+            (str(s), tuple(provider.shape(self, s, batch, pos)))
+            for provider in site_providers()
+            for s in provider.sites_of(self)
+        ]
 
-    def _shape(self, kind: str, layer: int | None, batch: int, pos: int) -> tuple[int, ...]:
-        """The shape of site ``kind`` of ``layer`` (heads sized as that layer's)."""
-        if kind == "attn.pattern":
-            return (batch, self.n_heads, pos, pos)
-        if kind in HEAD_KINDS and layer is not None:
-            heads = self.n_kv_heads_of(layer) if kind in ("attn.k", "attn.v") else self.n_heads
-            return (batch, pos, heads, self.d_head_of(layer))
-        width = {"mlp.post": self.d_mlp, "logits": self.d_vocab}.get(kind, self.d_model)
-        return (batch, pos, width)
+    def has_site(self, kind: str, layer: int | None = None) -> bool:
+        """Whether this model has the whole site ``kind`` at ``layer`` (None: global, or asked
+        without a layer), as the kind's provider says."""
+        return provider_of(kind).has(self, kind, layer)
 
-    def _has(self, kind: str, layer: int | None = None) -> bool:
-        if kind in MOE_KINDS:
-            return kind != "moe.expert" and layer is not None and self.has_module(layer, self.family.experts)
-        if kind in MONET_KINDS:
-            return layer is not None and self.has_module(layer, self.family.monet_experts)
-        if kind in HEAD_KINDS and layer is not None and self.family.mixer and layer not in self.layers_with("attn"):
-            return False  # a hybrid's layer without attention (its mixer has no heads)
-        if kind in ATTN_INTERFACE_KINDS:
-            return self.family.attn_interface
-        if kind == "mlp.post":
-            return layer is None or self.has_module(layer, self.family.mlp_down)
-        return kind != "resid_mid" or not self.parallel_residual
+    _has = has_site
 
     @property
     def parallel_residual(self) -> bool:

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmscope.core.errors import LmscopeError
-from lmscope.core.hooks import Hook
+from lmscope.core.hooks import Hook, HookSession, SessionSites
 from lmscope.core.interventions import Intervention, _positions
-from lmscope.core.sites import Site
+from lmscope.core.sites import MOE_KINDS, Site, SiteKind, SiteProvider, register_site_kind
 
 _INDEX_NAMES = ("top_k_index", "router_indices", "selected_experts", "topk_indices")
 _WEIGHT_NAMES = ("top_k_weights", "routing_weights", "router_scores", "topk_weights")
@@ -238,9 +238,9 @@ def _scaled(model) -> bool:
     return bool(model.family.experts_scaled_inputs)
 
 
-def routing_hooks(model, layer: int, sites, offset: Callable[[], int]) -> list[Hook]:
+def routing_hooks(model, layer: int, sites: SessionSites, offset: Callable[[], int]) -> list[Hook]:
     """The hooks that serve a hook session's ``moe.router`` and ``moe.weights`` sites of ``layer``
-    (``sites`` is the session's :class:`lmscope.core.hooks._Sites`)."""
+    (``sites`` is the session's :class:`lmscope.core.hooks.SessionSites`)."""
     n, scaled = n_experts(model, layer), _scaled(model)
     shape: dict[str, tuple[int, int]] = {}
 
@@ -251,14 +251,14 @@ def routing_hooks(model, layer: int, sites, offset: Callable[[], int]) -> list[H
         logits = out[1] if scaled else out[0] if isinstance(out, tuple) else out
         b, p = shape["bp"]
         new = sites.process("moe.router", layer, logits.reshape(b, p, -1), offset())
-        rerouted = bool(sites.edits.get(("moe.router", layer)))
+        rerouted = sites.edited("moe.router", layer)
         if rerouted:
             out = _reroute(module, args, kwargs, new.reshape(logits.shape))
         if not scaled:
             return out if rerouted else None
         # Llama 4: the routing weights are the router's scores, which scale the experts' inputs
         scores = sites.process("moe.weights", layer, out[0].view(b, p, n), offset())
-        if rerouted or sites.edits.get(("moe.weights", layer)):
+        if rerouted or sites.edited("moe.weights", layer):
             return scores.reshape(out[0].shape), out[1]
         return None
 
@@ -266,7 +266,7 @@ def routing_hooks(model, layer: int, sites, offset: Callable[[], int]) -> list[H
         _, index, weights = _split_call(args, kwargs)
         b, p = shape["bp"]
         new = sites.process("moe.weights", layer, dense_weights(index, weights, n).view(b, p, n), offset())
-        if not sites.edits.get(("moe.weights", layer)):
+        if not sites.edited("moe.weights", layer):
             return None
         return _join_call(args, kwargs, *sparse_weights(new.reshape(-1, n)))
 
@@ -326,13 +326,45 @@ def expert_hooks(model, layer: int, experts: Sequence[int], edit: Callable[[int,
     return [*hooks, Hook("moe.experts.out", layer, experts_out)]
 
 
-def session_hooks(model, layer: int, sites, offset: Callable[[], int]) -> list[Hook]:
-    """The hooks that serve a hook session's ``moe.*`` sites of ``layer``: routing first, so the
-    experts' outputs are read under the session's routing edits."""
-    wanted = sorted(
-        {int(k.rsplit(".", 1)[1]) for k, lay in sites.keys() if lay == layer and k.startswith("moe.expert.")}  # noqa: SIM118
-    )
-    hooks = routing_hooks(model, layer, sites, offset)
+def session_hooks(session: HookSession, layer: int | None, keys: set[str]) -> list[Hook]:
+    """The hooks that serve a hook session's ``moe.*`` sites ``keys`` of ``layer`` (the provider's
+    ``hooks``): routing first, so the experts' outputs are read under the session's routing edits."""
+    model, sites = session.model, session.sites
+    wanted = sorted(int(k.rsplit(".", 1)[1]) for k in keys if k.startswith("moe.expert."))
+    hooks = routing_hooks(model, layer, sites, lambda: session.offset)
     if wanted:
-        hooks += expert_hooks(model, layer, wanted, lambda e, x: sites.process(f"moe.expert.{e}", layer, x, offset()))
+        hooks += expert_hooks(
+            model, layer, wanted, lambda e, x: sites.process(f"moe.expert.{e}", layer, x, session.offset)
+        )
     return hooks
+
+
+# -- the provider ------------------------------------------------------------------------------
+
+
+def has(model, kind: str, layer: int | None = None) -> bool:
+    """Whether ``model`` has the whole site ``kind`` (router logits or routing weights) at
+    ``layer``: a layer with an experts module (``moe.expert`` needs its expert's index)."""
+    return kind != "moe.expert" and layer is not None and model.has_module(layer, model.family.experts)
+
+
+def shape(model, site: Site, batch: int, pos: int) -> tuple[int, ...]:
+    """[batch, pos, n_experts] for the router and weights, [batch, pos, d_model] for an expert."""
+    if site.kind == "moe.expert":
+        return (batch, pos, model.d_model)
+    return (batch, pos, n_experts(model, site.layer))
+
+
+MOE = register_site_kind(
+    SiteProvider(
+        "moe",
+        tuple(
+            SiteKind(k, suffix="index", index_name="expert") if k == "moe.expert" else SiteKind(k) for k in MOE_KINDS
+        ),
+        has=has,
+        shape=shape,
+        hooks=session_hooks,
+        check=check_site,
+        order=10,  # after the dense sites' hooks (they share the MLP's input)
+    )
+)

@@ -39,16 +39,16 @@ experts module per changed expert and token, batched (:data:`_TOKENS_PER_CALL` p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmscope.core.errors import LmscopeError
-from lmscope.core.hooks import Hook
+from lmscope.core.hooks import Hook, HookSession
 from lmscope.core.interventions import Intervention, _positions
-from lmscope.core.sites import Site
+from lmscope.core.sites import MONET_KINDS, Site, SiteKind, SiteProvider, register_site_kind
 
 _TOKENS_PER_CALL = 4096  # (pairs x tokens) per call of the experts module when expanding an edit
 
@@ -159,9 +159,14 @@ def _expanded(experts: nn.Module, x: Tensor, delta: Tensor, heads: int) -> Tenso
     return total
 
 
-def session_hooks(model, layer: int, sites, offset: Callable[[], int]) -> list[Hook]:
-    """The hooks that serve a hook session's ``monet.*`` sites of ``layer`` (``sites`` is the
-    session's :class:`lmscope.core.hooks._Sites`)."""
+def session_hooks(session: HookSession, layer: int | None, keys: set[str]) -> list[Hook]:
+    """The hooks that serve a hook session's ``monet.*`` sites ``keys`` of ``layer`` (the
+    provider's ``hooks``; ``session.sites`` is its :class:`lmscope.core.hooks.SessionSites`)."""
+    model, sites = session.model, session.sites
+
+    def offset() -> int:
+        return session.offset
+
     heads, _ = dims(model)
 
     def experts_in(module, args, kwargs):
@@ -188,3 +193,32 @@ def session_hooks(model, layer: int, sites, offset: Callable[[], int]) -> list[H
     if sites.wants("monet.product", layer):
         hooks.append(Hook("monet.experts.out", layer, experts_out))
     return hooks
+
+
+# -- the provider ------------------------------------------------------------------------------
+
+
+def has(model, kind: str, layer: int | None = None) -> bool:
+    """Whether ``model`` has Monet site ``kind`` at ``layer``: a layer with a Monet experts module."""
+    return layer is not None and model.has_module(layer, model.family.monet_experts)
+
+
+def shape(model, site: Site, batch: int, pos: int) -> tuple[int, ...]:
+    """[batch, pos, heads, E] for g1 and g2, [batch, pos, heads, E, E] for the product."""
+    heads, n = dims(model)
+    return (batch, pos, heads, n, n) if site.kind == "monet.product" else (batch, pos, heads, n)
+
+
+MONET = register_site_kind(
+    SiteProvider(
+        "monet",
+        tuple(SiteKind(k) for k in MONET_KINDS),
+        has=has,
+        shape=shape,
+        hooks=session_hooks,
+        check=check_site,
+        # before the dense sites' hooks: Monet's experts module is the MLP, whose output mlp.out
+        # must read after a product edit
+        order=-10,
+    )
+)
