@@ -107,7 +107,7 @@ def load_model(options: LoadOptions, certify: bool = True):
             options.model, dtype=options.dtype, device_map="auto", max_memory=parse_max_memory(spec),
             offload_folder=folder, derive=True, trust_remote_code=trust,
         )  # fmt: skip
-    m.max_memory = spec
+    m.max_memory = spec  # the working-memory budget of gradient methods (memory.model_budget)
     if m.derived:
         from lmscope.core.derive import entry_source
         from lmscope.verify import certify as run_certificate

@@ -72,7 +72,7 @@ def model_budget(model) -> int:
     """The working-memory budget of gradient methods on ``model``: its ``max_memory`` as loaded
     (``--max-memory``: a bare size, or that device's ``DEVICE=SIZE`` entry), else half of what
     is free on its device (:func:`budget`)."""
-    spec = getattr(model, "max_memory", None)
+    spec = model.max_memory
     if isinstance(spec, str) and "=" in spec:
         spec = parse_max_memory(spec)
     return budget(model.device, spec)
