@@ -207,8 +207,9 @@ def _cli(command: Command) -> Callable[..., None]:
 
 
 def _given(ctx: click.Context, name: str) -> bool:
-    source = ctx.get_parameter_source(name)
-    return source is not None and source not in (click.core.ParameterSource.DEFAULT,)
+    """Whether option ``name`` was given (command line or environment), not left at its default."""
+    source = ctx.get_parameter_source(name)  # typer's click may be its own copy: compare by name
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 def run_command(command: Command, ctx: click.Context, kwargs: dict[str, Any]) -> Result:

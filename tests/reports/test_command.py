@@ -149,3 +149,23 @@ def test_every_command_records_every_setting():
         for f in fields(command.settings):
             assert f.metadata.get("help"), f"{command.name}: --{f.name} has no help"
         assert json.dumps(command.summary) and command.summary
+
+
+def test_a_preset_flag_starts_from_its_settings_and_given_options_override_it(tmp_path):
+    """``--small`` starts from the preset; an option given on the command line replaces its value,
+    options left at their defaults do not."""
+    small = CountSettings(n=1, parts=1)
+    register(Command("count", CountSettings, run_count, model=False, presets={"small": (small, "a small run")}))
+    runner = CliRunner()
+    try:
+        CALLS.clear()
+        done = runner.invoke(app, ["count", "--small", "--out", str(tmp_path / "a")])
+        assert done.exit_code == 0, done.output
+        assert read_results(tmp_path / "a")["settings"] == {"n": 1, "parts": 1}
+        done = runner.invoke(app, ["count", "--small", "--parts", "2", "--out", str(tmp_path / "b")])
+        assert done.exit_code == 0, done.output
+        assert read_results(tmp_path / "b")["settings"] == {"n": 1, "parts": 2}
+        done = runner.invoke(app, ["count", "--out", str(tmp_path / "c")])
+        assert read_results(tmp_path / "c")["settings"] == {"n": 3, "parts": 2}
+    finally:
+        app.registered_commands[:] = [c for c in app.registered_commands if c.name != "count"]

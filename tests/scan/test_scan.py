@@ -13,7 +13,7 @@ from lmscope.cli import main
 from lmscope.core.errors import LmscopeError
 from lmscope.reports.html import format_value
 from lmscope.scan import PARTS as SCAN_PARTS
-from lmscope.scan import ScanSettings, scan
+from lmscope.scan import QUICK, ScanSettings, scan
 from tests.browser import HOVER_JS, PLOT_BOXES_JS, artifacts_dir, open_report
 from tests.helpers import read_results, run_cli
 
@@ -39,6 +39,7 @@ def test_quick_scan_writes_every_part(quick_scan, smollm2):
     """results.json holds every part with numbers checked against independent facts of SmolLM2."""
     payload = read_results(quick_scan)
     assert list(payload["parts"]) == PARTS and set(payload["timings"]) == set(PARTS)
+    assert payload["settings"]["stats_tokens"] == QUICK.stats_tokens and payload["status"] == "complete"
     parts = payload["parts"]
     assert parts["verify"]["passed"] and parts["verify"]["counts"] == {"pass": 12, "fail": 0, "n/a": 2}
     assert parts["model"]["layers"] == 30 and parts["model"]["kv_heads"] == 3
