@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -69,13 +70,15 @@ def test_page_runs(page, tmp_path, monkeypatch):
     """The page's blocks, in order, in one namespace (later blocks use earlier names)."""
     (tmp_path / "examples").symlink_to(ROOT / "examples")
     monkeypatch.chdir(tmp_path)
-    namespace = {"__name__": f"docs_{page.stem}"}
+    module = types.ModuleType(f"docs_{page.stem.replace('-', '_')}")  # a module, so results defined on a page pickle
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    namespace = module.__dict__
     start = time.perf_counter()
     for line, source, reason in code_blocks(page):
         if reason:
-            compile(source, f"{_name(page)}:{line}", "exec")  # still valid Python
+            compile(source, f"{_name(page)}:{line}", "exec", dont_inherit=True)  # still valid Python
             continue
-        exec(compile(source, f"{_name(page)}:{line}", "exec"), namespace)  # noqa: S102 (the docs run, on purpose)
+        exec(compile(source, f"{_name(page)}:{line}", "exec", dont_inherit=True), namespace)  # noqa: S102 (the docs run, on purpose)
     assert time.perf_counter() - start < SECONDS_PER_PAGE, "keep the docs' examples cheap"
 
 
