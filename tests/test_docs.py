@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -64,18 +65,35 @@ def test_no_run_blocks_are_few_and_say_why():
     assert len(skipped) <= 4, skipped
 
 
+def _shared_load(monkeypatch, smollm2) -> None:
+    """``lmscope.load()`` of a page (SmolLM2, the default) returns the session's SmolLM2: loading
+    it once for every page and test (the pages only read the model, or change it in context
+    managers that undo the change)."""
+    import lmscope
+
+    load = lmscope.load
+
+    def shared(spec: str = "smollm2-135m", **kwargs):
+        return smollm2 if spec == "smollm2-135m" and not kwargs else load(spec, **kwargs)
+
+    monkeypatch.setattr(lmscope, "load", shared)
+
+
 @pytest.mark.parametrize("page", RUNNABLE, ids=_name)
-def test_page_runs(page, tmp_path, monkeypatch):
+def test_page_runs(page, tmp_path, monkeypatch, smollm2):
     """The page's blocks, in order, in one namespace (later blocks use earlier names)."""
     (tmp_path / "examples").symlink_to(ROOT / "examples")
     monkeypatch.chdir(tmp_path)
-    namespace = {"__name__": f"docs_{page.stem}"}
+    _shared_load(monkeypatch, smollm2)
+    module = types.ModuleType(f"docs_{page.stem.replace('-', '_')}")  # a module, so results defined on a page pickle
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    namespace = module.__dict__
     start = time.perf_counter()
     for line, source, reason in code_blocks(page):
         if reason:
-            compile(source, f"{_name(page)}:{line}", "exec")  # still valid Python
+            compile(source, f"{_name(page)}:{line}", "exec", dont_inherit=True)  # still valid Python
             continue
-        exec(compile(source, f"{_name(page)}:{line}", "exec"), namespace)  # noqa: S102 (the docs run, on purpose)
+        exec(compile(source, f"{_name(page)}:{line}", "exec", dont_inherit=True), namespace)  # noqa: S102 (the docs run, on purpose)
     assert time.perf_counter() - start < SECONDS_PER_PAGE, "keep the docs' examples cheap"
 
 
