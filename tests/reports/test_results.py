@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from lmscope.reports.figures import Figure
-from lmscope.reports.results import ModelCard, Result, Table, header, nan_for_none, plain, save, strict, write_json
+from lmscope.reports.command import RunWriter
+from lmscope.reports.results import ModelCard, Result, Table, nan_for_none, plain, save, strict, write_json
 from tests.helpers import read_results
 
 
@@ -84,8 +85,8 @@ def test_model_card_and_header(smollm2, tmp_path):
     card = ModelCard.of(smollm2)
     assert card.to_json() == smollm2.card()
     assert {"property": "layers", "value": "30"} in card.tables()[0].rows
-    head = header("demo", "smollm2-135m", smollm2, {"n": 3})
-    assert head["command"] == "demo" and head["settings"] == {"model": "smollm2-135m", "n": 3}
+    head = RunWriter(tmp_path, "demo", {"n": 3}, model=smollm2, model_name="smollm2-135m").payload
+    assert head["command"] == "demo" and head["settings"] == {"model": "smollm2-135m", "dtype": "float32", "n": 3}
     assert head["versions"]["lmscope"] and head["model"] == smollm2.card()
     save(tmp_path, {**head, **card.to_json()}, _Scores(torch.tensor([1.0, 2.0, 3.0]), "y").figures())
     assert read_results(tmp_path)["model"]["layers"] == 30

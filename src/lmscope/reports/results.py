@@ -4,8 +4,8 @@ A result gives its numbers as plain JSON (:meth:`Result.to_json`), as captioned 
 (:meth:`Result.tables`), as figures (:meth:`Result.figures`, each rendering as a PNG and as a
 Plotly chart) and, in Jupyter, as HTML (tables and inline PNG images, no network needed).
 
-``results.json`` is :func:`header` (command, settings, versions, model card) plus the result's
-JSON, written atomically by :func:`save` (to a temporary file, then renamed), so an interrupted
+``results.json`` is written by :class:`lmscope.reports.command.RunWriter` (header and parts) through
+:func:`save` as JSON, atomically (to a temporary file, then renamed), so an interrupted
 or failed command never leaves a half-written file and never destroys a complete earlier one.
 It is strict JSON (:func:`strict`): NaN and infinities are written as ``null``, which
 :func:`nan_for_none` reads back as NaN.
@@ -168,18 +168,6 @@ def output_dir(path: str | Path) -> Path:
     if not os.access(path, os.W_OK):
         raise LmscopeError(f"output directory {path} is not writable")
     return path
-
-
-def header(command: str, model_name: str, model: Model, settings: dict) -> dict:
-    """The start of every ``results.json``: the command, the number of processes (torchrun's
-    ranks), its settings (with the model as given), the package versions and the model card."""
-    return {
-        "command": command,
-        "processes": distributed.world_size(),
-        "settings": {"model": model_name, **settings},
-        "versions": versions(),
-        "model": model.card(),
-    }
 
 
 def save(out: str | Path, payload: dict, figures: Iterable[Figure] = ()) -> Path:
