@@ -77,7 +77,7 @@ def test_lens_after_the_last_layer_is_the_models_output(tiny_models, name):
     inputs, alone = _ragged(model)
     logits = torch.stack([model.run(ids[None]).logits[0, -1] for ids in alone])  # [3, vocab]
     answers = torch.stack([logits.argmax(-1), torch.tensor([5, 40, 77])], dim=1)
-    lens = logit_lens(model, inputs, answers, top_k=5, batch_size=2)
+    lens = logit_lens(model, inputs, answers, position=[8, 5, 7], top_k=5, batch_size=2)  # right-padded
     assert lens.rank.shape == (model.n_layers + 1, 3, 2) and lens.layers[0] == "embed"
     assert lens.positions.tolist() == [8, 5, 7]
     picked = logits.gather(-1, answers)
@@ -132,24 +132,39 @@ def test_smollm2_lens_at_a_middle_layer_by_hand(smollm2):
 
 
 def test_positions_padding_and_batches_do_not_change_the_lens(tiny_models):
+    """Token ids are indexed by their columns (the interventions' convention: an absolute index
+    into the given sequence, negative from its end); each prompt alone is its own sequence."""
     model = tiny_models["llama"]
-    inputs, alone = _ragged(model)
+    inputs, alone = _ragged(model)  # right-padded, lengths 9, 6, 8 in 9 columns
     answers = torch.tensor([3, 4, 5])
-    per_prompt = logit_lens(model, inputs, answers, position=[2, -2, 0], batch_size=3)
+    per_prompt = logit_lens(model, inputs, answers, position=[2, 4, 0], batch_size=3)
     for i, ids in enumerate(alone):
         one = logit_lens(model, ids, answers[i], position=[2, -2, 0][i])
         assert torch.allclose(per_prompt.logit[:, i], one.logit[:, 0], atol=1e-5)
     assert per_prompt.positions.tolist() == [2, 4, 0]
-    # the same prompts left-padded (position ids count real tokens) give the same lens
+    # the same prompts left-padded (position ids count real tokens): columns 2, 7 (= -2), 1
     n = max(len(a) for a in alone)
     left = {"input_ids": torch.zeros(3, n, dtype=torch.long), "attention_mask": torch.zeros(3, n, dtype=torch.long)}
     for i, ids in enumerate(alone):
         left["input_ids"][i, n - len(ids) :] = ids
         left["attention_mask"][i, n - len(ids) :] = 1
-    again = logit_lens(model, left, answers, position=[2, -2, 0], batch_size=2)
+    again = logit_lens(model, left, answers, position=[2, -2, 1], batch_size=2)
     assert torch.allclose(again.logit, per_prompt.logit, atol=1e-5)
+    assert again.positions.tolist() == [2, 4, 0]
     with pytest.raises(LmscopeError, match="out of range"):
-        logit_lens(model, inputs, answers, position=8)  # the second prompt has 6 tokens
+        logit_lens(model, inputs, answers, position=9)  # 9 columns
+    with pytest.raises(LmscopeError, match="padding"):
+        logit_lens(model, inputs, answers, position=-1)  # the second prompt's column 8 is padding
+
+
+def test_texts_are_each_their_own_sequence(smollm2):
+    """A list of texts: position -1 is each text's last token, whatever the lengths."""
+    texts = ["The capital of France is", "Paris"]
+    both = logit_lens(smollm2, texts, top_k=1)
+    for i, text in enumerate(texts):
+        one = logit_lens(smollm2, text, top_k=1)
+        assert both.top_ids[:, i].tolist() == one.top_ids[:, 0].tolist()
+    assert both.positions.tolist() == [len(smollm2.tokenizer(t)["input_ids"]) - 1 for t in texts]
 
 
 def test_final_norm_lens_is_the_cumulative_direct_attribution(tiny_models):
@@ -179,9 +194,9 @@ def test_attributions_sum_to_the_logit_difference(name):
     model = _with_biases(name)
     inputs, _ = _ragged(model)
     answer, wrong = torch.tensor([5, 6, 7]), torch.tensor([30, 31, 32])
-    dla = direct_logit_attribution(model, inputs, answer, wrong, batch_size=2)
+    last = torch.tensor([8, 5, 7])  # each right-padded prompt's last token
+    dla = direct_logit_attribution(model, inputs, answer, wrong, position=last, batch_size=2)
     run = model.run(inputs, capture=["final_norm", f"blocks.{model.n_layers - 1}.resid_post"])
-    last = torch.tensor([8, 5, 7])
     head = model.module(model.family.unembed)
     pre = run.cache["final_norm"][torch.arange(3), last] @ head.weight.T
     pre = pre if head.bias is None else pre + head.bias

@@ -54,7 +54,7 @@ from lmscope.core.hooks import Hook, hooked
 from lmscope.core.model import Inputs, Model
 from lmscope.core.weights import parameter
 from lmscope.readout.norm import FinalNorm
-from lmscope.readout.prompts import Answers, Position, answer_ids, batches, read_positions, slug, token_strings
+from lmscope.readout.prompts import Answers, Position, answer_ids, batches, read_prompts, slug, token_strings
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Table
 
@@ -77,7 +77,7 @@ class Components:
 
 def decompose(model: Model, inputs: Inputs, column: Tensor, fold_value_biases: bool = False) -> Components:
     """One forward of ``inputs`` ([batch, pos] ids with their mask), read at ``column`` [batch]
-    (a column of the padded batch, e.g. from :func:`lmscope.readout.prompts.read_positions`):
+    (a column of the padded batch, e.g. from :func:`lmscope.readout.prompts.read_prompts`):
     the components of the final residual stream (:class:`Components`, Elhage et al. 2021). With
     ``fold_value_biases``, the share of each head's constant value part (:func:`_value_bias_output`;
     constant since attention weights sum to 1) moves from the head to ``attn_bias``, as with
@@ -305,16 +305,16 @@ def direct_logit_attribution(
     component divided by the final norm's scale of the full final residual stream (centred for
     LayerNorm), times the norm's weight, dotted with the unembedding direction (see the module
     docstring). One answer (and wrong answer) per prompt (:func:`answer_ids`, first column).
-    ``position``: one, or one per prompt [n_prompts], an index into each prompt's sequence,
-    negative from its end (-1: the last token). ``fold_value_biases`` moves each head's
+    ``position``: one, or one per prompt [n_prompts], as :mod:`lmscope.readout.prompts` states
+    (texts: an index into each text's tokens; token ids: into the given columns; negative from
+    the end, -1: the last token). ``fold_value_biases`` moves each head's
     value-bias share to ``attn_bias`` (:func:`decompose`), as TransformerLens does by default;
     ``center_unembed`` see the module docstring. Result: :class:`LogitAttribution`, ``heads``
     [n_layers, n_heads, n_prompts] etc."""
-    ids, mask = model.tokenize(prompts, padding_side="right")
+    ids, mask, column, index = read_prompts(model, prompts, position)
     n = len(ids)
     answer = answer_ids(model, answers, n)[:, 0]
     wrong = None if wrong_answers is None else answer_ids(model, wrong_answers, n)[:, 0]
-    column, index = read_positions(mask, position)
     norm = FinalNorm.of(model)
     final_norm = model.module(model.family.final_norm)
     keys = ("heads", "attn_bias", "mlps", "embed", "constant", "logit")
@@ -412,8 +412,7 @@ def component_top_tokens(
         layer = next((int(g) for g in (match[1], match[3], match[4]) if g is not None), 0)
         if not 0 <= layer < model.n_layers or (match[2] is not None and not 0 <= int(match[2]) < model.n_heads):
             raise LmscopeError(f"component '{c}' out of range ({model.n_layers} layers, {model.n_heads} heads)")
-    ids, mask = model.tokenize(prompts, padding_side="right")
-    column, index = read_positions(mask, position)
+    ids, mask, column, index = read_prompts(model, prompts, position)
     norm = FinalNorm.of(model)
     weight = parameter(model.module(model.family.unembed))
     shift = weight.mean(0, dtype=torch.float32) if center_unembed else None

@@ -52,7 +52,7 @@ from lmscope.core.model import Inputs, Model
 from lmscope.core.stats import kl_divergence
 from lmscope.core.weights import parameter
 from lmscope.readout.norm import FinalNorm
-from lmscope.readout.prompts import Answers, Position, answer_ids, batches, read_positions, slug, token_strings
+from lmscope.readout.prompts import Answers, Position, answer_ids, batches, read_prompts, slug, token_strings
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Table
 
@@ -267,8 +267,9 @@ def logit_lens(
     batch_size: int = 16,
 ) -> LogitLens:
     """The logit lens (nostalgebraist 2020) of ``prompts`` (n_prompts texts, or ids with an
-    attention mask) at ``position`` (one, or one per prompt: an index into each prompt's
-    sequence, negative from its end; -1: the last token): the residual stream entering layer 0
+    attention mask) at ``position`` (one, or one per prompt, as :mod:`lmscope.readout.prompts`
+    states: texts are indexed by their own tokens, token ids by their columns; negative from
+    the end, -1: the last token): the residual stream entering layer 0
     and leaving every layer, through the final norm and the unembedding (:func:`stream_logits`),
     with the rank and probability of ``answers`` [n_prompts, n_answers] (see :func:`answer_ids`;
     none: only the top tokens) and the ``top_k`` tokens at each layer. ``norm="final"`` divides
@@ -277,11 +278,10 @@ def logit_lens(
     ``name`` the prompt set. Prompts run ``batch_size`` at a time."""
     if norm not in NORMS:
         raise LmscopeError(f"norm must be one of {', '.join(NORMS)}, not '{norm}'")
-    ids, mask = model.tokenize(prompts, padding_side="right")
+    ids, mask, column, index = read_prompts(model, prompts, position)
     n = len(ids)
     answer = answer_ids(model, answers, n) if answers is not None else torch.empty(n, 0, dtype=torch.long)
     labels = _labels(labels, answer.shape[1])
-    column, index = read_positions(mask, position)
     sites = resid_sites(model)
     final_norm = FinalNorm.of(model) if norm == "final" else None
     parts: dict[str, list[Tensor]] = {key: [] for key in ("rank", "prob", "logit", "top_ids", "top_probs")}

@@ -2,9 +2,11 @@
 prompt, prompts in batches, and token ids as strings.
 
 Positions follow the convention of the whole package (and of :mod:`lmscope.core.interventions`):
-an absolute index into the prompt's token sequence, negative from its end (``-1``: the last
-token). Prompts are right-padded internally, so the index counts each prompt's own tokens: for
-a batch given as ids with an attention mask, padding is not part of a prompt's sequence.
+an absolute index into the sequence the model is given, negative from its end (``-1``: the last
+token). Prompts given as texts are each their own sequence (they are padded internally, which
+does not move an index); a batch given as token ids [batch, pos] (with an attention mask) is
+indexed by its columns, padding included, exactly as an intervention on that batch is, and a
+position that falls on padding is refused.
 """
 
 from __future__ import annotations
@@ -78,22 +80,45 @@ def token_strings(model: Model, ids: Tensor) -> list:
     return [model.tokenizer.decode([int(t)]) for t in ids]
 
 
-def read_positions(mask: Tensor, position: Position) -> tuple[Tensor, Tensor]:
-    """For a right-padded batch with attention ``mask`` [batch, pos]: the column of the batch to
-    read [batch] and the position in each prompt's own sequence [batch] (non-negative).
-    ``position``: one for every prompt or one per prompt, an index into the prompt's sequence,
-    negative from its end."""
+def read_prompts(model: Model, prompts, position: Position) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(ids, mask, column, index)`` for reading ``prompts`` at ``position``: ids and mask
+    [batch, pos] (texts right-padded), the column of the batch to read [batch] and that
+    position's index among each prompt's own tokens [batch] (non-negative). ``position``: one
+    for every prompt or one per prompt, in the module's convention (texts: an index into each
+    text's tokens; token ids: an index into the given columns), negative from the end."""
+    ids, mask = model.tokenize(prompts, padding_side="right")
+    texts = isinstance(prompts, str) or (
+        isinstance(prompts, Sequence) and not isinstance(prompts, Tensor) and all(isinstance(p, str) for p in prompts)
+    )
+    return ids, mask, *read_positions(mask, position, own_tokens=texts)
+
+
+def read_positions(mask: Tensor, position: Position, own_tokens: bool = False) -> tuple[Tensor, Tensor]:
+    """For a batch with attention ``mask`` [batch, pos]: the column of the batch to read
+    [batch] and the position among each prompt's own tokens [batch] (non-negative).
+    ``position``: one for every prompt or one per prompt, an absolute index into the batch's
+    columns, negative from its end; with ``own_tokens`` an index into each prompt's own tokens
+    instead (a right-padded batch of separate texts)."""
     lengths = mask.sum(1)
     pos = torch.as_tensor(position, dtype=torch.long, device=mask.device)
     pos = pos.expand(len(mask)) if pos.ndim == 0 else pos
     if pos.shape != lengths.shape:
         raise LmscopeError(f"position: one for every prompt or one per prompt ({len(mask)}), got {list(pos.shape)}")
-    index = torch.where(pos < 0, lengths + pos, pos)
-    if bool(((index < 0) | (index >= lengths)).any()):
-        raise LmscopeError(f"position {position} out of range for prompts of {lengths.tolist()} tokens")
-    count = mask.long().cumsum(1) - 1
-    column = ((count == index[:, None]) & mask.bool()).long().argmax(1)
-    return column, index
+    count = mask.long().cumsum(1) - 1  # [batch, pos]: index among own tokens
+    if own_tokens:
+        index = torch.where(pos < 0, lengths + pos, pos)
+        if bool(((index < 0) | (index >= lengths)).any()):
+            raise LmscopeError(f"position {position} out of range for prompts of {lengths.tolist()} tokens")
+        column = ((count == index[:, None]) & mask.bool()).long().argmax(1)
+        return column, index
+    width = mask.shape[1]
+    column = torch.where(pos < 0, width + pos, pos)
+    if bool(((column < 0) | (column >= width)).any()):
+        raise LmscopeError(f"position {position} out of range for a batch of {width} positions")
+    rows = torch.arange(len(mask), device=mask.device)
+    if not bool(mask[rows, column].bool().all()):
+        raise LmscopeError(f"position {position} falls on padding in some prompts (attention mask 0)")
+    return column, count[rows, column]
 
 
 def batches(ids: Tensor, mask: Tensor, column: Tensor, batch_size: int) -> Iterator[tuple[slice, dict, Tensor]]:

@@ -142,8 +142,10 @@ def read_heads(
     lenses, attributions = {}, {}
     for kind in ("numeric", "alias"):
         texts = [getattr(p, kind) for p in prompts]
-        inputs = padded(model, [tokens.prompt(t) for t in texts])
+        sequences = [tokens.prompt(t) for t in texts]
+        inputs = padded(model, sequences)
+        last = [len(s) - 1 for s in sequences]  # each right-padded prompt's last token
         answers = torch.tensor([tokens.first_answer_token(t, p.answer) for t, p in zip(texts, prompts)])
-        lenses[kind] = logit_lens(model, inputs, answers, name=kind)
-        attributions[kind] = direct_logit_attribution(model, inputs, answers, name=kind)
+        lenses[kind] = logit_lens(model, inputs, answers, position=last, name=kind)
+        attributions[kind] = direct_logit_attribution(model, inputs, answers, position=last, name=kind)
     return HeadReading(prompts, list(heads), compare(lenses), compare(attributions))
