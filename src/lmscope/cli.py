@@ -188,7 +188,7 @@ def _cli(command: Command) -> Callable[..., None]:
                                  typer.Option(help=LOAD_HELP[f.name])))  # fmt: skip
     for preset, (_, help_text) in command.presets.items():
         params.append(_param(preset, bool, False, typer.Option(help=help_text)))
-    params.append(_param("out", Path, Path(f"out/{command.name}"), typer.Option(help="output directory")))
+    params.append(_param("out", Path, Path("out", *command.name.split()), typer.Option(help="output directory")))
     overwrite = typer.Option(help="replace the results of another run in --out (default: resume the same run)")
     params.append(_param("overwrite", bool, False, overwrite))
 
@@ -268,12 +268,21 @@ def print_result(result: Result) -> None:
         console.print(result.text(), soft_wrap=True, highlight=False, markup=False)
 
 
+_GROUPS: dict[str, typer.Typer] = {}  # "features" -> the app of `lmscope features ...`
+
+
 def register(command: Command) -> None:
-    """Add ``command`` (and its hidden earlier names) to the app."""
+    """Add ``command`` (and its hidden earlier names) to the app; a name of two words
+    (``"features train"``) is a sub-command of a group, made on first use."""
     function = _cli(command)
-    app.command(command.name, help=command.summary)(function)
+    parent, _, name = command.name.rpartition(" ")
+    if parent and parent not in _GROUPS:
+        _GROUPS[parent] = typer.Typer(no_args_is_help=True, help=f"lmscope {parent} commands.")
+        app.add_typer(_GROUPS[parent], name=parent)
+    target = _GROUPS[parent] if parent else app
+    target.command(name, help=command.summary)(function)
     for alias in command.hidden_aliases:
-        app.command(alias, hidden=True, help=f"The earlier name of `lmscope {command.name}`.")(function)
+        target.command(alias, hidden=True, help=f"The earlier name of `lmscope {command.name}`.")(function)
 
 
 # -- the commands that only look ----------------------------------------------------------------

@@ -169,3 +169,23 @@ def test_a_preset_flag_starts_from_its_settings_and_given_options_override_it(tm
         assert read_results(tmp_path / "c")["settings"] == {"n": 3, "parts": 2}
     finally:
         app.registered_commands[:] = [c for c in app.registered_commands if c.name != "count"]
+
+
+def test_a_two_word_name_is_a_sub_command_of_its_group(tmp_path, monkeypatch):
+    """``Command("group count", ...)`` is ``lmscope group count``, its default --out
+    ``out/group/count``; a second command joins the same group."""
+    from lmscope import cli
+
+    monkeypatch.chdir(tmp_path)
+    register(Command("group count", CountSettings, run_count, model=False))
+    register(Command("group again", CountSettings, run_count, model=False))
+    try:
+        runner = CliRunner()
+        done = runner.invoke(app, ["group", "count", "--n", "2"])
+        assert done.exit_code == 0, done.output
+        assert read_results(tmp_path / "out" / "group" / "count")["settings"] == {"n": 2, "parts": 2}
+        listing = runner.invoke(app, ["group", "--help"])
+        assert "count" in listing.output and "again" in listing.output
+    finally:
+        app.registered_groups[:] = [g for g in app.registered_groups if g.name != "group"]
+        cli._GROUPS.pop("group", None)
