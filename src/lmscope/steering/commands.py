@@ -166,7 +166,8 @@ def run_steer(model: Model, settings: SteerSettings, out: RunWriter) -> SteerRes
     result = out.part("steer", "Steering sweep", "Contrastive activation addition vs a prompting baseline.",
                       lambda: sweep(model, steerer, grid, data, instruction=settings.instruction,
                                     max_kl=settings.max_kl, max_ppl_rise=settings.max_ppl_rise,
-                                    samples=settings.samples))  # fmt: skip
+                                    samples=settings.samples, earlier=out.partial("steer"),
+                                    on_cells=lambda cells: out.update("steer", cells)))  # fmt: skip
     if settings.save is not None:
         meta = {"site": "resid_post", "method": "mean_diff", "position": settings.position, "data": examples.source}
         save_vectors(settings.save, vectors.vectors, model=model.name, **meta)
