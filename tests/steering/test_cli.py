@@ -125,7 +125,7 @@ def test_a_sweep_interrupted_midway_measures_only_the_missing_cells(capsys, file
     """Interrupted after two of the sweep's four batches (unsteered, prompting, layer 0's two
     coefficients, layer 1's two), a rerun measures layer 1's cells only and writes the table of an
     uninterrupted run, number for number."""
-    import lmscope.steering.steer as steer
+    from lmscope.steering import steer
 
     args = ["steer", str(files / "model"), "--pairs", str(files / "pairs.jsonl"), "--eval", str(files / "eval.jsonl"),
             "--layers", "0,1", "--coeffs", "0.1,0.2", "--instruction", "good", "--neutral", str(files / "neutral.txt"),

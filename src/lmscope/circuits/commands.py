@@ -12,6 +12,7 @@ from lmscope.circuits.head_roles import head_roles
 from lmscope.circuits.locate import LEVELS, METHODS, locate
 from lmscope.circuits.pairs import (
     ANSWER_TOKENS,
+    PromptPair,
     TokenPair,
     answer_record,
     check_answer_token,
@@ -27,6 +28,16 @@ from lmscope.core.progress import console
 from lmscope.reports.command import Command, RunWriter, option
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Table
+
+
+def token_pairs(model: Model, prompts: list[PromptPair], align: str, answer_token: str) -> list[TokenPair]:
+    """:func:`~lmscope.circuits.pairs.tokenize_pairs`, with a one-line note when answers of
+    several tokens are scored by one."""
+    pairs = tokenize_pairs(model, prompts, align, answer_token)
+    note = shortened_note(pairs, answer_token)
+    if note:
+        console.print(note, soft_wrap=True, highlight=False, markup=False)
+    return pairs
 
 
 @dataclass(frozen=True)
@@ -48,13 +59,8 @@ class PairOptions:
         check_answer_token(self.answer_token)
 
     def pairs(self, model: Model) -> list[TokenPair]:
-        """The token pairs (one-line errors for a bad file, task, alignment or answer), with a
-        one-line note when answers of several tokens are scored by one."""
-        pairs = tokenize_pairs(model, pairs_for(model, self.data, self.task, self.n), self.align, self.answer_token)
-        note = shortened_note(pairs, self.answer_token)
-        if note:
-            console.print(note, soft_wrap=True, highlight=False, markup=False)
-        return pairs
+        """The token pairs (one-line errors for a bad file, task, alignment or answer)."""
+        return token_pairs(model, pairs_for(model, self.data, self.task, self.n), self.align, self.answer_token)
 
     def answers(self, model: Model, pairs: list[TokenPair]) -> dict:
         """The ``answers`` record of results.json (:func:`~lmscope.circuits.pairs.answer_record`)."""

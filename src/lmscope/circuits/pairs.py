@@ -253,6 +253,18 @@ def _left_pad(ids: list[int], n: int, pad: int) -> tuple[Tensor, Tensor]:
     return torch.tensor([pad] * missing + ids), torch.tensor([0] * missing + [1] * len(ids))
 
 
+def prompt_batch(model: Model, pairs: Sequence[TokenPair], which: str) -> dict[str, Tensor]:
+    """The ``"clean"`` or ``"corrupt"`` prompts of ``pairs`` as one batch ``{"input_ids",
+    "attention_mask"}`` [n, longest], left-padded so position -1 is every prompt's final token."""
+    rows = [p.inputs(which) for p in pairs]
+    n = max(r["input_ids"].shape[1] for r in rows)
+    pad = lambda x, value: torch.nn.functional.pad(x, (n - x.shape[1], 0), value=value)
+    return {
+        "input_ids": torch.cat([pad(r["input_ids"], model.pad_id or 0) for r in rows]).to(model.device),
+        "attention_mask": torch.cat([pad(r["attention_mask"], 0) for r in rows]).to(model.device),
+    }
+
+
 def as_token_pairs(model: Model, pairs: Sequence[PromptPair] | Sequence[TokenPair]) -> list[TokenPair]:
     """Token pairs as they are, or prompt pairs tokenised (of equal length: for pairs of different
     lengths call :func:`tokenize_pairs` with ``align="final"`` first)."""

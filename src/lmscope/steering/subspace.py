@@ -65,6 +65,7 @@ from lmscope.core.model import Inputs, Model
 from lmscope.core.modules import is_conv1d, is_linear
 from lmscope.core.sites import Site
 from lmscope.core.weights import parameter
+from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Table
 from lmscope.steering.store import load, save
 
@@ -207,6 +208,24 @@ class DASResult(Result):
         }
         return [Table("Distributed alignment search (Geiger et al. 2023)", [row])]
 
+    def to_json(self) -> dict:
+        """Every field but the basis (a tensor: :meth:`save` writes it), and the basis's shape."""
+        fields = {k: v for k, v in super().to_json().items() if k != "basis"}
+        return {**fields, "basis_shape": list(self.basis.shape)}
+
+    def figures(self) -> list[Figure]:
+        """The training loss per step, and the interchange-intervention accuracy on the training
+        and held-out pairs."""
+        figures = []
+        if self.losses:
+            steps = list(range(1, len(self.losses) + 1))
+            figures.append(Figure("das_training", "lines", f"DAS at {self.site}: training loss", "step",
+                                  "cross-entropy", x=steps, series={"loss": self.losses}))  # fmt: skip
+        figures.append(Figure("das_iia", "bars", f"DAS at {self.site} (k={self.k}): interchange-intervention accuracy",
+                              "pairs", "IIA", x=["train", "held-out"],
+                              series={"IIA": [self.train_iia, self.heldout_iia]}))  # fmt: skip
+        return figures
+
     def save(self, path: str | Path, **metadata) -> Path:
         """The basis and its site, positions and accuracies as an lmscope steering file."""
         info = {"k": self.k, "positions": self.positions, "train_iia": self.train_iia, "heldout_iia": self.heldout_iia}
@@ -246,6 +265,12 @@ def das(
     pairs, minimising the cross-entropy of the intervened final-position logits against the labels.
     """
     site = model.site(site)
+    features = _features(model, site)
+    if not 1 <= k <= features:
+        raise LmscopeError(f"k (the subspace dimension) must be between 1 and {site}'s {features} features, not {k}")
+    if steps < 0 or batch_size < 1 or not lr > 0 or not 0 <= holdout < 1:
+        got = f"steps {steps}, batch_size {batch_size}, lr {lr}, holdout {holdout}"
+        raise LmscopeError(f"DAS needs steps >= 0, batch_size >= 1, lr > 0 and 0 <= holdout < 1 (got {got})")
     pairs = _make_pairs(model, base, source, labels)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(pairs), generator=generator)
@@ -254,7 +279,7 @@ def das(
         raise LmscopeError(f"{len(pairs)} pairs leave none to train on with holdout={holdout}")
     train, held = order[n_held:], order[:n_held]
     sources = _source_activations(model, site, pairs, batch_size)
-    basis = _Basis(_features(model, site), k, generator).to(model.device)
+    basis = _Basis(features, k, generator).to(model.device)
     optimizer = torch.optim.Adam(basis.parameters(), lr=lr)
     losses = []
     with model.frozen():
