@@ -61,7 +61,7 @@ def test_das_finds_the_planted_direction_and_writes_its_report(capsys, files, tm
     assert float((basis[:, 0] @ u).abs()) > 0.9  # the planted direction, by construction
     assert (out / "report.html").is_file() and (out / "das_training.png").is_file() and (out / "das_iia.png").is_file()
 
-    import lmscope.steering.commands as commands
+    from lmscope.steering import commands
 
     monkeypatch.setattr(commands, "das", lambda *a, **k: pytest.fail("DAS trained again"))
     monkeypatch.setattr(commands, "illusion_check", lambda *a, **k: pytest.fail("illusion checked again"))

@@ -241,8 +241,9 @@ def shortened_note(pairs: Sequence[TokenPair], answer_token: str = "first") -> s
     k = shortened(pairs)
     if not k:
         return None
+    n = len(_all_candidates(pairs))
     return (
-        f"note: {k} of {len(_all_candidates(pairs))} answers have several tokens; the metric scores each by its {answer_token} token "
+        f"note: {k} of {n} answers have several tokens; the metric scores each by its {answer_token} token "
         "(--answer-token); their whole log-probability is in results.json's 'answers'"
     )
 

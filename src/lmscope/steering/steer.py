@@ -22,21 +22,21 @@ beats most steering methods):
 **Choice**: the setting with the largest behaviour effect whose KL is at most ``max_kl`` and whose
 perplexity is at most ``(1 + max_ppl_rise)`` times the unsteered one.
 
-**Speed**: a sweep's settings are rows of one batch: per text (an evaluation prompt with its
-target or its opposite, a neutral prompt, a window) one forward over the settings (plus the
-unsteered row for the KL). The text enters as one unsteered row; each setting's row joins the
-batch as a copy of it entering the setting's lowest steered layer (below, it would be the same),
-so a setting at layer L costs the layers from L up only; each steered layer gets one
-intervention with a row per batch row (``coeff * v_L`` for the rows whose setting steers at L,
-else 0); the unembedding runs at the scored positions only. ``sweep(..., batched=False)`` is
-the plain loop (one run per setting and text), the reference the tests and
-``bench/bench_steer.py`` compare with.
+**Speed**: the settings of a batch (below) are rows of one forward per text (an evaluation prompt
+with its target or its opposite, a neutral prompt, a window), plus the unsteered row for the KL.
+The text enters as one unsteered row; each setting's row joins the batch as a copy of it entering
+the setting's lowest steered layer (below, it would be the same), so a setting at layer L costs
+the layers from L up only; each steered layer gets one intervention with a row per batch row
+(``coeff * v_L`` for the rows whose setting steers at L, else 0); the unembedding runs at the
+scored positions only. ``sweep(..., batched=False)`` is the plain loop (one run per setting and
+text), the reference the tests and ``bench/bench_steer.py`` compare with.
 
-**Resuming**: the sweep measures its cells in a fixed order of batches: the unsteered model, the
-prompting baseline, then the settings of each layer group (one method and set of layers), at most
-``cells_per_batch`` coefficients per batch (a batch runs the unsteered row once). After each batch the cells measured so far go to ``on_cells``
-(:class:`SweepCells`); given back as ``earlier``, they are not measured again, and since every
-batch is the same in an interrupted and an uninterrupted run, the numbers are too.
+**Batches, and resuming**: the sweep measures its cells in a fixed order of batches: the
+unsteered model, the prompting baseline, then the settings of each layer group (one method and
+set of layers), at most ``cells_per_batch`` of its coefficients per batch (settings that share
+their lowest layer share the forward below it). After each batch the cells measured so far go to
+``on_cells`` (:class:`SweepCells`); given back as ``earlier``, they are not measured again, and
+since the batches are the same in an interrupted and an uninterrupted run, so are the numbers.
 """
 
 from __future__ import annotations
