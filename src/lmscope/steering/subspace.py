@@ -152,6 +152,14 @@ def _positions(positions: Positions) -> list[int] | None:
     return None if positions is None else [positions] if isinstance(positions, int) else list(positions)
 
 
+def _check_positions(positions: Positions, pairs: _Pairs) -> None:
+    """A one-line error for a position outside the padded inputs (which no patch would reach)."""
+    n = pairs.base["input_ids"].shape[1]
+    outside = [p for p in _positions(positions) or [] if not -n <= p < n]
+    if outside:
+        raise LmscopeError(f"position {outside[0]} is outside the inputs ({n} tokens after padding: {-n} to {n - 1})")
+
+
 def _features(model: Model, site: Site) -> int:
     """The number of features of a site (the product of its axes after the position axis)."""
     shapes = dict(model.site_shapes())
@@ -272,6 +280,7 @@ def das(
         got = f"steps {steps}, batch_size {batch_size}, lr {lr}, holdout {holdout}"
         raise LmscopeError(f"DAS needs steps >= 0, batch_size >= 1, lr > 0 and 0 <= holdout < 1 (got {got})")
     pairs = _make_pairs(model, base, source, labels)
+    _check_positions(positions, pairs)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(pairs), generator=generator)
     n_held = round(len(pairs) * holdout)
@@ -577,6 +586,7 @@ def illusion_check(
         raise LmscopeError(f"readers have {rows.shape[0]} input features, the basis {basis.shape[0]} rows")
     row_part, null_part = split_by_readers(basis, rows)
     pairs = _make_pairs(model, base, source, labels)
+    _check_positions(positions, pairs)
     sources = _source_activations(model, site, pairs, batch_size)
     logits = lambda b: _final_logits(model, site, pairs, sources, b, positions, batch_size)
     unpatched = logits(None)
