@@ -54,12 +54,12 @@ def commands() -> list[Command]:
     from lmscope.quant.commands import KV, OUTLIERS, QUANT
     from lmscope.readout.command import LENS
     from lmscope.scan import SCAN
-    from lmscope.steering.commands import PROBE, STEER
+    from lmscope.steering.commands import DAS, PROBE, STEER
     from lmscope.temporal.workflow import TEMPORAL
     from lmscope.training.command import PRETRAIN
     from lmscope.verify.command import VERIFY
 
-    return [VERIFY, SCAN, TEMPORAL, LOCATE, CIRCUIT, HEADS, OUTLIERS, KV, QUANT, EXPERTS, LENS, PROBE, STEER, PRETRAIN]
+    return [VERIFY, SCAN, TEMPORAL, LOCATE, CIRCUIT, HEADS, OUTLIERS, KV, QUANT, EXPERTS, LENS, PROBE, STEER, DAS, PRETRAIN]
 
 
 # -- loading -------------------------------------------------------------------------------------

@@ -119,3 +119,59 @@ def test_interrupted_steer_resumes_from_its_finished_parts(capsys, files, tmp_pa
 
     code, _, err = run_cli(capsys, *args[:-4], "--windows", "0", "--samples", "1", "--out", str(tmp_path / "run"))
     assert code == 2 and "other settings (samples: 0 -> 1)" in err and err.strip().count("\n") == 0
+
+
+def test_a_sweep_interrupted_midway_measures_only_the_missing_cells(capsys, files, tmp_path, monkeypatch):
+    """Interrupted after two of the sweep's four batches (unsteered, prompting, layer 0's two
+    coefficients, layer 1's two), a rerun measures layer 1's cells only and writes the table of an
+    uninterrupted run, number for number."""
+    from lmscope.steering import steer
+
+    args = ["steer", str(files / "model"), "--pairs", str(files / "pairs.jsonl"), "--eval", str(files / "eval.jsonl"),
+            "--layers", "0,1", "--coeffs", "0.1,0.2", "--instruction", "good", "--neutral", str(files / "neutral.txt"),
+            "--windows", "0", "--samples", "0"]  # fmt: skip
+    real = steer._evaluate
+    measured: list[list[str]] = []
+
+    def counting(model, data, steerer, rows, prefix, batched):
+        names = ["prompting" if prefix else "none"] if rows == [None] else [s.name for s in rows]
+        if len(measured) == limit:
+            raise KeyboardInterrupt
+        measured.append(names)
+        return real(model, data, steerer, rows, prefix, batched)
+
+    monkeypatch.setattr(steer, "_evaluate", counting)
+    limit = None
+    code, _, err = run_cli(capsys, *args, "--out", str(tmp_path / "full"))
+    assert code == 0, err
+    assert measured == [["none"], ["prompting"], ["L0 x0.1", "L0 x0.2"], ["L1 x0.1", "L1 x0.2"]]
+    full = read_results(tmp_path / "full")
+
+    measured.clear()
+    limit = 3
+    code, _, _ = run_cli(capsys, *args, "--out", str(tmp_path / "run"))
+    assert code == 130
+    progress = read_results(tmp_path / "run")["parts"]["steer"]
+    assert progress["measured"] == 4 and progress["total"] == 6
+    assert list(progress["cells"]) == ["none", "prompting", "L0 x0.1", "L0 x0.2"]
+
+    measured.clear()
+    limit = None
+    code, _, err = run_cli(capsys, *args, "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert measured == [["L1 x0.1", "L1 x0.2"]]
+    resumed = read_results(tmp_path / "run")
+    assert resumed["parts"]["steer"] == full["parts"]["steer"]
+    assert resumed["status"] == "complete" and (tmp_path / "run" / "report.html").is_file()
+
+
+def test_steer_without_the_prompting_baseline_writes_its_report(capsys, files, tmp_path):
+    """No --instruction (the baseline is optional): a chosen setting is reported without it."""
+    code, printed, err = run_cli(
+        capsys, "steer", str(files / "model"), "--pairs", str(files / "pairs.jsonl"), "--eval", str(files / "eval.jsonl"),
+        "--layers", "1", "--coeffs", "0.1", "--neutral", str(files / "neutral.txt"), "--windows", "0", "--samples", "0",
+        "--max-kl", "100", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert code == 0, err
+    assert "Chosen: L1 x0.1" in printed and "prompting" not in printed
+    assert (tmp_path / "report.html").is_file() and read_results(tmp_path)["status"] == "complete"

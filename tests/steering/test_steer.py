@@ -13,6 +13,7 @@ from lmscope.core.errors import LmscopeError
 from lmscope.steering.steer import (
     EvalItem,
     Setting,
+    SweepCells,
     SweepData,
     choose,
     interventions,
@@ -150,3 +151,33 @@ def test_bad_settings_are_one_line_errors():
     assert parse_layers("0,1,0+1", 2) == [(0,), (1,), (0, 1)]
     with pytest.raises(LmscopeError, match="no steering vector for layer"):
         interventions({0: torch.zeros(32)}, [Setting((1,), 1.0)])
+
+
+def test_a_sweep_cell_by_cell_resumes_after_k_cells(result):
+    """With one setting per batch, a sweep stopped after 3 cells (unsteered, prompting, one setting)
+    and given them back measures the other 3 settings only, to the numbers of an uninterrupted run
+    (which match the batched sweep's)."""
+    model, vectors, batched = result
+    settings = [Setting((1,), c) for c in (-1.0, 1.0, 2.0)] + [Setting((0, 1), 1.0)]
+    kwargs = {"instruction": INSTRUCTION, "samples": 0, "cells_per_batch": 1}
+    saved = []
+
+    def stop_after_three(cells):
+        saved.append(dict(cells.measures))
+        if len(saved) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep(model, vectors, settings, data(), on_cells=stop_after_three, **kwargs)
+    assert list(saved[-1]) == ["none", "prompting", "L1 x-1"]
+    progress = []
+    earlier = SweepCells(saved[-1], total=6)
+    resumed = sweep(
+        model, vectors, settings, data(), earlier=earlier, on_cells=lambda c: progress.append(len(c.measures)), **kwargs
+    )
+    assert progress == [4, 5, 6]  # the three missing settings, one batch each
+    full = sweep(model, vectors, settings, data(), **kwargs)
+    assert resumed.rows == full.rows
+    for a, b in zip(full.rows, batched.rows, strict=True):
+        for key in ("behaviour", "kl", "perplexity", "p_target"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["setting"], key)

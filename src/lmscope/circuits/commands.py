@@ -10,15 +10,34 @@ from lmscope.circuits.faithfulness import Faithfulness, faithfulness
 from lmscope.circuits.graph import Circuit, draw, select
 from lmscope.circuits.head_roles import head_roles
 from lmscope.circuits.locate import LEVELS, METHODS, locate
-from lmscope.circuits.pairs import TokenPair, tokenize_pairs
+from lmscope.circuits.pairs import (
+    ANSWER_TOKENS,
+    PromptPair,
+    TokenPair,
+    answer_record,
+    check_answer_token,
+    shortened_note,
+    tokenize_pairs,
+)
 from lmscope.circuits.scores import PatchResult
 from lmscope.circuits.tasks import pairs_for
 from lmscope.core.errors import LmscopeError
 from lmscope.core.memory import PeakMemory, model_budget
 from lmscope.core.model import Model
+from lmscope.core.progress import console
 from lmscope.reports.command import Command, RunWriter, option
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Table
+
+
+def token_pairs(model: Model, prompts: list[PromptPair], align: str, answer_token: str) -> list[TokenPair]:
+    """:func:`~lmscope.circuits.pairs.tokenize_pairs`, with a one-line note when answers of
+    several tokens are scored by one."""
+    pairs = tokenize_pairs(model, prompts, align, answer_token)
+    note = shortened_note(pairs, answer_token)
+    if note:
+        console.print(note, soft_wrap=True, highlight=False, markup=False)
+    return pairs
 
 
 @dataclass(frozen=True)
@@ -30,10 +49,22 @@ class PairOptions:
     n: int | None = option(None, "number of pairs to generate for --task", flag="--n")
     metric: str = option("logit_diff", "logit_diff, logprob, prob or kl")
     align: str = option("strict", "strict, or final: left-pad pairs of unequal length")
+    answer_token: str = option(
+        "first",
+        "how the metric scores an answer of several tokens: "
+        + "; ".join(f"{k}: {v}" for k, v in ANSWER_TOKENS.items()),
+    )
+
+    def __post_init__(self) -> None:
+        check_answer_token(self.answer_token)
 
     def pairs(self, model: Model) -> list[TokenPair]:
-        """The token pairs (one-line errors for a bad file, task or alignment)."""
-        return tokenize_pairs(model, pairs_for(model, self.data, self.task, self.n), self.align)
+        """The token pairs (one-line errors for a bad file, task, alignment or answer)."""
+        return token_pairs(model, pairs_for(model, self.data, self.task, self.n), self.align, self.answer_token)
+
+    def answers(self, model: Model, pairs: list[TokenPair]) -> dict:
+        """The ``answers`` record of results.json (:func:`~lmscope.circuits.pairs.answer_record`)."""
+        return answer_record(model, pairs, self.answer_token)
 
 
 def memory_record(model: Model, budget: int, peak: PeakMemory) -> dict:
@@ -55,6 +86,7 @@ class LocateSettings(PairOptions):
     top: int = option(10, "rows of the top table")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.method not in METHODS:
             raise LmscopeError(f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
         if self.level not in LEVELS:
@@ -69,12 +101,14 @@ class Located(Result):
     memory: dict
     top: int = 10
     n_pairs: int = 0
+    answers: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         first = self.results[0]
         return {
             "metric": {"name": first.metric, "clean": first.clean, "corrupt": first.corrupt},
             "n_pairs": self.n_pairs,
+            "answers": self.answers,
             "memory": self.memory,
             "results": [r.to_json() for r in self.results],
         }
@@ -101,7 +135,8 @@ def run_locate(model: Model, settings: LocateSettings, out: RunWriter) -> Locate
         with PeakMemory(model.device) as peak:
             results = locate(model, pairs, settings.method, settings.level, settings.metric, settings.steps,
                              settings.direction, max_memory=budget)  # fmt: skip
-        return Located(results, memory_record(model, budget, peak), settings.top, len(pairs))
+        answers = settings.answers(model, pairs)
+        return Located(results, memory_record(model, budget, peak), settings.top, len(pairs), answers)
 
     return out.part("locate", "Where the behaviour lives", f"{settings.method} scores per {settings.level}.", compute)
 
@@ -121,6 +156,7 @@ class CircuitSettings(PairOptions):
     steps: int = option(100, "EAP-IG interpolation steps (1: plain EAP)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if (self.top is None) == (self.threshold is None):
             raise LmscopeError("give exactly one of --top N or --threshold X")
 
@@ -134,6 +170,7 @@ class CircuitResult(Result):
     edges: list[tuple[str, str, float]]
     metric: dict
     memory: dict
+    answers: dict = field(default_factory=dict)
 
     def graph(self) -> dict:
         """``graph.json``: the circuit with its metric and faithfulness."""
@@ -142,6 +179,7 @@ class CircuitResult(Result):
     def to_json(self) -> dict:
         return {
             "metric": self.metric,
+            "answers": self.answers,
             "memory": self.memory,
             "faithfulness": self.faithfulness.to_json(),
             "circuit": self.graph(),
@@ -172,7 +210,8 @@ def run_circuit(model: Model, settings: CircuitSettings, out: RunWriter) -> Circ
         chosen = select(scores, top=settings.top, threshold=settings.threshold)
         faith = faithfulness(model, pairs, chosen, settings.metric)
         metric = {"name": settings.metric, "clean": scores.clean, "corrupt": scores.corrupt}
-        return CircuitResult(chosen, faith, list(scores.edges()), metric, memory_record(model, budget, peak))
+        memory = memory_record(model, budget, peak)
+        return CircuitResult(chosen, faith, list(scores.edges()), metric, memory, settings.answers(model, pairs))
 
     result = out.part("circuit", "Circuit", "EAP-IG edges pruned to a circuit, with its faithfulness.", compute)
     out.write_json("graph.json", result.graph())

@@ -11,6 +11,9 @@ to a pair and its clean run with :func:`lmscope.circuits.pairs.bind`.
 - ``prob``: total probability of the answer candidates;
 - ``kl``: minus the KL divergence from the clean run's next-token distribution, KL(clean || run);
 - any callable ``(logits [K, vocab], pair) -> [K]``.
+
+An answer candidate is one token here: one of several tokens is scored by the token
+``answer_token`` picks when the pair is tokenised (:func:`lmscope.circuits.pairs.tokenize_pairs`).
 """
 
 from __future__ import annotations

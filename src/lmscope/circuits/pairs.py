@@ -21,11 +21,21 @@ JSONL, one object per line::
      "answer": " Mary", "wrong_answer": " John"}
 
 ``answer`` and ``wrong_answer`` may be lists of candidates; a prompt may also be a list of
-token ids. Answers are scored by their first token.
+token ids.
+
+**Answers of several tokens.** The metrics of :mod:`lmscope.circuits.metrics` read one
+next-token distribution, at the final position, so patching, attribution and EAP-IG score each
+answer by one token; which one is explicit, ``answer_token`` (:data:`ANSWER_TOKENS`): ``"first"``,
+each answer's first token (:func:`shortened` counts the answers it shortened). Where a score needs
+no patching, an answer is scored whole: :func:`answer_logprobs` is the log-probability of each
+answer's full continuation after the clean and after the corrupted prompt (teacher-forced: the
+answer's tokens appended to the prompt, each token's log-probability summed), and
+:func:`answer_record` puts both, with the choice and the count, in a command's results.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,12 +47,16 @@ from torch import Tensor
 
 from lmscope.core.errors import LmscopeError
 from lmscope.core.jsonl import read_jsonl
+from lmscope.core.scoring import sequence_logprobs
 
 if TYPE_CHECKING:
     from lmscope.circuits.metrics import Metric
     from lmscope.core.model import Model
 
 Prompt = str | list[int]
+
+# How an answer of several tokens meets a metric of one next token: name -> what it does.
+ANSWER_TOKENS = {"first": "each answer's first token (answers of several tokens are counted and recorded)"}
 
 
 @dataclass(frozen=True)
@@ -56,7 +70,9 @@ class PromptPair:
 @dataclass
 class TokenPair:
     """A tokenised pair: clean/corrupt ids [pos] (equal length) with attention masks, and
-    candidate answer / wrong-answer token ids."""
+    candidate answer / wrong-answer token ids (the token each is scored by, [n_candidates]).
+    ``answer_tokens`` / ``wrong_tokens``: each candidate's whole tokenisation (empty: the
+    candidates are the single tokens of ``answer`` / ``wrong``)."""
 
     clean: Tensor
     corrupt: Tensor
@@ -64,6 +80,13 @@ class TokenPair:
     wrong: Tensor
     clean_mask: Tensor
     corrupt_mask: Tensor
+    answer_tokens: tuple[tuple[int, ...], ...] = ()
+    wrong_tokens: tuple[tuple[int, ...], ...] = ()
+
+    def continuations(self, which: str = "answer") -> tuple[tuple[int, ...], ...]:
+        """Every ``"answer"`` (or ``"wrong"``) candidate's whole token sequence."""
+        whole = self.answer_tokens if which == "answer" else self.wrong_tokens
+        return whole or tuple((int(t),) for t in (self.answer if which == "answer" else self.wrong))
 
     def inputs(self, which: str, device: torch.device | str | None = None) -> dict[str, Tensor]:
         """``{"input_ids", "attention_mask"}`` [1, pos] of the ``"clean"`` or ``"corrupt"`` prompt."""
@@ -113,18 +136,43 @@ def _ids(tokenizer, prompt: Prompt) -> list[int]:
     return list(prompt) if isinstance(prompt, list) else tokenizer(prompt)["input_ids"]
 
 
-def _answer_ids(tokenizer, answers: tuple) -> Tensor:
-    ids = []
+def _answer_tokens(tokenizer, answers: tuple, what: str, where: str) -> tuple[tuple[int, ...], ...]:
+    """Each candidate's tokens (a token id stands for itself); a one-line error for one that
+    tokenises to nothing."""
+    out = []
     for a in answers:
-        ids.append(a if isinstance(a, int) else tokenizer(a, add_special_tokens=False)["input_ids"][0])
-    return torch.tensor(ids)
+        ids = (a,) if isinstance(a, int) else tuple(tokenizer(a, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise LmscopeError(
+                f"{where}: {what} {a!r} has no tokens (an answer must be a non-empty string or a token id)"
+            )
+        out.append(ids)
+    return tuple(out)
 
 
-def tokenize_pairs(model: Model, pairs: Sequence[PromptPair], align: str = "strict") -> list[TokenPair]:
+def check_answer_token(answer_token: str) -> str:
+    """``answer_token`` if the pair metrics support it (:data:`ANSWER_TOKENS`); else a one-line error."""
+    if answer_token not in ANSWER_TOKENS:
+        raise LmscopeError(
+            f"answer token '{answer_token}' is not supported: the pair metrics (logit_diff, logprob, prob, kl) read "
+            f"one next token at the final position; choose {', '.join(ANSWER_TOKENS)} "
+            "(whole answers are scored by their log-probability in results.json's 'answers')"
+        )
+    return answer_token
+
+
+def tokenize_pairs(
+    model: Model, pairs: Sequence[PromptPair], align: str = "strict", answer_token: str = "first"
+) -> list[TokenPair]:
     """Tokenise pairs. Clean and corrupt prompts must have the same number of tokens, unless
-    ``align="final"``: then the shorter one is left-padded so the final positions align."""
+    ``align="final"``: then the shorter one is left-padded so the final positions align. Each
+    answer candidate keeps its whole tokenisation and is scored by the token ``answer_token``
+    picks (:data:`ANSWER_TOKENS`; ``"first"``: its first)."""
     if align not in ("strict", "final"):
         raise LmscopeError(f"align must be 'strict' or 'final', not '{align}'")
+    check_answer_token(answer_token)
+    if model.tokenizer is None and any(isinstance(a, str) for p in pairs for a in (*p.answer, *p.wrong_answer)):
+        raise LmscopeError(f"model {model.name} has no tokenizer: give answers as token ids")
     tok = model.tokenizer
     out = []
     for i, p in enumerate(pairs):
@@ -137,14 +185,85 @@ def tokenize_pairs(model: Model, pairs: Sequence[PromptPair], align: str = "stri
         n = max(len(clean), len(corrupt))
         pad = model.pad_id or 0
         (c, cm), (k, km) = _left_pad(clean, n, pad), _left_pad(corrupt, n, pad)
-        out.append(TokenPair(c, k, _answer_ids(tok, p.answer), _answer_ids(tok, p.wrong_answer), cm, km))
+        answers = _answer_tokens(tok, p.answer, "answer", f"pair {i}")
+        wrong = _answer_tokens(tok, p.wrong_answer, "wrong_answer", f"pair {i}")
+        first = lambda candidates: torch.tensor([ids[0] for ids in candidates])
+        out.append(TokenPair(c, k, first(answers), first(wrong), cm, km, answers, wrong))
     return out
+
+
+def _all_candidates(pairs: Sequence[TokenPair]) -> list[tuple[int, ...]]:
+    return [ids for p in pairs for ids in (*p.continuations("answer"), *p.continuations("wrong"))]
+
+
+def shortened(pairs: Sequence[TokenPair]) -> int:
+    """How many answer and wrong-answer candidates have several tokens (a metric of one next
+    token scores each by one of them)."""
+    return sum(len(ids) > 1 for ids in _all_candidates(pairs))
+
+
+def answer_logprobs(model: Model, pairs: Sequence[TokenPair], batch_size: int = 32) -> Tensor:
+    """The log-probability of each pair's answer, whole, after the clean and after the corrupted
+    prompt: ``[n_pairs, 2]`` float64 (clean, corrupt). An answer's log-probability is the sum of
+    its tokens' log-probabilities with the tokens appended to the prompt (teacher forcing,
+    :func:`lmscope.core.scoring.sequence_logprobs`); with several candidates, the log of their
+    total probability (as the ``logprob`` metric)."""
+    sequences, starts, layout = [], [], []
+    for p in pairs:
+        for ids, mask in ((p.clean, p.clean_mask), (p.corrupt, p.corrupt_mask)):
+            prompt = ids[mask.bool()].tolist()
+            layout.append(len(sequences))
+            for answer in p.continuations("answer"):
+                sequences.append(prompt + list(answer))
+                starts.append(len(prompt))
+    layout.append(len(sequences))
+    scores = sequence_logprobs(model, sequences, starts=starts, batch_size=batch_size)
+    per_prompt = [torch.logsumexp(scores[a:b], 0) for a, b in itertools.pairwise(layout)]
+    return torch.stack(per_prompt).reshape(len(pairs), 2)
+
+
+def answer_record(model: Model, pairs: Sequence[TokenPair], answer_token: str = "first") -> dict:
+    """How the pairs' answers were scored, for a command's results: the ``answer_token`` choice,
+    the number of candidates and of those it shortened (:func:`shortened`), and the mean
+    whole-answer log-probability after the clean and the corrupted prompts (:func:`answer_logprobs`)."""
+    with torch.no_grad():
+        whole = answer_logprobs(model, pairs).mean(0)
+    return {
+        "answer_token": answer_token,
+        "candidates": len(_all_candidates(pairs)),
+        "shortened": shortened(pairs),
+        "whole_answer_logprob": {"clean": float(whole[0]), "corrupt": float(whole[1])},
+    }
+
+
+def shortened_note(pairs: Sequence[TokenPair], answer_token: str = "first") -> str | None:
+    """One line saying how many answers ``answer_token`` shortened, or None when none."""
+    k = shortened(pairs)
+    if not k:
+        return None
+    n = len(_all_candidates(pairs))
+    return (
+        f"note: {k} of {n} answers have several tokens; the metric scores each by its {answer_token} token "
+        "(--answer-token); their whole log-probability is in results.json's 'answers'"
+    )
 
 
 def _left_pad(ids: list[int], n: int, pad: int) -> tuple[Tensor, Tensor]:
     """``ids`` left-padded to ``n`` tokens, and its attention mask."""
     missing = n - len(ids)
     return torch.tensor([pad] * missing + ids), torch.tensor([0] * missing + [1] * len(ids))
+
+
+def prompt_batch(model: Model, pairs: Sequence[TokenPair], which: str) -> dict[str, Tensor]:
+    """The ``"clean"`` or ``"corrupt"`` prompts of ``pairs`` as one batch ``{"input_ids",
+    "attention_mask"}`` [n, longest], left-padded so position -1 is every prompt's final token."""
+    rows = [p.inputs(which) for p in pairs]
+    n = max(r["input_ids"].shape[1] for r in rows)
+    pad = lambda x, value: torch.nn.functional.pad(x, (n - x.shape[1], 0), value=value)
+    return {
+        "input_ids": torch.cat([pad(r["input_ids"], model.pad_id or 0) for r in rows]).to(model.device),
+        "attention_mask": torch.cat([pad(r["attention_mask"], 0) for r in rows]).to(model.device),
+    }
 
 
 def as_token_pairs(model: Model, pairs: Sequence[PromptPair] | Sequence[TokenPair]) -> list[TokenPair]:

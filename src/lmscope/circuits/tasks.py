@@ -8,7 +8,8 @@ a wrong answer (the corrupted prompt's answer, usually). JSONL, one object per l
      "answer": " Mary", "wrong_answer": " John"}
 
 ``answer`` and ``wrong_answer`` may be lists of candidates; a prompt may also be a list of
-token ids. Answers are scored by their first token.
+token ids. The metrics score an answer of several tokens by its first (``answer_token``, see
+:mod:`lmscope.circuits.pairs`).
 
 Reading and tokenising pairs is :mod:`lmscope.circuits.pairs` (``load_pairs``, ``tokenize_pairs``
 and the pair types are re-exported here). Generators: :func:`ioi` (indirect object identification, Wang et al. 2022), :func:`induction`

@@ -127,6 +127,16 @@ class Result:
 
 
 @dataclass
+class Skipped(Result):
+    """A part that did not run, and why."""
+
+    reason: str
+
+    def text(self) -> str:
+        return self.reason
+
+
+@dataclass
 class ModelCard(Result):
     """What was loaded: family, size, dimensions, dtype, device, source (:meth:`Model.card`)."""
 

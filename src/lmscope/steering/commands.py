@@ -5,13 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
+from lmscope.circuits.commands import token_pairs
+from lmscope.circuits.pairs import ANSWER_TOKENS, TokenPair, answer_record, check_answer_token, prompt_batch
+from lmscope.circuits.tasks import GENERATORS, pairs_for
+from lmscope.core.corpus import load_corpus
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
-from lmscope.core.corpus import load_corpus
 from lmscope.reports.command import Command, RunWriter, option
-from lmscope.reports.results import Result, Table
+from lmscope.reports.figures import Figure
+from lmscope.reports.results import Result, Skipped, Table
 from lmscope.steering.directions import ProbeResult, load_examples, probe
 from lmscope.steering.lineas import METHOD, Transport, train_lineas
 from lmscope.steering.steer import (
@@ -28,6 +33,7 @@ from lmscope.steering.steer import (
 )
 from lmscope.steering.store import export_control_vector, save_vectors
 from lmscope.steering.store import save as save_tensors
+from lmscope.steering.subspace import DASResult, IllusionResult, das, illusion_check
 
 
 def numbers(spec: str, name: str, kind: type = float) -> list:
@@ -166,7 +172,8 @@ def run_steer(model: Model, settings: SteerSettings, out: RunWriter) -> SteerRes
     result = out.part("steer", "Steering sweep", "Contrastive activation addition vs a prompting baseline.",
                       lambda: sweep(model, steerer, grid, data, instruction=settings.instruction,
                                     max_kl=settings.max_kl, max_ppl_rise=settings.max_ppl_rise,
-                                    samples=settings.samples))  # fmt: skip
+                                    samples=settings.samples, earlier=out.partial("steer"),
+                                    on_cells=lambda cells: out.update("steer", cells)))  # fmt: skip
     if settings.save is not None:
         meta = {"site": "resid_post", "method": "mean_diff", "position": settings.position, "data": examples.source}
         save_vectors(settings.save, vectors.vectors, model=model.name, **meta)
@@ -178,3 +185,135 @@ def run_steer(model: Model, settings: SteerSettings, out: RunWriter) -> SteerRes
 
 
 STEER = Command("steer", SteerSettings, run_steer)
+
+
+# -- das -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DASSettings:
+    """``lmscope das``: distributed alignment search at one site, and the illusion check."""
+
+    data: Path | None = option(
+        None, "prompt pairs (JSONL: clean, corrupt, answer, wrong_answer): each corrupted prompt is a base "
+        "run, its clean prompt the source, the answer the counterfactual label"
+    )  # fmt: skip
+    task: str | None = option(None, f"built-in task: {', '.join(GENERATORS)}")
+    n: int | None = option(None, "number of pairs to generate for --task", flag="--n")
+    answer_token: str = option("first", f"the label's token of an answer of several tokens: {', '.join(ANSWER_TOKENS)}")
+    site: str | None = option(None, "the site, e.g. blocks.6.resid_post (default: the middle layer's resid_post)")
+    positions: str = option("-1", "comma-separated positions (negative: from the end) or all")
+    k: int = option(1, "dimension of the subspace")
+    steps: int = option(300, "Adam steps")
+    lr: float = option(1e-2, "learning rate")
+    batch_size: int = option(32, "pairs per step and per evaluation batch")
+    holdout: float = option(0.2, "fraction of the pairs held out of training (the held-out IIA)")
+    seed: int = option(0, "seed of the split, the initial basis and the batches")
+    illusion: bool = option(True, "check the subspace for the interpretability illusion (Makelov et al. 2024)")
+    min_effect: float = option(0.2, "illusion check: the least effect of the whole subspace that is checked")
+    ratio: float = option(0.5, "illusion check: flagged when the row-space part keeps less than this share of it")
+
+    def __post_init__(self) -> None:
+        check_answer_token(self.answer_token)
+        limits = [
+            (self.n is None or self.n >= 1, f"--n must be at least 1 (got {self.n})"),
+            (self.k >= 1, f"--k must be at least 1 (got {self.k})"),
+            (self.steps >= 1, f"--steps must be at least 1 (got {self.steps})"),
+            (self.lr > 0, f"--lr must be positive (got {self.lr})"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
+            (0 <= self.holdout < 1, f"--holdout must be in [0, 1) (got {self.holdout})"),
+            (self.min_effect >= 0, f"--min-effect must be at least 0 (got {self.min_effect})"),
+            (0 < self.ratio <= 1, f"--ratio must be in (0, 1] (got {self.ratio})"),
+        ]
+        for ok, message in limits:
+            if not ok:
+                raise LmscopeError(message)
+        self.position_list()
+
+    def position_list(self) -> list[int] | None:
+        """``--positions`` as a list (None: every position)."""
+        return None if self.positions.strip() == "all" else numbers(self.positions, "positions", int)
+
+
+@dataclass
+class Alignment(Result):
+    """The subspace DAS found (:class:`~lmscope.steering.subspace.DASResult`) and how the pairs'
+    answers became labels (:func:`~lmscope.circuits.pairs.answer_record`)."""
+
+    found: DASResult
+    answers: dict
+
+    def to_json(self) -> dict:
+        return {**self.found.to_json(), "answers": self.answers}
+
+    def text(self) -> str:
+        return self.found.text()
+
+    def tables(self) -> list[Table]:
+        return self.found.tables()
+
+    def figures(self) -> list[Figure]:
+        return self.found.figures()
+
+
+@dataclass
+class DASRun(Result):
+    """``lmscope das``: the alignment and its illusion check (or why it did not run)."""
+
+    alignment: Alignment
+    illusion: IllusionResult | Skipped | None = None
+
+    def to_json(self) -> dict:
+        return {"das": self.alignment.to_json(), "illusion": self.illusion.to_json() if self.illusion else None}
+
+    def text(self) -> str:
+        return " ".join(r.text() + "." for r in (self.alignment, self.illusion) if r is not None)
+
+    def tables(self) -> list[Table]:
+        return self.alignment.tables() + (self.illusion.tables() if self.illusion else [])
+
+
+def _labelled(pairs: list[TokenPair]) -> tuple[Tensor, Tensor]:
+    """Each pair's counterfactual label (its answer's token) and base label (its wrong answer's)."""
+    for i, p in enumerate(pairs):
+        if len(p.answer) != 1 or len(p.wrong) != 1:
+            raise LmscopeError(f"pair {i}: DAS takes one answer and one wrong answer per pair, not lists of candidates")
+    return torch.cat([p.answer for p in pairs]), torch.cat([p.wrong for p in pairs])
+
+
+def run_das(model: Model, settings: DASSettings, out: RunWriter) -> DASRun:
+    """Distributed alignment search (Geiger et al. 2023): a k-dimensional subspace of one site
+    whose interchange interventions from each clean prompt into its corrupted one give the clean
+    answer, with its interchange-intervention accuracy on training and held-out pairs, and the
+    illusion check (Makelov et al. 2024)."""
+    prompts = pairs_for(model, settings.data, settings.task, settings.n)
+    pairs = token_pairs(model, prompts, "final", settings.answer_token)
+    labels, base_labels = _labelled(pairs)
+    site = str(model.site(settings.site or f"blocks.{model.n_layers // 2}.resid_post"))
+    positions = settings.position_list()
+    base, source = prompt_batch(model, pairs, "corrupt"), prompt_batch(model, pairs, "clean")
+    options = {"positions": positions, "batch_size": settings.batch_size}
+    train = lambda: Alignment(
+        das(model, site, base, source, labels, k=settings.k, steps=settings.steps, lr=settings.lr,
+            holdout=settings.holdout, seed=settings.seed, **options),
+        answer_record(model, pairs, settings.answer_token),
+    )  # fmt: skip
+    where = f"{site}, positions {settings.positions}"
+    description = f"A {settings.k}-dimensional subspace of {where}, trained for {settings.steps} steps."
+    alignment = out.part("das", "Distributed alignment search", description, train)
+    alignment.found.save(out.file("subspace.safetensors"), model=model.name)
+    if not settings.illusion:
+        return DASRun(alignment)
+
+    def check() -> IllusionResult | Skipped:
+        try:
+            return illusion_check(model, site, alignment.found.basis, base, source, labels, base_labels=base_labels,
+                                  min_effect=settings.min_effect, ratio=settings.ratio, **options)  # fmt: skip
+        except LmscopeError as e:
+            return Skipped(f"Illusion check not run: {e}")
+
+    description = "The effect of the subspace, of its part the downstream weights read and of the rest."
+    return DASRun(alignment, out.part("illusion", "Illusion check", description, check))
+
+
+DAS = Command("das", DASSettings, run_das)

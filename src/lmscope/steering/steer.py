@@ -22,15 +22,21 @@ beats most steering methods):
 **Choice**: the setting with the largest behaviour effect whose KL is at most ``max_kl`` and whose
 perplexity is at most ``(1 + max_ppl_rise)`` times the unsteered one.
 
-**Speed**: a sweep's settings are rows of one batch: per text (an evaluation prompt with its
-target or its opposite, a neutral prompt, a window) one forward over the settings (plus the
-unsteered row for the KL). The text enters as one unsteered row; each setting's row joins the
-batch as a copy of it entering the setting's lowest steered layer (below, it would be the same),
-so a setting at layer L costs the layers from L up only; each steered layer gets one
-intervention with a row per batch row (``coeff * v_L`` for the rows whose setting steers at L,
-else 0); the unembedding runs at the scored positions only. ``sweep(..., batched=False)`` is
-the plain loop (one run per setting and text), the reference the tests and
-``bench/bench_steer.py`` compare with.
+**Speed**: the settings of a batch (below) are rows of one forward per text (an evaluation prompt
+with its target or its opposite, a neutral prompt, a window), plus the unsteered row for the KL.
+The text enters as one unsteered row; each setting's row joins the batch as a copy of it entering
+the setting's lowest steered layer (below, it would be the same), so a setting at layer L costs
+the layers from L up only; each steered layer gets one intervention with a row per batch row
+(``coeff * v_L`` for the rows whose setting steers at L, else 0); the unembedding runs at the
+scored positions only. ``sweep(..., batched=False)`` is the plain loop (one run per setting and
+text), the reference the tests and ``bench/bench_steer.py`` compare with.
+
+**Batches, and resuming**: the sweep measures its cells in a fixed order of batches: the
+unsteered model, the prompting baseline, then the settings of each layer group (one method and
+set of layers), at most ``cells_per_batch`` of its coefficients per batch (settings that share
+their lowest layer share the forward below it). After each batch the cells measured so far go to
+``on_cells`` (:class:`SweepCells`); given back as ``earlier``, they are not measured again, and
+since the batches are the same in an interrupted and an uninterrupted run, so are the numbers.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from __future__ import annotations
 import functools
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -333,6 +339,34 @@ def _evaluate(
     return [acc.measures(r, paired, bool(data.windows)) for r in range(len(rows))]
 
 
+@dataclass
+class SweepCells(Result):
+    """The cells of a sweep measured so far (by setting name: ``"none"``, ``"prompting"``, each
+    setting's :attr:`Setting.name`), out of ``total``: a sweep's progress, kept to resume it."""
+
+    measures: dict[str, Measures]
+    total: int
+
+    def to_json(self) -> dict:
+        return {
+            "measured": len(self.measures),
+            "total": self.total,
+            "cells": {k: asdict(m) for k, m in self.measures.items()},
+        }
+
+    def text(self) -> str:
+        return f"{len(self.measures)} of {self.total} sweep cells measured."
+
+
+def _batches(settings: Sequence[Setting], size: int) -> list[list[Setting]]:
+    """The settings of each layer group (one method and set of layers), in order of first
+    appearance, in batches of at most ``size``."""
+    groups: dict[tuple[str, tuple[int, ...]], list[Setting]] = {}
+    for s in settings:
+        groups.setdefault((s.method, s.layers), []).append(s)
+    return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
+
+
 def _bos(model: Model, ids: list[int]) -> bool:
     return bool(ids) and ids[0] in model.bos_ids()
 
@@ -354,10 +388,12 @@ class SteerResult(Result):
         if self.chosen is None:
             return f"No setting met the side-effect limits ({self.rule})."
         row = next(r for r in self.rows if r["setting"] == self.chosen)
-        prompt = next(r for r in self.rows if r["setting"] == "prompting")
+        prompt = next((r for r in self.rows if r["setting"] == "prompting"), None)
+        versus = (
+            "" if prompt is None else f" vs prompting (behaviour {prompt['behaviour']:+.3f}, KL {prompt['kl']:.3f})"
+        )
         return (
-            f"Chosen: {self.chosen} (behaviour {row['behaviour']:+.3f}, KL {row['kl']:.3f}) vs prompting "
-            f"(behaviour {prompt['behaviour']:+.3f}, KL {prompt['kl']:.3f}); rule: {self.rule}."
+            f"Chosen: {self.chosen} (behaviour {row['behaviour']:+.3f}, KL {row['kl']:.3f}){versus}; rule: {self.rule}."
         )
 
     def tables(self) -> list[Table]:
@@ -419,22 +455,40 @@ def sweep(
     samples: int = 3,
     max_new_tokens: int = 24,
     batched: bool = True,
+    cells_per_batch: int = 4,
+    earlier: SweepCells | None = None,
+    on_cells: Callable[[SweepCells], None] | None = None,
 ) -> SteerResult:
     """Evaluate every setting, the unsteered model and the prompting baseline (module docstring).
     ``steer``: steering vectors per layer (added at ``site``, ``positions``), or any
-    :data:`Steerer` (e.g. :func:`lmscope.steering.lineas.Transport.steerer`)."""
+    :data:`Steerer` (e.g. :func:`lmscope.steering.lineas.Transport.steerer`). ``on_cells`` gets
+    the cells measured so far after each batch (of at most ``cells_per_batch`` settings); ``earlier``: an interrupted sweep's cells (same
+    model, steering, settings and data), kept instead of measured again."""
     steerer = caa(steer, site=site, positions=positions) if isinstance(steer, dict) else steer
     if positions is not None and any(p < 0 for p in positions):
         raise LmscopeError("the sweep takes positions counted from the start (>= 0)")
     if not settings:
         raise LmscopeError("no steering settings to sweep")
-    rows_in: list[Setting | None] = [None, *settings]
-    measured = _evaluate(model, data, steerer, rows_in, "", batched)
-    prompted = _evaluate(model, data, steerer, [None], instruction, batched)[0] if instruction else None
-    rows = [_row("none", None, measured[0])]
-    if prompted is not None:
-        rows.append(_row("prompting", None, prompted))
-    rows += [_row(s.name, s, m) for s, m in zip(settings, measured[1:], strict=True)]
+    if cells_per_batch < 1:
+        raise LmscopeError(f"cells_per_batch must be at least 1 (got {cells_per_batch})")
+    batches: list[tuple[list[str], list[Setting | None], str]] = [(["none"], [None], "")]
+    if instruction:
+        batches.append((["prompting"], [None], instruction))
+    batches += [([s.name for s in batch], list(batch), "") for batch in _batches(settings, cells_per_batch)]
+    cells = SweepCells({}, sum(len(names) for names, _, _ in batches))
+    done = earlier.measures if earlier is not None else {}
+    for names, rows_in, prefix in batches:
+        if all(name in done for name in names):
+            cells.measures.update({name: done[name] for name in names})
+            continue
+        measured = _evaluate(model, data, steerer, rows_in, prefix, batched)
+        cells.measures.update(zip(names, measured, strict=True))
+        if on_cells:
+            on_cells(cells)
+    rows = [_row("none", None, cells.measures["none"])]
+    if instruction:
+        rows.append(_row("prompting", None, cells.measures["prompting"]))
+    rows += [_row(s.name, s, cells.measures[s.name]) for s in settings]
     rule = f"largest behaviour with KL <= {max_kl:g} and perplexity <= {1 + max_ppl_rise:g} x unsteered"
     chosen = choose(rows, max_kl, max_ppl_rise)
     result = SteerResult(model.name, site, rows, chosen, rule, instruction)

@@ -65,6 +65,7 @@ from lmscope.core.model import Inputs, Model
 from lmscope.core.modules import is_conv1d, is_linear
 from lmscope.core.sites import Site
 from lmscope.core.weights import parameter
+from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Table
 from lmscope.steering.store import load, save
 
@@ -151,6 +152,14 @@ def _positions(positions: Positions) -> list[int] | None:
     return None if positions is None else [positions] if isinstance(positions, int) else list(positions)
 
 
+def _check_positions(positions: Positions, pairs: _Pairs) -> None:
+    """A one-line error for a position outside the padded inputs (which no patch would reach)."""
+    n = pairs.base["input_ids"].shape[1]
+    outside = [p for p in _positions(positions) or [] if not -n <= p < n]
+    if outside:
+        raise LmscopeError(f"position {outside[0]} is outside the inputs ({n} tokens after padding: {-n} to {n - 1})")
+
+
 def _features(model: Model, site: Site) -> int:
     """The number of features of a site (the product of its axes after the position axis)."""
     shapes = dict(model.site_shapes())
@@ -207,6 +216,24 @@ class DASResult(Result):
         }
         return [Table("Distributed alignment search (Geiger et al. 2023)", [row])]
 
+    def to_json(self) -> dict:
+        """Every field but the basis (a tensor: :meth:`save` writes it), and the basis's shape."""
+        fields = {k: v for k, v in super().to_json().items() if k != "basis"}
+        return {**fields, "basis_shape": list(self.basis.shape)}
+
+    def figures(self) -> list[Figure]:
+        """The training loss per step, and the interchange-intervention accuracy on the training
+        and held-out pairs."""
+        figures = []
+        if self.losses:
+            steps = list(range(1, len(self.losses) + 1))
+            figures.append(Figure("das_training", "lines", f"DAS at {self.site}: training loss", "step",
+                                  "cross-entropy", x=steps, series={"loss": self.losses}))  # fmt: skip
+        figures.append(Figure("das_iia", "bars", f"DAS at {self.site} (k={self.k}): interchange-intervention accuracy",
+                              "pairs", "IIA", x=["train", "held-out"],
+                              series={"IIA": [self.train_iia, self.heldout_iia]}))  # fmt: skip
+        return figures
+
     def save(self, path: str | Path, **metadata) -> Path:
         """The basis and its site, positions and accuracies as an lmscope steering file."""
         info = {"k": self.k, "positions": self.positions, "train_iia": self.train_iia, "heldout_iia": self.heldout_iia}
@@ -246,7 +273,14 @@ def das(
     pairs, minimising the cross-entropy of the intervened final-position logits against the labels.
     """
     site = model.site(site)
+    features = _features(model, site)
+    if not 1 <= k <= features:
+        raise LmscopeError(f"k (the subspace dimension) must be between 1 and {site}'s {features} features, not {k}")
+    if steps < 0 or batch_size < 1 or not lr > 0 or not 0 <= holdout < 1:
+        got = f"steps {steps}, batch_size {batch_size}, lr {lr}, holdout {holdout}"
+        raise LmscopeError(f"DAS needs steps >= 0, batch_size >= 1, lr > 0 and 0 <= holdout < 1 (got {got})")
     pairs = _make_pairs(model, base, source, labels)
+    _check_positions(positions, pairs)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(pairs), generator=generator)
     n_held = round(len(pairs) * holdout)
@@ -254,7 +288,7 @@ def das(
         raise LmscopeError(f"{len(pairs)} pairs leave none to train on with holdout={holdout}")
     train, held = order[n_held:], order[:n_held]
     sources = _source_activations(model, site, pairs, batch_size)
-    basis = _Basis(_features(model, site), k, generator).to(model.device)
+    basis = _Basis(features, k, generator).to(model.device)
     optimizer = torch.optim.Adam(basis.parameters(), lr=lr)
     losses = []
     with model.frozen():
@@ -552,6 +586,7 @@ def illusion_check(
         raise LmscopeError(f"readers have {rows.shape[0]} input features, the basis {basis.shape[0]} rows")
     row_part, null_part = split_by_readers(basis, rows)
     pairs = _make_pairs(model, base, source, labels)
+    _check_positions(positions, pairs)
     sources = _source_activations(model, site, pairs, batch_size)
     logits = lambda b: _final_logits(model, site, pairs, sources, b, positions, batch_size)
     unpatched = logits(None)

@@ -21,6 +21,7 @@ import torch
 from lmscope.circuits.nodes import head_node
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
+from lmscope.core.scoring import padded
 from lmscope.readout import (
     AttributionComparison,
     LensComparison,
@@ -31,7 +32,6 @@ from lmscope.readout import (
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Table
 from lmscope.temporal.data import PromptTokens, TemporalCategory
-from lmscope.temporal.recall import padded
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-import torch
-from torch import Tensor
-
 from lmscope.core.errors import LmscopeError
 from lmscope.core.interventions import Intervention
 from lmscope.core.model import Model
+from lmscope.core.scoring import sequence_logprobs
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Table
 from lmscope.temporal.data import Category, TemporalCategory
@@ -132,44 +130,6 @@ class Recall(Result):
                 },
             )
         ]
-
-
-def padded(model: Model, sequences: Sequence[Sequence[int]]) -> dict[str, Tensor]:
-    """Token sequences as one right-padded batch: ``input_ids`` and ``attention_mask``
-    [n, longest], on the model's device (padding with the pad token, else 0)."""
-    pad = model.pad_id if model.pad_id is not None else 0
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return {"input_ids": ids.to(model.device), "attention_mask": mask.to(model.device)}
-
-
-def sequence_logprobs(
-    model: Model,
-    sequences: Sequence[Sequence[int]],
-    *,
-    interventions: Sequence[Intervention] = (),
-    batch_size: int = 32,
-) -> Tensor:
-    """Summed log-probability of each token sequence's tokens after its first,
-    ``sum_t log p(x_t | x_<t)`` for t >= 1: float64 [n], on the CPU. Sequences run sorted by
-    length in right-padded batches of ``batch_size`` (padding masked out), with
-    ``interventions`` applied."""
-    if batch_size < 1:
-        raise LmscopeError("batch_size must be at least 1")
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    out = torch.zeros(len(sequences), dtype=torch.float64)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        inputs = padded(model, [sequences[i] for i in chunk])
-        logits = model.run(inputs, interventions=interventions).logits
-        logprobs = logits[:, :-1].float().log_softmax(-1).gather(-1, inputs["input_ids"][:, 1:, None])[..., 0]
-        sums = (logprobs * inputs["attention_mask"][:, 1:]).sum(-1)
-        out[chunk] = sums.double().cpu()
-    return out
 
 
 def _texts(model: Model, category: Category, sample, fmt: str, chat: bool) -> tuple[str, list[str]]:

@@ -33,7 +33,7 @@ from lmscope.core.progress import note, progress_bar
 from lmscope.core.corpus import load_corpus
 from lmscope.reports.figures import Figure
 from lmscope.reports.command import Command, RunWriter, option
-from lmscope.reports.results import Result, Table
+from lmscope.reports.results import Result, Skipped, Table
 from lmscope.temporal.ablation import ablation
 from lmscope.temporal.circuits import (
     CategoryCircuit,
@@ -175,16 +175,6 @@ class StudyCircuits(Result):
         return [
             Figure("circuits_crs", "bars", "circuit faithfulness (CRS, 0-100)", "circuit", "CRS", x=x, series=series)
         ]
-
-
-@dataclass
-class Skipped(Result):
-    """A part that did not run, and why."""
-
-    reason: str
-
-    def text(self) -> str:
-        return self.reason
 
 
 def limit(category: Category, n: int | None) -> Category:
