@@ -112,7 +112,7 @@ def test_gradient_methods_take_a_memory_budget(capsys, tmp_path, smollm2):
     memory = read_results(out)["parts"]["locate"]["memory"]
     assert memory["budget_bytes"] == 10**9 and memory["peak_bytes"] > 0
     code, _, err = run_cli(capsys, *args, "--max-memory", "lots", "--overwrite")
-    assert code == 2 and "bad --max-memory 'lots'" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "--max-memory: bad memory size 'lots'" in err and len(err.strip().splitlines()) == 1
 
 
 def test_circuit_and_heads_commands(capsys, tmp_path):

@@ -26,14 +26,14 @@ import click
 import typer
 from rich.console import Console
 from rich.table import Table as RichTable
+from rich.text import Text
 
-from lmscope.core import distributed
+from lmscope.core import distributed, load
 from lmscope.core.errors import LmscopeError
-from lmscope.core import load
-from lmscope.core.loading import ALIASES, DEFAULT_MODEL, cached_conversions, parse_max_memory
+from lmscope.core.loading import ALIASES, DEFAULT_MODEL, cached_conversions, parse_max_memory, resolve_device
 from lmscope.core.memory import parse_size
 from lmscope.core.sites import parse_site
-from lmscope.reports.command import Command, RunWriter
+from lmscope.reports.command import Command, RunWriter, check_out, check_path, check_settings, check_values, option
 from lmscope.reports.results import Result, Table
 
 app = typer.Typer(
@@ -67,39 +67,37 @@ def commands() -> list[Command]:
 _GLOBAL = {"trust_remote_code": False}  # set by the app callback for this invocation
 
 
+def memory_spec(spec: str) -> None:
+    """Check ``--max-memory``: a positive size (``4GB``) or ``DEVICE=SIZE`` entries (``cpu=2GB,0=20GB``)."""
+    for size in parse_max_memory(spec).values() if "=" in spec else [spec]:
+        if parse_size(size) <= 0:
+            raise LmscopeError(f"bad memory size '{size}': it must be positive")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadOptions:
-    """How to load the model: shared by every command that loads one."""
+    """How to load the model: shared by every command that loads one (checked as settings are)."""
 
-    model: str = DEFAULT_MODEL
-    device: str = "auto"
-    dtype: str = "float32"
-    max_memory: str | None = None
-    offload_folder: Path | None = None
+    model: str = option(DEFAULT_MODEL, "alias, model directory, .gguf file or cached hub id", flag="MODEL")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto (CUDA when available)", parse=resolve_device)
+    dtype: str = option("float32", "float32, bfloat16 or float16", choices=("float32", "bfloat16", "float16"))
+    max_memory: str | None = option(
+        None, "memory per device, e.g. cpu=2GB,0=20GB: the model is spread within it (rest to disk); "
+        "a bare size (4GB) only bounds the working memory of gradient methods", parse=memory_spec,
+    )  # fmt: skip
+    offload_folder: Path | None = option(None, "folder for layers offloaded to disk (default: a temporary one)")
 
 
-LOAD_HELP = {
-    "device": "cpu, cuda, cuda:N or auto (CUDA when available)",
-    "dtype": "float32, bfloat16 or float16",
-    "max_memory": "memory per device, e.g. cpu=2GB,0=20GB: the model is spread within it (rest to disk); "
-    "a bare size (4GB) only bounds the working memory of gradient methods",
-    "offload_folder": "folder for layers offloaded to disk (default: a temporary one)",
-}
+LOAD_HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(LoadOptions)}
 
 
 def load_model(options: LoadOptions, certify: bool = True):
     """Load ``options.model``; with ``DEVICE=SIZE`` entries in ``max_memory``, spread over devices
     and disk (accelerate). A model whose family has no entry gets a derived one, used only once
     its certificate passes."""
+    check_settings(options)
     trust, spec = _GLOBAL["trust_remote_code"], options.max_memory
     if spec is None or "=" not in spec:  # no limit, or a working-memory budget only
-        if spec is not None:
-            try:
-                parse_size(spec)
-            except LmscopeError:
-                raise LmscopeError(
-                    f"bad --max-memory '{spec}' (a size such as 4GB, or DEVICE=SIZE entries such as cpu=2GB,0=20GB)"
-                ) from None
         m = load(options.model, device=options.device, dtype=options.dtype, derive=True, trust_remote_code=trust)
     else:
         folder = str(options.offload_folder or tempfile.mkdtemp(prefix="lmscope-offload-"))
@@ -176,7 +174,7 @@ def _cli(command: Command) -> Callable[..., None]:
     params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
     if text_field:
         args = typer.Argument(help="[MODEL] TEXT", show_default=False)
-        params.append(inspect.Parameter("args", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[list[str], args]))  # noqa: E501
+        params.append(inspect.Parameter("args", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[list[str], args]))
     elif command.model:
         model = typer.Argument(help="alias, model directory, .gguf file or cached hub id")
         params.append(inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=DEFAULT_MODEL,
@@ -217,6 +215,8 @@ def run_command(command: Command, ctx: click.Context, kwargs: dict[str, Any]) ->
     names = {f.name for f in dataclasses.fields(command.settings)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items() if k in names}
     given = {k: v for k, v in values.items() if _given(ctx, k)}
+    check_values(command.settings, values)  # every option, before the settings are made and the model loads
+    check_out(kwargs["out"])
     base = None
     for preset, (settings, _) in command.presets.items():
         if kwargs.pop(preset):
@@ -302,15 +302,15 @@ ModelArg = Annotated[str, typer.Argument(help="alias, model directory, .gguf fil
 @app.command()
 def sites(
     model: ModelArg = DEFAULT_MODEL,
-    pos: Annotated[int, typer.Option(help="sequence length for the shapes")] = 8,
+    pos: Annotated[int, typer.Option(help="sequence length for the shapes", min=1)] = 8,
     layer: Annotated[int | None, typer.Option(help="only this layer's sites")] = None,
     device: Annotated[str, typer.Option(help=LOAD_HELP["device"])] = "auto",
     dtype: Annotated[str, typer.Option(help=LOAD_HELP["dtype"])] = "float32",
 ) -> None:
     """Table of site names with their shapes (batch 1, --pos tokens)."""
     m = load_model(LoadOptions(model, device, dtype))
-    if layer is not None:
-        m.site(f"blocks.{layer}.resid_pre")  # validates the layer
+    if layer is not None and not 0 <= layer < m.n_layers:
+        raise LmscopeError(f"--layer {layer} out of range (model has {m.n_layers} layers)")
     table = RichTable("site", "shape", title=f"{m.name}: sites (batch 1, {pos} tokens)")
     for name, shape in m.site_shapes(batch=1, pos=pos):
         if layer is None or name.startswith(f"blocks.{layer}."):
@@ -330,6 +330,10 @@ def run(
     if len(args) > 2:
         raise LmscopeError("expected [MODEL] TEXT (quote the text)")
     model, text = (DEFAULT_MODEL, args[0]) if len(args) == 1 else args
+    if not text.strip():
+        raise LmscopeError("TEXT must not be empty")
+    if save is not None:
+        check_path("--save", save, "out")
     for name in capture:
         parse_site(name)  # a misspelt site fails before the model loads
     m = load_model(LoadOptions(model, device, dtype))
@@ -345,22 +349,48 @@ def run(
         console.print(f"saved {len(result.cache)} tensors to {result.cache.save(save)}")
 
 
+def _fail(message: str, code: int) -> int:
+    """Print ``error: message`` as one line on stderr (rank 0 only under torchrun); return ``code``."""
+    if distributed.is_main():
+        err.print(Text.assemble(("error:", "red"), " ", " ".join(message.split())), soft_wrap=True, highlight=False)
+    return code
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app, turning bad input into a one-line error and exit code 2."""
+    """Entry point: no traceback reaches a user. Bad input (an :class:`LmscopeError`, an unknown
+    option, a value of the wrong type) is one line ``error: ...`` and exit code 2; any other
+    exception one line ``error: internal error: ...`` and exit code 1; Ctrl-C exit code 130.
+    ``--debug`` raises instead, with the traceback. Files already written stay (every write is
+    atomic)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     console.quiet = not distributed.is_main()  # under torchrun, rank 0 prints the tables
     try:
-        app(args=argv, prog_name="lmscope")  # usage errors: typer prints them, exit code 2
-    except LmscopeError as e:
+        code = typer.main.get_command(app).main(args=argv, prog_name="lmscope", standalone_mode=False)
+        code = code if isinstance(code, int) else 0  # an exit code (help: 0, verify: 1) or None
+        if code == 130:  # Ctrl-C: typer turns KeyboardInterrupt into exit code 130
+            code = _fail("interrupted; finished parts stay in --out and a rerun resumes them", 130)
+    except typer.TyperException as e:  # click's (typer's own copy): a usage error, a bad value
+        if type(e).__name__ == "NoArgsIsHelpError":
+            e.show()  # the help
+            code = 2
+        else:
+            ctx = getattr(e, "ctx", None)
+            code = _fail(e.format_message() + (f" (see {ctx.command_path} --help)" if ctx else ""), 2)
+    except (typer.Abort, KeyboardInterrupt):
+        code = _fail("interrupted", 130)
+    except Exception as e:
         if debug:
             raise
-        if distributed.is_main():  # under torchrun, one line for the whole run
-            err.print(f"[red]error:[/red] {e}", soft_wrap=True, highlight=False)
-        sys.exit(2)
+        if isinstance(e, LmscopeError):
+            code = _fail(str(e), 2)
+        else:
+            message = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            code = _fail(f"internal error: {message}; rerun with --debug for the traceback", 1)
     finally:
         distributed.shutdown()
+    sys.exit(code)
 
 
 for _command in commands():
