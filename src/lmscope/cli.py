@@ -69,9 +69,12 @@ _GLOBAL = {"trust_remote_code": False}  # set by the app callback for this invoc
 
 def memory_spec(spec: str) -> None:
     """Check ``--max-memory``: a positive size (``4GB``) or ``DEVICE=SIZE`` entries (``cpu=2GB,0=20GB``)."""
-    for size in parse_max_memory(spec).values() if "=" in spec else [spec]:
-        if parse_size(size) <= 0:
-            raise LmscopeError(f"bad memory size '{size}': it must be positive")
+    try:
+        if all(parse_size(size) > 0 for size in (parse_max_memory(spec).values() if "=" in spec else [spec])):
+            return
+    except LmscopeError:
+        pass
+    raise LmscopeError(f"bad --max-memory '{spec}' (a size such as 4GB, or DEVICE=SIZE entries such as cpu=2GB,0=20GB)")
 
 
 @dataclasses.dataclass(frozen=True)
