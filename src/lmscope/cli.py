@@ -7,8 +7,8 @@ into options, adds the shared load options (model, device, dtype, max-memory, of
 a :class:`~lmscope.reports.command.RunWriter` and prints the result's text and tables. No
 analysis logic lives here.
 
-Bad input raises :class:`~lmscope.core.errors.LmscopeError`, which becomes a one-line
-``error: ...`` on stderr and exit code 2 (``--debug`` shows the traceback instead).
+Options are checked where their settings declare it (:func:`~lmscope.reports.command.option`)
+before the model loads. No traceback reaches a user (:func:`main`); ``--debug`` shows it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table as RichTable
@@ -143,9 +142,20 @@ def _options(
 
 
 def _param(name: str, annotation: Any, default: Any, info: Any) -> inspect.Parameter:
-    return inspect.Parameter(
-        name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[annotation, info]
-    )
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[annotation, info])
+
+
+def _path(text: str) -> Path:
+    """A path option's value: an empty one, which ``Path`` would read as ``.``, is refused."""
+    if not text.strip():
+        raise typer.BadParameter("must not be empty")
+    return Path(text)
+
+
+def _option(annotation: Any, *names: str, **kwargs: Any) -> Any:
+    """``typer.Option``, with :func:`_path` reading the values of a path option."""
+    paths = Path in (annotation, *typing.get_args(annotation))
+    return typer.Option(*names, parser=_path if paths else None, **kwargs)
 
 
 def _settings_params(cls: type) -> tuple[list[inspect.Parameter], str | None]:
@@ -165,8 +175,8 @@ def _settings_params(cls: type) -> tuple[list[inspect.Parameter], str | None]:
         annotation = hints[f.name]
         if typing.get_origin(annotation) is tuple:  # frozen settings keep lists as tuples
             annotation = list[typing.get_args(annotation)[0]]
-        option = typer.Option(*names, help=meta.get("help", ""), show_default=not required)
-        params.append(_param(f.name, annotation, default, option))
+        params.append(_param(f.name, annotation, default, _option(annotation, *names, help=meta.get("help", ""),
+                                                                  show_default=not required)))  # fmt: skip
     return params, text
 
 
@@ -185,11 +195,11 @@ def _cli(command: Command) -> Callable[..., None]:
     params += settings_params
     if command.model:
         for f in dataclasses.fields(LoadOptions)[1:]:
-            params.append(_param(f.name, typing.get_type_hints(LoadOptions)[f.name], f.default,
-                                 typer.Option(help=LOAD_HELP[f.name])))  # fmt: skip
+            annotation = typing.get_type_hints(LoadOptions)[f.name]
+            params.append(_param(f.name, annotation, f.default, _option(annotation, help=LOAD_HELP[f.name])))
     for preset, (_, help_text) in command.presets.items():
         params.append(_param(preset, bool, False, typer.Option(help=help_text)))
-    params.append(_param("out", Path, Path(f"out/{command.name}"), typer.Option(help="output directory")))
+    params.append(_param("out", Path, Path(f"out/{command.name}"), _option(Path, help="output directory")))
     overwrite = typer.Option(help="replace the results of another run in --out (default: resume the same run)")
     params.append(_param("overwrite", bool, False, overwrite))
 
@@ -207,13 +217,13 @@ def _cli(command: Command) -> Callable[..., None]:
     return cli
 
 
-def _given(ctx: click.Context, name: str) -> bool:
+def _given(ctx: typer.Context, name: str) -> bool:
     """Whether option ``name`` was given (command line or environment), not left at its default."""
     source = ctx.get_parameter_source(name)  # typer's click may be its own copy: compare by name
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
-def run_command(command: Command, ctx: click.Context, kwargs: dict[str, Any]) -> Result:
+def run_command(command: Command, ctx: typer.Context, kwargs: dict[str, Any]) -> Result:
     """Build the settings (a preset, then the options given), load the model, run, print."""
     names = {f.name for f in dataclasses.fields(command.settings)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items() if k in names}
@@ -224,10 +234,7 @@ def run_command(command: Command, ctx: click.Context, kwargs: dict[str, Any]) ->
     for preset, (settings, _) in command.presets.items():
         if kwargs.pop(preset):
             base = settings(given) if callable(settings) else settings
-    if base is None:
-        settings = command.settings(**values)
-    else:
-        settings = dataclasses.replace(base, **given)
+    settings = command.settings(**values) if base is None else dataclasses.replace(base, **given)
     load_options = LoadOptions(**{f.name: kwargs[f.name] for f in dataclasses.fields(LoadOptions) if f.name in kwargs})
     model = load_model(load_options, certify=command.name != "verify") if command.model else None
     out = RunWriter(kwargs["out"], command.name, settings, model=model,
@@ -236,18 +243,13 @@ def run_command(command: Command, ctx: click.Context, kwargs: dict[str, Any]) ->
     out.finish()
     print_result(result)
     console.print(f"wrote {out.out / 'results.json'}, {out.out / 'report.html'} and PNG plots")
-    exit_code = getattr(result, "exit_code", 0)
-    if exit_code:
-        raise typer.Exit(exit_code)
+    if getattr(result, "exit_code", 0):
+        raise typer.Exit(result.exit_code)
     return result
 
 
 def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def print_table(table: Table) -> None:
@@ -325,7 +327,7 @@ def sites(
 def run(
     args: Annotated[list[str], typer.Argument(help="[MODEL] TEXT", show_default=False)],
     capture: Annotated[list[str], typer.Option("--capture", "-c", help="site to capture (repeatable)")] = [],  # noqa: B006
-    save: Annotated[Path | None, typer.Option(help="write the captures to this .safetensors file")] = None,
+    save: Annotated[Path | None, _option(Path, help="write the captures to this .safetensors file")] = None,
     device: Annotated[str, typer.Option(help=LOAD_HELP["device"])] = "auto",
     dtype: Annotated[str, typer.Option(help=LOAD_HELP["dtype"])] = "float32",
 ) -> None:
@@ -360,23 +362,22 @@ def _fail(message: str, code: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: no traceback reaches a user. Bad input (an :class:`LmscopeError`, an unknown
-    option, a value of the wrong type) is one line ``error: ...`` and exit code 2; any other
-    exception one line ``error: internal error: ...`` and exit code 1; Ctrl-C exit code 130.
-    ``--debug`` raises instead, with the traceback. Files already written stay (every write is
-    atomic)."""
+    """Entry point; no traceback reaches a user. Bad input (an :class:`LmscopeError`, an unknown
+    option, a value of the wrong type) is one line ``error: ...`` and exit code 2, any other
+    exception one line ``error: internal error: ...`` and exit code 1, Ctrl-C exit code 130;
+    ``--debug`` raises instead. Files already written stay (every write is atomic)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     console.quiet = not distributed.is_main()  # under torchrun, rank 0 prints the tables
     try:
         code = typer.main.get_command(app).main(args=argv, prog_name="lmscope", standalone_mode=False)
-        code = code if isinstance(code, int) else 0  # an exit code (help: 0, verify: 1) or None
-        if code == 130:  # Ctrl-C: typer turns KeyboardInterrupt into exit code 130
-            code = _fail("interrupted; finished parts stay in --out and a rerun resumes them", 130)
-    except typer.TyperException as e:  # click's (typer's own copy): a usage error, a bad value
-        if type(e).__name__ == "NoArgsIsHelpError":
-            e.show()  # the help
+        code = code if isinstance(code, int) else 0  # an exit code (help: 0, verify: 1, Ctrl-C: 130) or None
+        if code == 130:
+            _fail("interrupted", 130)
+    except typer.TyperException as e:  # click's usage errors and bad values (typer's own copy of click)
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare `lmscope`: the help
+            e.show()
             code = 2
         else:
             ctx = getattr(e, "ctx", None)
@@ -386,11 +387,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         if debug:
             raise
-        if isinstance(e, LmscopeError):
-            code = _fail(str(e), 2)
-        else:
-            message = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-            code = _fail(f"internal error: {message}; rerun with --debug for the traceback", 1)
+        internal = f"internal error: {type(e).__name__}" + f": {e}" * bool(str(e))
+        internal += "; rerun with --debug for the traceback"
+        code = _fail(str(e), 2) if isinstance(e, LmscopeError) else _fail(internal, 1)
     finally:
         distributed.shutdown()
     sys.exit(code)
