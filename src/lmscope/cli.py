@@ -145,9 +145,9 @@ def _param(name: str, annotation: Any, default: Any, info: Any) -> inspect.Param
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[annotation, info])
 
 
-def _path(text: str) -> Path:
-    """A path option's value: an empty one, which ``Path`` would read as ``.``, is refused."""
-    if not text.strip():
+def _path(text: str | Path) -> Path:
+    """A path option's value (or its default): an empty one, which ``Path`` reads as ``.``, is refused."""
+    if not str(text).strip():
         raise typer.BadParameter("must not be empty")
     return Path(text)
 

@@ -52,6 +52,9 @@ class TrainedLens(Result):
 def run_lens(model: Model, settings: LensSettings, out: RunWriter) -> LensResult:
     """Logit lens, or tuned lens (Belrose et al. 2023), of TEXT: per layer and position, the next token's
     probability and rank, and the top tokens per layer."""
+    n_pos = model.tokenize(settings.text)[0].shape[-1]  # the text and --position checked before anything runs
+    if not -n_pos <= settings.position < n_pos:
+        raise LmscopeError(f"--position {settings.position} out of range for a text of {n_pos} tokens")
     tuned = load_tuned_lens(model, settings.tuned) if settings.tuned is not None else None
     if settings.train_tuned:
 
