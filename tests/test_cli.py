@@ -135,8 +135,8 @@ def test_circuit_and_heads_commands(capsys, tmp_path):
     [
         (["{oops"], [], "malformed JSON"),
         (['{"clean": "a b c", "corrupt": "a", "answer": " x", "wrong_answer": " y"}'], [], "tokenise to"),
-        ([IOI], ["--method", "magic"], "unknown method"),
-        ([IOI], ["--level", "neuron"], "unknown level"),
+        ([IOI], ["--method", "magic"], "unknown --method 'magic'"),
+        ([IOI], ["--level", "neuron"], "unknown --level 'neuron'"),
     ],
 )
 def test_locate_bad_input_keeps_earlier_results(capsys, tmp_path, lines, extra, message):
@@ -206,8 +206,8 @@ def test_quant_command_keeps_rows_and_plots(capsys, tmp_path):
     [
         (["quant", "--kv", "k9v2"], "KV bits must be between 1 and 8"),
         (["quant", "--kv", "k4"], "bad KV quantisation"),
-        (["quant", "--k-axis", "diagonal"], "unknown quantisation axis"),
-        (["outliers", "--corpus", "/no/such/corpus.txt"], "corpus not found"),
+        (["quant", "--k-axis", "diagonal"], "unknown --k-axis 'diagonal' (choose from token, channel)"),
+        (["outliers", "--corpus", "/no/such/corpus.txt"], "--corpus /no/such/corpus.txt: no such file"),
         (["kv", "--tokens", "10", "--window", "512"], "fewer than one window"),
     ],
 )

@@ -7,8 +7,8 @@ into options, adds the shared load options (model, device, dtype, max-memory, of
 a :class:`~lmscope.reports.command.RunWriter` and prints the result's text and tables. No
 analysis logic lives here.
 
-Bad input raises :class:`~lmscope.core.errors.LmscopeError`, which becomes a one-line
-``error: ...`` on stderr and exit code 2 (``--debug`` shows the traceback instead).
+Options are checked where their settings declare it (:func:`~lmscope.reports.command.option`)
+before the model loads. No traceback reaches a user (:func:`main`); ``--debug`` shows it.
 """
 
 from __future__ import annotations
@@ -22,18 +22,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table as RichTable
+from rich.text import Text
 
-from lmscope.core import distributed
+from lmscope.core import distributed, load
 from lmscope.core.errors import LmscopeError
-from lmscope.core import load
-from lmscope.core.loading import ALIASES, DEFAULT_MODEL, cached_conversions, parse_max_memory
+from lmscope.core.loading import ALIASES, DEFAULT_MODEL, cached_conversions, parse_max_memory, resolve_device
 from lmscope.core.memory import parse_size
 from lmscope.core.sites import parse_site
-from lmscope.reports.command import Command, RunWriter
+from lmscope.reports.command import Command, RunWriter, check_out, check_path, check_settings, check_values, option
 from lmscope.reports.results import Result, Table
 
 app = typer.Typer(
@@ -67,39 +66,40 @@ def commands() -> list[Command]:
 _GLOBAL = {"trust_remote_code": False}  # set by the app callback for this invocation
 
 
+def memory_spec(spec: str) -> None:
+    """Check ``--max-memory``: a positive size (``4GB``) or ``DEVICE=SIZE`` entries (``cpu=2GB,0=20GB``)."""
+    try:
+        if all(parse_size(size) > 0 for size in (parse_max_memory(spec).values() if "=" in spec else [spec])):
+            return
+    except LmscopeError:
+        pass
+    raise LmscopeError(f"bad --max-memory '{spec}' (a size such as 4GB, or DEVICE=SIZE entries such as cpu=2GB,0=20GB)")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadOptions:
-    """How to load the model: shared by every command that loads one."""
+    """How to load the model: shared by every command that loads one (checked as settings are)."""
 
-    model: str = DEFAULT_MODEL
-    device: str = "auto"
-    dtype: str = "float32"
-    max_memory: str | None = None
-    offload_folder: Path | None = None
+    model: str = option(DEFAULT_MODEL, "alias, model directory, .gguf file or cached hub id", flag="MODEL")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto (CUDA when available)", parse=resolve_device)
+    dtype: str = option("float32", "float32, bfloat16 or float16", choices=("float32", "bfloat16", "float16"))
+    max_memory: str | None = option(
+        None, "memory per device, e.g. cpu=2GB,0=20GB: the model is spread within it (rest to disk); "
+        "a bare size (4GB) only bounds the working memory of gradient methods", parse=memory_spec,
+    )  # fmt: skip
+    offload_folder: Path | None = option(None, "folder for layers offloaded to disk (default: a temporary one)")
 
 
-LOAD_HELP = {
-    "device": "cpu, cuda, cuda:N or auto (CUDA when available)",
-    "dtype": "float32, bfloat16 or float16",
-    "max_memory": "memory per device, e.g. cpu=2GB,0=20GB: the model is spread within it (rest to disk); "
-    "a bare size (4GB) only bounds the working memory of gradient methods",
-    "offload_folder": "folder for layers offloaded to disk (default: a temporary one)",
-}
+LOAD_HELP = {f.name: f.metadata["help"] for f in dataclasses.fields(LoadOptions)}
 
 
 def load_model(options: LoadOptions, certify: bool = True):
     """Load ``options.model``; with ``DEVICE=SIZE`` entries in ``max_memory``, spread over devices
     and disk (accelerate). A model whose family has no entry gets a derived one, used only once
     its certificate passes."""
+    check_settings(options)
     trust, spec = _GLOBAL["trust_remote_code"], options.max_memory
     if spec is None or "=" not in spec:  # no limit, or a working-memory budget only
-        if spec is not None:
-            try:
-                parse_size(spec)
-            except LmscopeError:
-                raise LmscopeError(
-                    f"bad --max-memory '{spec}' (a size such as 4GB, or DEVICE=SIZE entries such as cpu=2GB,0=20GB)"
-                ) from None
         m = load(options.model, device=options.device, dtype=options.dtype, derive=True, trust_remote_code=trust)
     else:
         folder = str(options.offload_folder or tempfile.mkdtemp(prefix="lmscope-offload-"))
@@ -142,9 +142,20 @@ def _options(
 
 
 def _param(name: str, annotation: Any, default: Any, info: Any) -> inspect.Parameter:
-    return inspect.Parameter(
-        name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[annotation, info]
-    )
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[annotation, info])
+
+
+def _path(text: str | Path) -> Path:
+    """A path option's value (or its default): an empty one, which ``Path`` reads as ``.``, is refused."""
+    if not str(text).strip():
+        raise typer.BadParameter("must not be empty")
+    return Path(text)
+
+
+def _option(annotation: Any, *names: str, **kwargs: Any) -> Any:
+    """``typer.Option``, with :func:`_path` reading the values of a path option."""
+    paths = Path in (annotation, *typing.get_args(annotation))
+    return typer.Option(*names, parser=_path if paths else None, **kwargs)
 
 
 def _settings_params(cls: type) -> tuple[list[inspect.Parameter], str | None]:
@@ -164,8 +175,8 @@ def _settings_params(cls: type) -> tuple[list[inspect.Parameter], str | None]:
         annotation = hints[f.name]
         if typing.get_origin(annotation) is tuple:  # frozen settings keep lists as tuples
             annotation = list[typing.get_args(annotation)[0]]
-        option = typer.Option(*names, help=meta.get("help", ""), show_default=not required)
-        params.append(_param(f.name, annotation, default, option))
+        params.append(_param(f.name, annotation, default, _option(annotation, *names, help=meta.get("help", ""),
+                                                                  show_default=not required)))  # fmt: skip
     return params, text
 
 
@@ -176,7 +187,7 @@ def _cli(command: Command) -> Callable[..., None]:
     params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
     if text_field:
         args = typer.Argument(help="[MODEL] TEXT", show_default=False)
-        params.append(inspect.Parameter("args", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[list[str], args]))  # noqa: E501
+        params.append(inspect.Parameter("args", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[list[str], args]))
     elif command.model:
         model = typer.Argument(help="alias, model directory, .gguf file or cached hub id")
         params.append(inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=DEFAULT_MODEL,
@@ -184,11 +195,11 @@ def _cli(command: Command) -> Callable[..., None]:
     params += settings_params
     if command.model:
         for f in dataclasses.fields(LoadOptions)[1:]:
-            params.append(_param(f.name, typing.get_type_hints(LoadOptions)[f.name], f.default,
-                                 typer.Option(help=LOAD_HELP[f.name])))  # fmt: skip
+            annotation = typing.get_type_hints(LoadOptions)[f.name]
+            params.append(_param(f.name, annotation, f.default, _option(annotation, help=LOAD_HELP[f.name])))
     for preset, (_, help_text) in command.presets.items():
         params.append(_param(preset, bool, False, typer.Option(help=help_text)))
-    params.append(_param("out", Path, Path("out", *command.name.split()), typer.Option(help="output directory")))
+    params.append(_param("out", Path, Path("out", *command.name.split()), _option(Path, help="output directory")))
     overwrite = typer.Option(help="replace the results of another run in --out (default: resume the same run)")
     params.append(_param("overwrite", bool, False, overwrite))
 
@@ -206,25 +217,24 @@ def _cli(command: Command) -> Callable[..., None]:
     return cli
 
 
-def _given(ctx: click.Context, name: str) -> bool:
+def _given(ctx: typer.Context, name: str) -> bool:
     """Whether option ``name`` was given (command line or environment), not left at its default."""
     source = ctx.get_parameter_source(name)  # typer's click may be its own copy: compare by name
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
-def run_command(command: Command, ctx: click.Context, kwargs: dict[str, Any]) -> Result:
+def run_command(command: Command, ctx: typer.Context, kwargs: dict[str, Any]) -> Result:
     """Build the settings (a preset, then the options given), load the model, run, print."""
     names = {f.name for f in dataclasses.fields(command.settings)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items() if k in names}
     given = {k: v for k, v in values.items() if _given(ctx, k)}
+    check_values(command.settings, values)  # every option, before the settings are made and the model loads
+    check_out(kwargs["out"])
     base = None
     for preset, (settings, _) in command.presets.items():
         if kwargs.pop(preset):
             base = settings(given) if callable(settings) else settings
-    if base is None:
-        settings = command.settings(**values)
-    else:
-        settings = dataclasses.replace(base, **given)
+    settings = command.settings(**values) if base is None else dataclasses.replace(base, **given)
     load_options = LoadOptions(**{f.name: kwargs[f.name] for f in dataclasses.fields(LoadOptions) if f.name in kwargs})
     model = load_model(load_options, certify=command.name != "verify") if command.model else None
     out = RunWriter(kwargs["out"], command.name, settings, model=model,
@@ -233,18 +243,13 @@ def run_command(command: Command, ctx: click.Context, kwargs: dict[str, Any]) ->
     out.finish()
     print_result(result)
     console.print(f"wrote {out.out / 'results.json'}, {out.out / 'report.html'} and PNG plots")
-    exit_code = getattr(result, "exit_code", 0)
-    if exit_code:
-        raise typer.Exit(exit_code)
+    if getattr(result, "exit_code", 0):
+        raise typer.Exit(result.exit_code)
     return result
 
 
 def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def print_table(table: Table) -> None:
@@ -311,15 +316,15 @@ ModelArg = Annotated[str, typer.Argument(help="alias, model directory, .gguf fil
 @app.command()
 def sites(
     model: ModelArg = DEFAULT_MODEL,
-    pos: Annotated[int, typer.Option(help="sequence length for the shapes")] = 8,
+    pos: Annotated[int, typer.Option(help="sequence length for the shapes", min=1)] = 8,
     layer: Annotated[int | None, typer.Option(help="only this layer's sites")] = None,
     device: Annotated[str, typer.Option(help=LOAD_HELP["device"])] = "auto",
     dtype: Annotated[str, typer.Option(help=LOAD_HELP["dtype"])] = "float32",
 ) -> None:
     """Table of site names with their shapes (batch 1, --pos tokens)."""
     m = load_model(LoadOptions(model, device, dtype))
-    if layer is not None:
-        m.site(f"blocks.{layer}.resid_pre")  # validates the layer
+    if layer is not None and not 0 <= layer < m.n_layers:
+        raise LmscopeError(f"--layer {layer} out of range (model has {m.n_layers} layers)")
     table = RichTable("site", "shape", title=f"{m.name}: sites (batch 1, {pos} tokens)")
     for name, shape in m.site_shapes(batch=1, pos=pos):
         if layer is None or name.startswith(f"blocks.{layer}."):
@@ -331,7 +336,7 @@ def sites(
 def run(
     args: Annotated[list[str], typer.Argument(help="[MODEL] TEXT", show_default=False)],
     capture: Annotated[list[str], typer.Option("--capture", "-c", help="site to capture (repeatable)")] = [],  # noqa: B006
-    save: Annotated[Path | None, typer.Option(help="write the captures to this .safetensors file")] = None,
+    save: Annotated[Path | None, _option(Path, help="write the captures to this .safetensors file")] = None,
     device: Annotated[str, typer.Option(help=LOAD_HELP["device"])] = "auto",
     dtype: Annotated[str, typer.Option(help=LOAD_HELP["dtype"])] = "float32",
 ) -> None:
@@ -339,6 +344,10 @@ def run(
     if len(args) > 2:
         raise LmscopeError("expected [MODEL] TEXT (quote the text)")
     model, text = (DEFAULT_MODEL, args[0]) if len(args) == 1 else args
+    if not text.strip():
+        raise LmscopeError("TEXT must not be empty")
+    if save is not None:
+        check_path("--save", save, "out")
     for name in capture:
         parse_site(name)  # a misspelt site fails before the model loads
     m = load_model(LoadOptions(model, device, dtype))
@@ -354,22 +363,45 @@ def run(
         console.print(f"saved {len(result.cache)} tensors to {result.cache.save(save)}")
 
 
+def _fail(message: str, code: int) -> int:
+    """Print ``error: message`` as one line on stderr (rank 0 only under torchrun); return ``code``."""
+    if distributed.is_main():
+        err.print(Text.assemble(("error:", "red"), " ", " ".join(message.split())), soft_wrap=True, highlight=False)
+    return code
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app, turning bad input into a one-line error and exit code 2."""
+    """Entry point; no traceback reaches a user. Bad input (an :class:`LmscopeError`, an unknown
+    option, a value of the wrong type) is one line ``error: ...`` and exit code 2, any other
+    exception one line ``error: internal error: ...`` and exit code 1, Ctrl-C exit code 130;
+    ``--debug`` raises instead. Files already written stay (every write is atomic)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     console.quiet = not distributed.is_main()  # under torchrun, rank 0 prints the tables
     try:
-        app(args=argv, prog_name="lmscope")  # usage errors: typer prints them, exit code 2
-    except LmscopeError as e:
+        code = typer.main.get_command(app).main(args=argv, prog_name="lmscope", standalone_mode=False)
+        code = code if isinstance(code, int) else 0  # an exit code (help: 0, verify: 1, Ctrl-C: 130) or None
+        if code == 130:
+            _fail("interrupted", 130)
+    except typer.TyperException as e:  # click's usage errors and bad values (typer's own copy of click)
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare `lmscope`: the help
+            e.show()
+            code = 2
+        else:
+            ctx = getattr(e, "ctx", None)
+            code = _fail(e.format_message() + (f" (see {ctx.command_path} --help)" if ctx else ""), 2)
+    except (typer.Abort, KeyboardInterrupt):
+        code = _fail("interrupted", 130)
+    except Exception as e:
         if debug:
             raise
-        if distributed.is_main():  # under torchrun, one line for the whole run
-            err.print(f"[red]error:[/red] {e}", soft_wrap=True, highlight=False)
-        sys.exit(2)
+        internal = f"internal error: {type(e).__name__}" + f": {e}" * bool(str(e))
+        internal += "; rerun with --debug for the traceback"
+        code = _fail(str(e), 2) if isinstance(e, LmscopeError) else _fail(internal, 1)
     finally:
         distributed.shutdown()
+    sys.exit(code)
 
 
 for _command in commands():

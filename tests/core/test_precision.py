@@ -79,7 +79,7 @@ def test_cli_device_and_dtype_errors_are_one_line(capsys, tmp_path):
     code, _, err = run_cli(capsys, "heads", "--device", "cuda:7" if torch.cuda.is_available() else "cuda")
     assert code == 2 and "CUDA" in err and "Traceback" not in err
     code, _, err = run_cli(capsys, "heads", "--dtype", "float8")
-    assert code == 2 and "unknown dtype 'float8'" in err
+    assert code == 2 and "unknown --dtype 'float8'" in err
 
 
 def test_fake_quantisation_arithmetic_runs_in_float32():

@@ -92,8 +92,8 @@ def test_experts_command_writes_report_and_tables(capsys, tmp_path, model):
     "extra, message",
     [
         (["--resect", "2"], "needs at least two --corpus"),
-        (["--corpus", "a.txt", "--corpus", "b.txt", "--resect", "0"], "at least 1"),
-        (["--corpus", "missing.txt"], "corpus not found"),
+        (["--corpus", "a.txt", "--corpus", "b.txt", "--resect", "0"], "--resect must be at least 1, not 0"),
+        (["--corpus", "missing.txt"], "--corpus missing.txt: no such file"),
     ],
 )
 def test_experts_command_bad_input(capsys, tmp_path, monkeypatch, model, extra, message):

@@ -262,9 +262,9 @@ def test_ffn_hadamard_spreads_planted_neuron_outliers():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["quant", "--scheme", "gptq"], "unknown quantisation scheme"),
-        (["quant", "--scheme", "osp", "--bits", "1"], "between 2 and 8"),
-        (["quant", "--rotate", "--rotation", "spin"], "unknown rotation"),
+        (["quant", "--scheme", "gptq"], "unknown --scheme 'gptq'"),
+        (["quant", "--scheme", "osp", "--bits", "1"], "--bits must be at least 2, not 1"),
+        (["quant", "--rotate", "--rotation", "spin"], "unknown --rotation 'spin'"),
     ],
 )
 def test_quant_command_rejects_bad_osp_options(capsys, tmp_path, argv, message):

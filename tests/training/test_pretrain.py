@@ -109,11 +109,11 @@ def test_saved_model_loads_with_transformers_and_lmscope(resumed, tokenizer):
 
 
 def test_settings_are_checked():
-    with pytest.raises(LmscopeError, match="corpus not found: /no/such.txt"):
+    with pytest.raises(LmscopeError, match="--corpus /no/such.txt: no such file"):
         PretrainSettings(corpus="/no/such.txt")
     with pytest.raises(LmscopeError, match="not a multiple"):
         PretrainSettings(d_model=100, n_heads=3)
-    with pytest.raises(LmscopeError, match="steps must be positive"):
+    with pytest.raises(LmscopeError, match="--steps must be at least 1, not 0"):
         PretrainSettings(steps=0)
 
 
@@ -153,10 +153,10 @@ def test_cli_ab_writes_the_report_and_resumes(capsys, tiny_settings, tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--recipe", "lion"], "unknown recipe 'lion'"),
+        (["--recipe", "lion"], "unknown --recipe 'lion'"),
         (["--compare", "adam,lion"], "unknown recipe 'lion'"),
-        (["--corpus", "/no/such.txt"], "corpus not found: /no/such.txt"),
-        (["--eval-corpus", "/no/such.jsonl"], "corpus not found: /no/such.jsonl"),
+        (["--corpus", "/no/such.txt"], "--corpus /no/such.txt: no such file"),
+        (["--eval-corpus", "/no/such.jsonl"], "--eval-corpus /no/such.jsonl: no such file"),
         (["--d-model", "100", "--heads", "3"], "not a multiple"),
     ],
 )

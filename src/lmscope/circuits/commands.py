@@ -10,6 +10,7 @@ from lmscope.circuits.faithfulness import Faithfulness, faithfulness
 from lmscope.circuits.graph import Circuit, draw, select
 from lmscope.circuits.head_roles import head_roles
 from lmscope.circuits.locate import LEVELS, METHODS, locate
+from lmscope.circuits.metrics import METRICS
 from lmscope.circuits.pairs import (
     ANSWER_TOKENS,
     PromptPair,
@@ -20,7 +21,7 @@ from lmscope.circuits.pairs import (
     tokenize_pairs,
 )
 from lmscope.circuits.scores import PatchResult
-from lmscope.circuits.tasks import pairs_for
+from lmscope.circuits.tasks import GENERATORS, pairs_for
 from lmscope.core.errors import LmscopeError
 from lmscope.core.memory import PeakMemory, model_budget
 from lmscope.core.model import Model
@@ -28,6 +29,10 @@ from lmscope.core.progress import console
 from lmscope.reports.command import Command, RunWriter, option
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Table
+
+MAX_STEPS = 10_000  # EAP-IG interpolation steps: far past any use (the papers use 5 to 100)
+MAX_PAIRS = 100_000  # generated pairs, random sequences
+MAX_LENGTH = 100_000  # tokens of a generated sequence (the model's context is checked when it runs)
 
 
 def token_pairs(model: Model, prompts: list[PromptPair], align: str, answer_token: str) -> list[TokenPair]:
@@ -44,11 +49,11 @@ def token_pairs(model: Model, prompts: list[PromptPair], align: str, answer_toke
 class PairOptions:
     """Where the prompt pairs come from and how they are scored (shared by locate and circuit)."""
 
-    data: Path | None = option(None, "prompt pairs (JSONL: clean, corrupt, answer, wrong_answer)")
-    task: str | None = option(None, "built-in task: ioi, induction, capitals")
-    n: int | None = option(None, "number of pairs to generate for --task", flag="--n")
-    metric: str = option("logit_diff", "logit_diff, logprob, prob or kl")
-    align: str = option("strict", "strict, or final: left-pad pairs of unequal length")
+    data: Path | None = option(None, "prompt pairs (JSONL: clean, corrupt, answer, wrong_answer)", path="file")
+    task: str | None = option(None, "built-in task: ioi, induction, capitals", choices=GENERATORS)
+    n: int | None = option(None, "number of pairs to generate for --task", flag="--n", min=1, max=MAX_PAIRS)
+    metric: str = option("logit_diff", "logit_diff, logprob, prob or kl", choices=METRICS)
+    align: str = option("strict", "strict, or final: left-pad pairs of unequal length", choices=("strict", "final"))
     answer_token: str = option(
         "first",
         "how the metric scores an answer of several tokens: "
@@ -79,18 +84,12 @@ def memory_record(model: Model, budget: int, peak: PeakMemory) -> dict:
 class LocateSettings(PairOptions):
     """``lmscope locate``: score every head, layer, position or expert by one method."""
 
-    method: str = option("exact", f"{', '.join(METHODS)}")
-    level: str = option("head", "head, layer (attention and MLP), position (residual) or expert (mixture-of-experts)")
-    direction: str = option("denoising", "denoising or noising (exact only)")
-    steps: int = option(100, "EAP-IG interpolation steps")
-    top: int = option(10, "rows of the top table")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.method not in METHODS:
-            raise LmscopeError(f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
-        if self.level not in LEVELS:
-            raise LmscopeError(f"unknown level '{self.level}' (choose from {', '.join(LEVELS)})")
+    method: str = option("exact", f"{', '.join(METHODS)}", choices=METHODS)
+    level: str = option("head", "head, layer (attention and MLP), position (residual) or expert (mixture-of-experts)",
+                        choices=LEVELS)  # fmt: skip
+    direction: str = option("denoising", "denoising or noising (exact only)", choices=("denoising", "noising"))
+    steps: int = option(100, "EAP-IG interpolation steps", min=1, max=MAX_STEPS)
+    top: int = option(10, "rows of the top table", min=1)
 
 
 @dataclass
@@ -151,9 +150,9 @@ LOCATE = Command("locate", LocateSettings, run_locate, hidden_aliases=("patch",)
 class CircuitSettings(PairOptions):
     """``lmscope circuit``: EAP-IG edges, a pruned circuit and its faithfulness."""
 
-    top: int | None = option(None, "keep the top N edges by |score|")
-    threshold: float | None = option(None, "keep edges with |score| >= X")
-    steps: int = option(100, "EAP-IG interpolation steps (1: plain EAP)")
+    top: int | None = option(None, "keep the top N edges by |score|", min=1)
+    threshold: float | None = option(None, "keep edges with |score| >= X", min=0)
+    steps: int = option(100, "EAP-IG interpolation steps (1: plain EAP)", min=1, max=MAX_STEPS)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -230,8 +229,8 @@ CIRCUIT = Command("circuit", CircuitSettings, run_circuit)
 class HeadsSettings:
     """``lmscope heads``: induction, previous-token and duplicate-token scores of every head."""
 
-    length: int = option(30, "length of the repeated random sequence")
-    batch: int = option(8, "number of sequences")
+    length: int = option(30, "length of the repeated random sequence", min=2, max=MAX_LENGTH)
+    batch: int = option(8, "number of sequences", min=1, max=MAX_PAIRS)
 
 
 @dataclass

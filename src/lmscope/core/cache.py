@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmscope.core.errors import LmscopeError
+from lmscope.core.files import atomic
 
 
 class ActivationCache(dict):
@@ -20,13 +21,8 @@ class ActivationCache(dict):
         """Write every tensor to one ``.safetensors`` file (on CPU, contiguous)."""
         path = Path(path)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.items()}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
+        with atomic(path) as tmp:
             save_file(tensors, str(tmp))
-            tmp.replace(path)
-        except OSError as e:
-            raise LmscopeError(f"cannot write {path}: {e.strerror or e}") from e
         return path
 
     @classmethod

@@ -441,5 +441,8 @@ def position_ids(mask: Tensor) -> Tensor:
 
 
 def _position_ids(mask: Tensor) -> Tensor | None:
-    """:func:`position_ids` when any sequence is left-padded; else None (the model's default)."""
+    """:func:`position_ids` when any sequence is left-padded; else None (the model's default).
+    A batch of no tokens (an empty text) is a one-line error, before any forward."""
+    if mask.shape[-1] == 0:
+        raise LmscopeError("no tokens to run (an empty text?)")
     return None if bool(mask[:, 0].all()) else position_ids(mask)

@@ -12,14 +12,15 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from lmscope.core.errors import LmscopeError
+from lmscope.core.files import atomic
 
 
 def save_tensors(path: str | Path, tensors: dict[str, Tensor], fmt: str, **metadata) -> Path:
     """Write ``tensors`` (float32, CPU) and ``metadata`` with ``format = fmt`` to ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": fmt, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}}
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=meta)
+    with atomic(path) as tmp:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
     return path
 
 

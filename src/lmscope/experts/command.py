@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lmscope.core.corpus import BUNDLED, load_corpus
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
 from lmscope.experts.resection import Resection, resection
 from lmscope.experts.routing import ExpertStats, expert_stats, moe_layers
-from lmscope.core.corpus import load_corpus
 from lmscope.reports.command import Command, RunWriter, option
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Table
@@ -18,20 +18,19 @@ from lmscope.reports.results import Result, Table
 class ExpertsSettings:
     """``lmscope experts``: the domains, how much of each, and the resection."""
 
-    corpus: tuple[str, ...] = option(("wikitext2",), "a domain: text or JSONL file, or 'wikitext2' (repeatable)")
-    tokens: int = option(8192, "tokens per corpus")
-    window: int = option(256, "tokens per window")
-    batch_size: int = option(4, "windows per forward")
-    top: int = option(5, "top-activating tokens kept per expert")
-    resect: int | None = option(None, "remove each domain's N most specialised experts")
-    draws: int = option(3, "random resections to compare with (averaged)")
-    seed: int = option(0, "seed of the random resections")
+    corpus: tuple[str, ...] = option(("wikitext2",), "a domain: text or JSONL file, or 'wikitext2' (repeatable)",
+                                     path="file", choices=BUNDLED)  # fmt: skip
+    tokens: int = option(8192, "tokens per corpus", min=1)
+    window: int = option(256, "tokens per window", min=1)
+    batch_size: int = option(4, "windows per forward", min=1, max=100_000)
+    top: int = option(5, "top-activating tokens kept per expert", min=1)
+    resect: int | None = option(None, "remove each domain's N most specialised experts", min=1)
+    draws: int = option(3, "random resections to compare with (averaged)", min=1, max=10_000)
+    seed: int = option(0, "seed of the random resections", min=0)
 
     def __post_init__(self) -> None:
         if self.resect is not None and len(self.corpus) < 2:
             raise LmscopeError("--resect needs at least two --corpus domains (experts specialised to one of them)")
-        if self.resect is not None and self.resect < 1:
-            raise LmscopeError(f"--resect must be at least 1 (got {self.resect})")
 
 
 @dataclass

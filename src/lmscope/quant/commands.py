@@ -5,28 +5,32 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from lmscope.core.corpus import BUNDLED, load_corpus
+from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
+from lmscope.core.sites import parse_site
 from lmscope.quant import QuantConfig
-from lmscope.quant.configs import QuantConfigs, parse_kv_specs, quant_configs
-from lmscope.core.corpus import load_corpus
+from lmscope.quant.configs import AXES, SCHEMES, QuantConfigs, parse_kv_specs, quant_configs
 from lmscope.quant.evaluation import QuantTable, load_choices, quant_table
 from lmscope.quant.kv import KVNorms, kv_norms
 from lmscope.quant.outliers import OutlierSummary, activation_stats, residual_sites
-from lmscope.quant.rotation import check
+from lmscope.quant.rotation import MODES, check
 from lmscope.reports.command import Command, RunWriter, option
 
 CORPUS_HELP = "text or JSONL file, or the bundled 'wikitext2' (test split)"
+CORPUS = {"path": "file", "choices": BUNDLED}  # a corpus option's checks: a bundled name or a file
+MAX_BITS = 16
 
 
 @dataclass(frozen=True)
 class OutliersSettings:
     """``lmscope outliers``: OSP excess kurtosis, max |x| and massive activations."""
 
-    corpus: str = option("wikitext2", CORPUS_HELP)
-    tokens: int = option(4096, "number of corpus tokens")
-    window: int = option(512, "tokens per window")
+    corpus: str = option("wikitext2", CORPUS_HELP, **CORPUS)
+    tokens: int = option(4096, "number of corpus tokens", min=1)
+    window: int = option(512, "tokens per window", min=1)
     osp_protocol: bool = option(False, "OSP's protocol: every token as its own sequence")
-    site: tuple[str, ...] = option((), "another site to measure (repeatable)", flag="--site")
+    site: tuple[str, ...] = option((), "another site to measure (repeatable)", flag="--site", parse=parse_site)
 
 
 def run_outliers(model: Model, settings: OutliersSettings, out: RunWriter) -> OutlierSummary:
@@ -53,9 +57,9 @@ OUTLIERS = Command("outliers", OutliersSettings, run_outliers)
 class KVSettings:
     """``lmscope kv``: key vs value norms and spectra."""
 
-    corpus: str = option("wikitext2", CORPUS_HELP)
-    tokens: int = option(2048, "number of corpus tokens")
-    window: int = option(512, "tokens per window")
+    corpus: str = option("wikitext2", CORPUS_HELP, **CORPUS)
+    tokens: int = option(2048, "number of corpus tokens", min=1)
+    window: int = option(512, "tokens per window", min=1)
 
 
 def run_kv(model: Model, settings: KVSettings, out: RunWriter) -> KVNorms:
@@ -69,28 +73,37 @@ def run_kv(model: Model, settings: KVSettings, out: RunWriter) -> KVNorms:
 KV = Command("kv", KVSettings, run_kv)
 
 
+def _kv_specs(spec: str) -> None:
+    """Check ``--kv``: at least one comma-separated setting, each ``kNvM`` or ``fp``."""
+    if not parse_kv_specs(spec) or any(not part.strip() for part in spec.split(",")):
+        raise LmscopeError(f"bad --kv {spec!r}: expected comma-separated settings such as k4v2,k2v4,fp")
+
+
 @dataclass(frozen=True)
 class QuantSettings:
     """``lmscope quant``: perplexity (and multiple-choice accuracy) under simulated quantisation."""
 
-    kv: str = option("k8v8,k4v4,k4v2,k2v4,k2v2", "comma-separated KV settings, e.g. k4v2,k2v4,k4v4")
-    weights: int | None = option(None, "weight bits (symmetric per channel)")
-    weight_group: int | None = option(None, "weight group size (inputs)")
-    acts: int | None = option(None, "activation bits (per token, inputs of linear layers)")
-    budget: float | None = option(None, "average KV bits: add per-layer allocations")
-    group: int = option(64, "KV group size (channels per token, or tokens per channel)")
-    k_axis: str = option("token", "key quantisation axis: token or channel")
-    v_axis: str = option("token", "value quantisation axis: token or channel")
-    kv_window: int = option(0, "most recent tokens kept in full precision")
-    scheme: str = option("minmax", "minmax (the settings above) or osp: Outlier-Safe Pre-Training's W/A/KV setting")
-    bits: int = option(4, "--scheme osp: bits of weights, activations, keys and values")
+    kv: str = option("k8v8,k4v4,k4v2,k2v4,k2v2", "comma-separated KV settings, e.g. k4v2,k2v4,k4v4",
+                     parse=_kv_specs)  # fmt: skip
+    weights: int | None = option(None, "weight bits (symmetric per channel)", min=2, max=MAX_BITS)
+    weight_group: int | None = option(None, "weight group size (inputs)", min=1)
+    acts: int | None = option(None, "activation bits (per token, inputs of linear layers)", min=2, max=MAX_BITS)
+    budget: float | None = option(None, "average KV bits: add per-layer allocations", min=2, max=8)
+    group: int = option(64, "KV group size (channels per token, or tokens per channel)", min=1)
+    k_axis: str = option("token", "key quantisation axis: token or channel", choices=AXES)
+    v_axis: str = option("token", "value quantisation axis: token or channel", choices=AXES)
+    kv_window: int = option(0, "most recent tokens kept in full precision", min=0)
+    scheme: str = option("minmax", "minmax (the settings above) or osp: Outlier-Safe Pre-Training's W/A/KV setting",
+                         choices=SCHEMES)  # fmt: skip
+    bits: int = option(4, "--scheme osp: bits of weights, activations, keys and values", min=2, max=8)
     rotate: bool = option(False, "add each quantised setting with a Hadamard rotation fused in")
-    rotation: str = option("quarot", "--rotate: quarot (residual stream, heads, MLP) or ffn (MLP only, OSP's)")
-    corpus: str = option("wikitext2", CORPUS_HELP)
-    tokens: int = option(4096, "number of corpus tokens")
-    window: int = option(512, "tokens per window")
-    stride: int | None = option(None, "perplexity window stride (default: the window)")
-    choices: Path | None = option(None, "multiple-choice JSONL: context, choices, answer")
+    rotation: str = option("quarot", "--rotate: quarot (residual stream, heads, MLP) or ffn (MLP only, OSP's)",
+                           choices=MODES)  # fmt: skip
+    corpus: str = option("wikitext2", CORPUS_HELP, **CORPUS)
+    tokens: int = option(4096, "number of corpus tokens", min=1)
+    window: int = option(512, "tokens per window", min=1)
+    stride: int | None = option(None, "perplexity window stride (default: the window)", min=1)
+    choices: Path | None = option(None, "multiple-choice JSONL: context, choices, answer", path="file")
 
     def __post_init__(self) -> None:
         self.kv_configs()  # bad specs fail before the model loads

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmscope.readout.logit_lenses import LensResult, lens
-from lmscope.readout.tuned import TunedLens, load_tuned_lens, train_tuned_lens
+from lmscope.core.corpus import BUNDLED, load_corpus
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
-from lmscope.core.corpus import BUNDLED, load_corpus
+from lmscope.readout.logit_lenses import LensResult, lens
+from lmscope.readout.tuned import TunedLens, load_tuned_lens, train_tuned_lens
 from lmscope.reports.command import Command, RunWriter, argument, option
 from lmscope.reports.results import Result
 
@@ -19,26 +19,23 @@ class LensSettings:
     """``lmscope lens``: the text, the lens (logit, a saved tuned lens, or one trained here) and the readout."""
 
     text: str = argument(help="the text to read")
-    tuned: Path | None = option(None, "a tuned lens saved by --train-tuned --save")
+    tuned: Path | None = option(None, "a tuned lens saved by --train-tuned --save", path="file")
     train_tuned: bool = option(False, "train a tuned lens on --corpus first")
-    corpus: str = option("wikitext2", "text or JSONL file, or the bundled 'wikitext2' (test split)")
-    tokens: int = option(8192, "corpus tokens for --train-tuned")
-    steps: int = option(100, "Adam steps for --train-tuned")
-    lr: float = option(1e-3, "learning rate for --train-tuned")
-    save: Path | None = option(None, "write the trained tuned lens here")
+    corpus: str = option("wikitext2", "text or JSONL file, or the bundled 'wikitext2' (test split)", path="file",
+                         choices=BUNDLED)  # fmt: skip
+    tokens: int = option(8192, "corpus tokens for --train-tuned", min=1)
+    steps: int = option(100, "Adam steps for --train-tuned", min=1, max=1_000_000)
+    lr: float = option(1e-3, "learning rate for --train-tuned", min=0)
+    save: Path | None = option(None, "write the trained tuned lens here", path="out")
     token: tuple[str, ...] = option((), "a token to follow instead of the next (repeatable)", flag="--token")
     position: int = option(-1, "position of the top-token table (-1: last)")
-    top: int = option(5, "top tokens per layer")
+    top: int = option(5, "top tokens per layer", min=1)
 
     def __post_init__(self) -> None:
         if self.tuned is not None and self.train_tuned:
             raise LmscopeError("give --tuned PATH or --train-tuned, not both")
         if self.save is not None and not self.train_tuned:
             raise LmscopeError("--save writes a lens trained with --train-tuned")
-        if self.tuned is not None and not Path(self.tuned).is_file():
-            raise LmscopeError(f"tuned lens {self.tuned}: no such file")
-        if self.train_tuned and self.corpus not in BUNDLED and not Path(self.corpus).is_file():
-            raise LmscopeError(f"corpus {self.corpus}: no such file")
 
 
 @dataclass
@@ -55,6 +52,9 @@ class TrainedLens(Result):
 def run_lens(model: Model, settings: LensSettings, out: RunWriter) -> LensResult:
     """Logit lens, or tuned lens (Belrose et al. 2023), of TEXT: per layer and position, the next token's
     probability and rank, and the top tokens per layer."""
+    n_pos = model.tokenize(settings.text)[0].shape[-1]  # the text and --position checked before anything runs
+    if not -n_pos <= settings.position < n_pos:
+        raise LmscopeError(f"--position {settings.position} out of range for a text of {n_pos} tokens")
     tuned = load_tuned_lens(model, settings.tuned) if settings.tuned is not None else None
     if settings.train_tuned:
 

@@ -22,19 +22,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lmscope.core import distributed
+from lmscope.core import distributed, progress
 from lmscope.core.errors import LmscopeError
-from lmscope.core import progress
+from lmscope.core.files import atomic
 from lmscope.core.progress import note
 from lmscope.reports.report import Section, write_report
 from lmscope.reports.results import Result, output_dir, save, strict, versions, write_json
@@ -52,11 +52,25 @@ def option(
     flag: str | None = None,
     short: str | None = None,
     factory: Callable[[], Any] | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    choices: Iterable[str] | None = None,
+    path: str | None = None,
+    parse: Callable[[str], Any] | None = None,
 ) -> Any:
-    """A settings field with its CLI help text. ``flag``: the option's name when it is not the
-    field's (``"--kv"``), ``short``: a one-letter alias (``"-c"``), ``factory``: a default made
-    per instance (lists). A field with neither default nor factory is a required option."""
-    metadata = {"help": help, "flag": flag, "short": short}
+    """A settings field with its CLI help text and the checks of its values (:func:`check_settings`).
+
+    ``flag``: the option's name when it is not the field's (``"--kv"``), ``short``: a one-letter
+    alias (``"-c"``), ``factory``: a default made per instance (lists). A field with neither
+    default nor factory is a required option. Checks, of each value of a repeatable option:
+    ``min``/``max`` inclusive bounds of a number; ``choices`` the words allowed (with ``path``:
+    allowed besides a path, as ``wikitext2`` besides a corpus file); ``path`` one of
+    :data:`PATH_KINDS`; ``parse`` a function reading a spec string (``"1,2,4"``), raising
+    :class:`LmscopeError` or ``ValueError`` when it cannot."""
+    if path is not None and path not in PATH_KINDS:
+        raise ValueError(f"path must be one of {', '.join(PATH_KINDS)}")
+    metadata = {"help": help, "flag": flag, "short": short, "min": min, "max": max, "path": path, "parse": parse,
+                "choices": tuple(choices) if choices is not None else None}  # fmt: skip
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -65,6 +79,105 @@ def option(
 def argument(default: Any = dataclasses.MISSING, help: str = "") -> Any:
     """A settings field given as the positional TEXT after ``[MODEL]`` (``lmscope run``, ``lens``)."""
     return field(default=default, metadata={"help": help, "argument": True})
+
+
+# -- checking the options ------------------------------------------------------------------------
+
+PATH_KINDS = {
+    "file": "an existing file to read",
+    "dir": "an existing folder",
+    "any": "an existing file or folder",
+    "out": "a file to write (not a folder)",
+}
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    """The option as the user types it: ``--steps``, ``--layers`` (a field named otherwise), ``TEXT``."""
+    if f.metadata.get("argument"):
+        return "TEXT"
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def check_settings(settings: Any) -> None:
+    """Check every field of a settings dataclass against its option's declared checks
+    (:func:`option`): the one place options are validated, before any model loads (the CLI),
+    and again when a :class:`RunWriter` is made (Python). A :class:`LmscopeError` names the
+    option as the user types it: ``--steps must be at least 1, not 0``."""
+    check_values(type(settings), {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)})
+
+
+def check_values(cls: type, values: Mapping[str, Any]) -> None:
+    """:func:`check_settings` of the ``values`` given for the fields of ``cls`` (before the
+    dataclass is made, so that its ``__post_init__`` sees checked values)."""
+    for f in dataclasses.fields(cls):
+        if f.name in values and values[f.name] is not None:
+            value = values[f.name]
+            for one in value if isinstance(value, (tuple, list)) else (value,):
+                _check(f, one)
+
+
+def _check(f: dataclasses.Field, value: Any) -> None:
+    name, meta = flag_name(f), f.metadata
+    if isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise LmscopeError(f"{name} must be a finite number, not {value}")
+    if isinstance(value, (int, float)):
+        if meta.get("min") is not None and value < meta["min"]:
+            raise LmscopeError(f"{name} must be at least {meta['min']}, not {value}")
+        if meta.get("max") is not None and value > meta["max"]:
+            raise LmscopeError(f"{name} must be at most {meta['max']}, not {value}")
+        return
+    if not isinstance(value, (str, Path)):
+        return
+    text, choices, kind = str(value), meta.get("choices"), meta.get("path")
+    if isinstance(value, str) and not text.strip() and f.default != "":
+        raise LmscopeError(f"{name} must not be empty")
+    if choices and text in choices:
+        return
+    if kind is not None:
+        check_path(name, Path(text), kind, choices)
+    elif choices:
+        raise LmscopeError(f"unknown {name} {text!r} (choose from {', '.join(choices)})")
+    if meta.get("parse") is not None:
+        try:
+            meta["parse"](text)
+        except LmscopeError as e:
+            raise LmscopeError(str(e) if name in str(e) else f"{name}: {e}") from None
+        except ValueError:
+            raise LmscopeError(f"{name}: cannot read {text!r}") from None
+
+
+def check_path(name: str, path: Path, kind: str, choices: tuple[str, ...] | None = None) -> None:
+    """A one-line error unless ``path`` is what ``kind`` (:data:`PATH_KINDS`) asks for."""
+    also = f" (or one of {', '.join(choices)})" if choices else ""
+    if kind == "out":
+        if path.is_dir():
+            raise LmscopeError(f"{name} {path} is a folder; give a file name")
+        if path.exists() and not path.is_file():
+            raise LmscopeError(f"{name} {path} is not a regular file")
+        parent = next((p for p in path.absolute().parents if p.exists()), None)
+        if parent is not None and (not parent.is_dir() or not os.access(parent, os.W_OK)):
+            raise LmscopeError(f"{name} {path}: cannot write in {parent}")
+        return
+    if not path.exists():
+        raise LmscopeError(f"{name} {path}: no such {'folder' if kind == 'dir' else 'file'}{also}")
+    if kind == "file" and path.is_dir():
+        raise LmscopeError(f"{name} {path} is a folder, not a file{also}")
+    if kind == "dir" and not path.is_dir():
+        raise LmscopeError(f"{name} {path} is not a folder")
+    if not path.is_dir() and not path.is_file():
+        raise LmscopeError(f"{name} {path} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise LmscopeError(f"{name} {path}: permission denied")
+
+
+def check_out(out: str | Path) -> Path:
+    """The ``--out`` folder, refused before anything runs when it is an existing file."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LmscopeError(f"--out {out} is a file, not a folder")
+    return out
 
 
 @dataclass(frozen=True)
@@ -108,8 +221,8 @@ class RunWriter:
     (then its result is read back from ``out/.resume``), and after each part rewrites
     ``results.json``, the part's PNGs and ``report.html``. :meth:`update` saves a part's partial
     result while it runs; :meth:`partial` reads it back for a part that continues where it
-    stopped. Nothing is written before the first part, so bad input found while preparing
-    leaves an earlier run's files untouched."""
+    stopped. The settings are checked first (:func:`check_settings`); nothing is written before
+    the first part, so bad input found while preparing leaves an earlier run's files untouched."""
 
     def __init__(
         self,
@@ -123,7 +236,9 @@ class RunWriter:
         overwrite: bool = False,
         extra: Mapping[str, Any] | None = None,
     ):
-        self.out = Path(out)
+        if dataclasses.is_dataclass(settings):
+            check_settings(settings)
+        self.out = check_out(out)
         self.command = command
         name = model_name or (model.name if model is not None else None)
         record = {"model": name} if model is not None or model_name else {}
@@ -199,12 +314,8 @@ class RunWriter:
     def _keep(self, name: str, result: Result) -> None:
         if not distributed.is_main():
             return
-        path = self._resume_path(name)
-        path.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        torch.save(result, tmp)
-        os.replace(tmp, path)
+        with atomic(self._resume_path(name)) as tmp:
+            torch.save(result, tmp)
 
     # -- writing -------------------------------------------------------------------------------
 

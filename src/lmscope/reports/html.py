@@ -17,13 +17,13 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from lmscope.core import distributed
+from lmscope.core.files import atomic
 
 __all__ = ["Report", "bars", "heatmap", "lines", "plotly_js", "table_html"]
 
@@ -423,15 +423,7 @@ class Report:
         path = Path(path)
         if not distributed.is_main():  # under torchrun only rank 0 writes files
             return path
-        path.parent.mkdir(parents=True, exist_ok=True)
         text = self.render()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
         return path

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from lmscope.core import distributed
+from lmscope.core.files import atomic
 
 Target = str | Path | IO[bytes]
 
@@ -31,8 +32,10 @@ def _save(fig: Figure, target: Target) -> Path | IO[bytes]:
     fig.tight_layout()
     if isinstance(target, (str, Path)):
         target = Path(target)
-        if not distributed.is_main():  # under torchrun only rank 0 writes files
-            return target
+        if distributed.is_main():  # under torchrun only rank 0 writes files
+            with atomic(target) as tmp:
+                fig.savefig(tmp, dpi=120, format="png")
+        return target
     fig.savefig(target, dpi=120, format="png")
     return target
 

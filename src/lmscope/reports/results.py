@@ -20,7 +20,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from lmscope.core import distributed
 from lmscope.core.errors import LmscopeError
+from lmscope.core.files import atomic
 from lmscope.reports.figures import Figure
 
 if TYPE_CHECKING:
@@ -197,16 +197,6 @@ def write_json(path: str | Path, payload: dict) -> Path:
     if not distributed.is_main():
         return path
     text = json.dumps(strict(payload), indent=1, default=float, allow_nan=False)
-    tmp = None
-    try:
-        with tempfile.NamedTemporaryFile(
-            "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-        ) as f:
-            tmp = Path(f.name)
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        raise LmscopeError(f"cannot write {path}: {e.strerror or e}") from e
+    with atomic(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path

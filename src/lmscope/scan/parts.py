@@ -11,10 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from lmscope.circuits.commands import MAX_LENGTH, MAX_PAIRS
 from lmscope.circuits.scores import PatchResult
+from lmscope.core.corpus import load_corpus
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
-from lmscope.core.corpus import load_corpus
+from lmscope.quant.configs import parse_kv
 from lmscope.quant.evaluation import QuantTable
 from lmscope.quant.kv import KVNorms
 from lmscope.reports.command import option
@@ -28,14 +30,14 @@ KV_CONFIGS = ("fp", "k8v8", "k4v4", "k4v2", "k2v4", "k2v2")
 class ScanSettings:
     """How much data each part uses (tokens of WikiText-2 test, IOI pairs, ...)."""
 
-    stats_tokens: int = option(16384, "WikiText-2 tokens for the outlier statistics")
-    kv_tokens: int = option(4096, "tokens for the key and value norms")
-    ppl_tokens: int = option(32768, "tokens for perplexity under KV quantisation")
-    window: int = option(512, "tokens per window")
-    kv_configs: tuple[str, ...] = option(KV_CONFIGS, "KV settings to compare (repeatable)", flag="--kv")
-    head_batch: int = option(8, "random sequences for the head roles")
-    head_length: int = option(30, "length of each repeated random sequence")
-    ioi_pairs: int = option(40, "IOI pairs for the circuit part")
+    stats_tokens: int = option(16384, "WikiText-2 tokens for the outlier statistics", min=1)
+    kv_tokens: int = option(4096, "tokens for the key and value norms", min=1)
+    ppl_tokens: int = option(32768, "tokens for perplexity under KV quantisation", min=1)
+    window: int = option(512, "tokens per window", min=2)
+    kv_configs: tuple[str, ...] = option(KV_CONFIGS, "KV settings to compare (repeatable)", flag="--kv", parse=parse_kv)
+    head_batch: int = option(8, "random sequences for the head roles", min=1, max=MAX_PAIRS)
+    head_length: int = option(30, "length of each repeated random sequence", min=2, max=MAX_LENGTH)
+    ioi_pairs: int = option(40, "IOI pairs for the circuit part", min=1, max=MAX_PAIRS)
 
 
 FULL = ScanSettings()
@@ -100,7 +102,7 @@ class KeysAndValues(Result):
 
 def keys_and_values(model: Model, settings: ScanSettings) -> KeysAndValues:
     """K/V norms on ``kv_tokens`` tokens, perplexity under each of ``kv_configs`` on ``ppl_tokens``."""
-    from lmscope.quant.configs import QuantConfig, parse_kv
+    from lmscope.quant.configs import QuantConfig
     from lmscope.quant.evaluation import quant_table
     from lmscope.quant.kv import kv_norms
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +16,11 @@ from lmscope.circuits.tasks import GENERATORS, pairs_for
 from lmscope.core.corpus import load_corpus
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
+from lmscope.core.sites import parse_site
 from lmscope.reports.command import Command, RunWriter, option
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Skipped, Table
-from lmscope.steering.directions import ProbeResult, load_examples, probe
+from lmscope.steering.directions import POSITIONS, ProbeResult, load_examples, probe
 from lmscope.steering.lineas import METHOD, Transport, train_lineas
 from lmscope.steering.steer import (
     Setting,
@@ -36,13 +39,34 @@ from lmscope.steering.store import save as save_tensors
 from lmscope.steering.subspace import DASResult, IllusionResult, das, illusion_check
 
 
-def numbers(spec: str, name: str, kind: type = float) -> list:
-    """``"1,2,4"`` as numbers of ``kind``; a one-line error naming the option otherwise."""
+def numbers(spec: str, name: str = "", kind: type = float) -> list:
+    """``"1,2,4"`` as finite numbers of ``kind``; a one-line error naming the option otherwise."""
     try:
-        return [kind(x) for x in spec.split(",")]
+        values = [kind(x) for x in spec.split(",")]
     except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
         what = "numbers" if kind is float else "integers"
-        raise LmscopeError(f"--{name}: expected comma-separated {what}, got {spec!r}") from None
+        raise LmscopeError(f"--{name}: " * bool(name) + f"expected comma-separated finite {what}, got {spec!r}")
+    return values
+
+
+def layer_spec(spec: str) -> list[tuple[int, ...]]:
+    """Check a ``--layers`` spec (``6,9,12+15``) before the model loads: non-negative layers."""
+    return parse_layers(spec, sys.maxsize)
+
+
+def layer_list(spec: str, n_layers: int) -> list[int]:
+    """``"3,5"``: one layer per entry, each in range of a model of ``n_layers`` layers."""
+    groups = parse_layers(spec, n_layers)
+    if any(len(g) > 1 for g in groups):
+        raise LmscopeError(f"--layers {spec!r}: one layer per entry (no +)")
+    return [g[0] for g in groups]
+
+
+def site_kind(kind: str) -> None:
+    """Check a per-layer site (``resid_post``, ``attn.out``) before the model loads."""
+    parse_site(f"blocks.0.{kind}")
 
 
 # -- probe ---------------------------------------------------------------------------------------
@@ -52,24 +76,20 @@ def numbers(spec: str, name: str, kind: type = float) -> list:
 class ProbeSettings:
     """``lmscope probe``: directions and probes per layer with held-out accuracy."""
 
-    data: Path = option(help="JSONL: {text, label} or contrastive {positive, negative[, prompt]}")
-    layers: str | None = option(None, "comma-separated layers (default: all)")
-    site: str = option("resid_post", "per-layer site, e.g. resid_post, resid_mid, attn.out")
-    position: str = option("last", "last, mean, or span ([[marked]] in each text)")
-    test_fraction: float = option(0.25, "held-out fraction (pairs kept together)")
-    seed: int = option(0, "split seed")
-    save: Path | None = option(None, "write the directions (safetensors)")
-
-    def __post_init__(self) -> None:
-        if self.layers is not None:
-            numbers(self.layers, "layers", int)
+    data: Path = option(help="JSONL: {text, label} or contrastive {positive, negative[, prompt]}", path="file")
+    layers: str | None = option(None, "comma-separated layers (default: all)", parse=layer_spec)
+    site: str = option("resid_post", "per-layer site, e.g. resid_post, resid_mid, attn.out", parse=site_kind)
+    position: str = option("last", "last, mean, or span ([[marked]] in each text)", choices=POSITIONS)
+    test_fraction: float = option(0.25, "held-out fraction (pairs kept together)", min=0.01, max=0.99)
+    seed: int = option(0, "split seed", min=0)
+    save: Path | None = option(None, "write the directions (safetensors)", path="out")
 
 
 def run_probe(model: Model, settings: ProbeSettings, out: RunWriter) -> ProbeResult:
     """Difference-of-means, first-principal-component and logistic-regression probes per layer, with
     held-out accuracy per layer."""
     examples = load_examples(settings.data)
-    layers = numbers(settings.layers, "layers", int) if settings.layers is not None else None
+    layers = layer_list(settings.layers, model.n_layers) if settings.layers is not None else None
     result = out.part("probe", "Probes per layer", f"Held-out accuracy ({settings.site}, {settings.position}).",
                       lambda: probe(model, examples, layers, site=settings.site, position=settings.position,
                                     test_fraction=settings.test_fraction, seed=settings.seed))  # fmt: skip
@@ -90,28 +110,25 @@ PROBE = Command("probe", ProbeSettings, run_probe)
 class SteerSettings:
     """``lmscope steer``: steering vectors (and LinEAS maps) swept and evaluated."""
 
-    pairs: Path = option(help="contrastive pairs (JSONL: positive, negative[, prompt])")
-    eval: Path = option(help="JSONL: prompt, target[, opposite]")
-    layers: str | None = option(None, "settings' layers, e.g. 6,9,12+15 (+ joins; default: every n/8 in the middle)")
-    coeffs: str = option("1,2,4,8", "comma-separated coefficients")
-    instruction: str = option("", "the prompting baseline's prefix")
-    neutral: Path | None = option(None, "neutral prompts, one per line (default: bundled)")
-    windows: int = option(4, "WikiText-2 windows for perplexity")
-    window: int = option(64, "tokens per window")
-    position: str = option("last", "where the vector is read: last, mean or span")
-    max_kl: float = option(0.2, "choice: largest KL to unsteered allowed")
-    max_ppl_rise: float = option(0.1, "choice: largest relative perplexity rise")
-    samples: int = option(3, "prompts with sample generations")
+    pairs: Path = option(help="contrastive pairs (JSONL: positive, negative[, prompt])", path="file")
+    eval: Path = option(help="JSONL: prompt, target[, opposite]", path="file")
+    layers: str | None = option(None, "settings' layers, e.g. 6,9,12+15 (+ joins; default: every n/8 in the middle)",
+                                parse=layer_spec)  # fmt: skip
+    coeffs: str = option("1,2,4,8", "comma-separated coefficients", parse=numbers)
+    instruction: str = option("", "the prompting baseline's prefix (default: no prompting baseline)")
+    neutral: Path | None = option(None, "neutral prompts, one per line (default: bundled)", path="file")
+    windows: int = option(4, "WikiText-2 windows for perplexity", min=0, max=100_000)
+    window: int = option(64, "tokens per window", min=2)
+    position: str = option("last", "where the vector is read: last, mean or span", choices=POSITIONS)
+    max_kl: float = option(0.2, "choice: largest KL to unsteered allowed", min=0)
+    max_ppl_rise: float = option(0.1, "choice: largest relative perplexity rise", min=0)
+    samples: int = option(3, "prompts with sample generations", min=0)
     lineas: bool = option(False, "also learn LinEAS maps (negatives -> positives, unpaired)")
-    lineas_steps: int = option(100, "LinEAS Adam steps")
-    lineas_strengths: str = option("0.5,1", "LinEAS strengths to sweep")
-    lineas_sparsity: float = option(1e-3, "LinEAS group-sparsity weight")
-    save: Path | None = option(None, "write the vectors (safetensors)")
-    gguf: Path | None = option(None, "write the chosen setting as a llama.cpp control vector")
-
-    def __post_init__(self) -> None:
-        numbers(self.coeffs, "coeffs")
-        numbers(self.lineas_strengths, "lineas-strengths")
+    lineas_steps: int = option(100, "LinEAS Adam steps", min=1, max=1_000_000)
+    lineas_strengths: str = option("0.5,1", "LinEAS strengths to sweep", parse=numbers)
+    lineas_sparsity: float = option(1e-3, "LinEAS group-sparsity weight", min=0)
+    save: Path | None = option(None, "write the vectors (safetensors)", path="out")
+    gguf: Path | None = option(None, "write the chosen setting as a llama.cpp control vector", path="out")
 
     def groups(self, n_layers: int) -> list[tuple[int, ...]]:
         """The settings' layer groups (default: every n/8-th layer of the middle half)."""

@@ -387,14 +387,10 @@ class SteerResult(Result):
     def text(self) -> str:
         if self.chosen is None:
             return f"No setting met the side-effect limits ({self.rule})."
-        row = next(r for r in self.rows if r["setting"] == self.chosen)
-        prompt = next((r for r in self.rows if r["setting"] == "prompting"), None)
-        versus = (
-            "" if prompt is None else f" vs prompting (behaviour {prompt['behaviour']:+.3f}, KL {prompt['kl']:.3f})"
-        )
-        return (
-            f"Chosen: {self.chosen} (behaviour {row['behaviour']:+.3f}, KL {row['kl']:.3f}){versus}; rule: {self.rule}."
-        )
+        rows = {r["setting"]: r for r in self.rows}
+        row, prompt = rows[self.chosen], rows.get("prompting")  # no prompting baseline without an instruction
+        versus = f" vs prompting (behaviour {prompt['behaviour']:+.3f}, KL {prompt['kl']:.3f})" if prompt else ""
+        return f"Chosen: {self.chosen} (behaviour {row['behaviour']:+.3f}, KL {row['kl']:.3f}){versus}; rule: {self.rule}."
 
     def tables(self) -> list[Table]:
         tables = [Table(f"Steering sweep ({self.site}); chosen by: {self.rule}", [_rounded(r) for r in self.rows])]

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lmscope.core.errors import LmscopeError
+from lmscope.core.files import atomic
 from lmscope.core.tensorfile import load_tensors, save_tensors
 
 FORMAT = "lmscope-steering"
@@ -60,16 +61,16 @@ def export_control_vector(path: str | Path, vectors: dict[int, Tensor], model_hi
     if 0 in vectors:
         raise LmscopeError("llama.cpp cannot steer layer 0 (no direction.0): use layers >= 1")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), "controlvector")
-    writer.add_string("controlvector.model_hint", model_hint)
-    writer.add_int32("controlvector.layer_count", len(vectors))
-    for layer in sorted(vectors):
-        writer.add_tensor(f"direction.{layer}", vectors[layer].detach().float().cpu().numpy().astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    with atomic(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "controlvector")
+        writer.add_string("controlvector.model_hint", model_hint)
+        writer.add_int32("controlvector.layer_count", len(vectors))
+        for layer in sorted(vectors):
+            writer.add_tensor(f"direction.{layer}", vectors[layer].detach().float().cpu().numpy().astype(np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     return path
 
 

@@ -26,13 +26,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from lmscope.circuits.attribution import SCHEDULES
+from lmscope.circuits.commands import MAX_STEPS
 from lmscope.circuits.graph import draw
+from lmscope.core.corpus import BUNDLED, load_corpus
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
 from lmscope.core.progress import note, progress_bar
-from lmscope.core.corpus import load_corpus
-from lmscope.reports.figures import Figure
 from lmscope.reports.command import Command, RunWriter, option
+from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Skipped, Table
 from lmscope.temporal.ablation import ablation
 from lmscope.temporal.circuits import (
@@ -78,29 +80,31 @@ class TemporalSettings:
     Categories and edit experiments are read (and checked) when the settings are made."""
 
     categories: str | None = option(None, "comma-separated category keys, e.g. presidents,ceo,roman (default: all)")
-    data: tuple[Path, ...] = option((), "category files or directories in the paper's format (repeatable)")
-    steps: int = option(100, "EAP-IG steps")
-    schedule: str = option("paper", "EAP-IG schedule: paper (k=1..steps) or upstream (k=0..steps-1)")
-    top: int = option(5000, "edges per circuit, by |score| (capped at the graph's)")
-    ratio: float = option(0.9, "a node is major in >= ceil(ratio n) of a group's n circuits")
-    max_pairs: int | None = option(None, "at most N pairs per circuit (default: all)")
-    years: int | None = option(None, "only the first N years of each temporal category")
+    data: tuple[Path, ...] = option((), "category files or directories in the paper's format (repeatable)", path="any")
+    steps: int = option(100, "EAP-IG steps", min=1, max=MAX_STEPS)
+    schedule: str = option("paper", "EAP-IG schedule: paper (k=1..steps) or upstream (k=0..steps-1)",
+                           choices=SCHEDULES)  # fmt: skip
+    top: int = option(5000, "edges per circuit, by |score| (capped at the graph's)", min=1)
+    ratio: float = option(0.9, "a node is major in >= ceil(ratio n) of a group's n circuits", min=0.01, max=1)
+    max_pairs: int | None = option(None, "at most N pairs per circuit (default: all)", min=1)
+    years: int | None = option(None, "only the first N years of each temporal category", min=1)
     recall_samples: int | None = option(None, "at most N samples per category for recall and ablation",
-                                        flag="--samples")  # fmt: skip
+                                        flag="--samples", min=1)  # fmt: skip
     templates: str = option("prompt_templates_zs", "the recall prompts' template field")
     chat: bool = option(True, "wrap recall prompts in the chat template where the tokenizer has one")
     bos: bool = option(True, "prepend BOS (the paper's code does)")
-    corpus: str | None = option("wikitext2", "perplexity corpus: wikitext2, a text or JSONL file, or none")
-    ppl_tokens: int = option(8192, "perplexity tokens")
-    window: int = option(512, "perplexity window")
-    read_prompts: int = option(16, "facts per category for the lens")
-    ablate_alone: int | None = option(None, "zero at most N heads alone (default: every temporal head)")
+    corpus: str | None = option("wikitext2", "perplexity corpus: wikitext2, a text or JSONL file, or none",
+                                path="file", choices=(*BUNDLED, "none"))  # fmt: skip
+    ppl_tokens: int = option(8192, "perplexity tokens", min=1)
+    window: int = option(512, "perplexity window", min=2)
+    read_prompts: int = option(16, "facts per category for the lens", min=1)
+    ablate_alone: int | None = option(None, "zero at most N heads alone (default: every temporal head)", min=0)
     edit: bool = option(True, "run the value-editing sweep")
-    edits: str | None = option(None, "JSONL of edit experiments (default: the paper's 15)")
-    edit_experiments: int | None = option(None, "only the first N edit experiments")
+    edits: str | None = option(None, "JSONL of edit experiments (default: the paper's 15)", path="file")
+    edit_experiments: int | None = option(None, "only the first N edit experiments", min=1)
     sample: bool = option(False, "sample when generating edits (default: greedy)")
-    seed: int = option(42, "seed for --sample")
-    max_new_tokens: int = option(50, "tokens generated per edit (the trigger window)")
+    seed: int = option(42, "seed for --sample", min=0)
+    max_new_tokens: int = option(50, "tokens generated per edit (the trigger window)", min=1, max=100_000)
 
     def __post_init__(self) -> None:
         if self.corpus == "none":

@@ -4,30 +4,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from lmscope.core.loading import resolve_device
 from lmscope.reports.command import Command, RunWriter, option
 from lmscope.training.compare import Comparison, run_pretraining
-from lmscope.training.osp import get_recipe
+from lmscope.training.osp import RECIPES, get_recipe
 from lmscope.training.pretrain import PretrainSettings
+
+
+def recipe_list(spec: str) -> list[str]:
+    """``"adam,muon,osp"``: comma-separated known recipe names (a one-line error otherwise)."""
+    names = [name.strip() for name in spec.split(",")]
+    for name in names:
+        get_recipe(name)
+    return names
 
 
 @dataclass(frozen=True)
 class PretrainCommand(PretrainSettings):
     """``lmscope pretrain``: the training settings, which recipes, and the device."""
 
-    recipe: str = option("osp", "adam, muon, muon-all, osp (Muon + SSNorm + EmbProj), osp-ssnorm or osp-embproj")
-    compare: str | None = option(None, "recipes to train side by side with the same data and seed, e.g. adam,muon,osp")
-    device: str = option("auto", "cpu, cuda, cuda:N or auto (CUDA when available)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in self.recipes:
-            get_recipe(name)  # an unknown recipe fails before anything loads
+    recipe: str = option("osp", "adam, muon, muon-all, osp (Muon + SSNorm + EmbProj), osp-ssnorm or osp-embproj",
+                         choices=RECIPES)  # fmt: skip
+    compare: str | None = option(None, "recipes to train side by side with the same data and seed, e.g. adam,muon,osp",
+                                 parse=recipe_list)  # fmt: skip
+    device: str = option("auto", "cpu, cuda, cuda:N or auto (CUDA when available)", parse=resolve_device)
 
     @property
     def recipes(self) -> list[str]:
-        if self.compare is None:
-            return [self.recipe]
-        return [r.strip() for r in self.compare.split(",") if r.strip()]
+        return [self.recipe] if self.compare is None else recipe_list(self.compare)
 
     def training(self) -> PretrainSettings:
         """The training settings alone."""

@@ -27,7 +27,6 @@ model, the data stream, the training loop, its log and its checkpoints.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -37,19 +36,21 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lmscope.core.corpus import BUNDLED, Corpus, load_corpus
 from lmscope.core.errors import LmscopeError
+from lmscope.core.files import atomic
 from lmscope.core.loading import DEFAULT_MODEL, convert_gguf, quiet_transformers, resolve, resolve_device
 from lmscope.core.model import Model
 from lmscope.core.progress import note, progress_bar
-from lmscope.core.corpus import BUNDLED, Corpus, load_corpus
 from lmscope.quant.outliers import activation_stats
-from lmscope.reports.command import option
+from lmscope.reports.command import check_settings, option
 from lmscope.reports.results import Result, Table, nan_for_none
 from lmscope.training.osp import Recipe, apply_recipe_, build_optimizers, exported, get_recipe
 
 # Training text of a bundled corpus name: WikiText-2's validation split (its test split,
 # quant.corpus.BUNDLED, is the evaluation text).
 TRAINING_TEXT = {"wikitext2": "wikitext-2/valid.txt"}
+MAX_WIDTH = 1 << 20  # largest width, window or batch of a model trained here (a machine's memory is the real bound)
 CHECKPOINT = "checkpoint.pt"
 MODEL_DIR = "model"
 
@@ -65,48 +66,40 @@ class PretrainSettings:
     ``lr`` (AdamW; Muon's ``muon_lr`` defaults to it), ``weight_decay``, ``warmup`` (None: 10% of
     the steps), ``min_lr_ratio``, ``clip``, ``seed``; ``log_every``, ``checkpoint_every``."""
 
-    d_model: int = option(128, "hidden size")
-    n_layers: int = option(4, "decoder layers", flag="--layers")
-    n_heads: int = option(2, "attention heads", flag="--heads")
-    d_mlp: int | None = option(None, "feed-forward width (default: OSP's rule, 8d/3 rounded up to 128)")
-    seq_len: int = option(128, "tokens per training window (and evaluation window)")
-    batch_size: int = option(8, "windows per step")
-    steps: int = option(300, "training steps")
-    lr: float = option(3e-3, "peak learning rate (AdamW)")
-    muon_lr: float | None = option(None, "peak learning rate of Muon (default: --lr)")
-    weight_decay: float = option(0.1, "decoupled weight decay of the matrices")
-    warmup: int | None = option(None, "warm-up steps (default: 10% of --steps)")
-    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak")
-    clip: float = option(1.0, "gradient-norm clipping")
-    seed: int = option(0, "seed of the initialisation and the data order")
-    log_every: int = option(25, "log the loss and OSP kurtosis every N steps")
-    checkpoint_every: int = option(100, "write a checkpoint every N steps")
-    corpus: str = option("wikitext2", "training text: text or JSONL file, or 'wikitext2' (the bundled validation split)")
-    eval_corpus: str = option("wikitext2", "evaluation text: text or JSONL file, or 'wikitext2' (the bundled test split)")
+    d_model: int = option(128, "hidden size", min=1, max=MAX_WIDTH)
+    n_layers: int = option(4, "decoder layers", flag="--layers", min=1, max=1024)
+    n_heads: int = option(2, "attention heads", flag="--heads", min=1, max=1024)
+    d_mlp: int | None = option(None, "feed-forward width (default: OSP's rule, 8d/3 rounded up to 128)", min=1,
+                               max=4 * MAX_WIDTH)  # fmt: skip
+    seq_len: int = option(128, "tokens per training window (and evaluation window)", min=2, max=MAX_WIDTH)
+    batch_size: int = option(8, "windows per step", min=1, max=MAX_WIDTH)
+    steps: int = option(300, "training steps", min=1)
+    lr: float = option(3e-3, "peak learning rate (AdamW)", min=0)
+    muon_lr: float | None = option(None, "peak learning rate of Muon (default: --lr)", min=0)
+    weight_decay: float = option(0.1, "decoupled weight decay of the matrices", min=0)
+    warmup: int | None = option(None, "warm-up steps (default: 10% of --steps)", min=0)
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of the peak", min=0, max=1)
+    clip: float = option(1.0, "gradient-norm clipping", min=0)
+    seed: int = option(0, "seed of the initialisation and the data order", min=0)
+    log_every: int = option(25, "log the loss and OSP kurtosis every N steps", min=1)
+    checkpoint_every: int = option(100, "write a checkpoint every N steps", min=1)
+    corpus: str = option("wikitext2", "training text: text or JSONL file, or 'wikitext2' (the bundled validation split)",
+                         path="file", choices=TRAINING_TEXT)  # fmt: skip
+    eval_corpus: str = option("wikitext2", "evaluation text: text or JSONL file, or 'wikitext2' (the bundled test split)",
+                              path="file", choices=BUNDLED)  # fmt: skip
     tokenizer: str = option(DEFAULT_MODEL, "model whose tokenizer to use (SmolLM2's by default)")
-    train_tokens: int | None = option(None, "use only the first N training tokens")
-    eval_tokens: int | None = option(16384, "evaluation tokens (perplexity, massive activations)")
-    kurtosis_tokens: int = option(512, "evaluation tokens of the kurtosis probe logged during training")
+    train_tokens: int | None = option(None, "use only the first N training tokens", min=1)
+    eval_tokens: int | None = option(16384, "evaluation tokens (perplexity, massive activations)", min=1)
+    kurtosis_tokens: int = option(512, "evaluation tokens of the kurtosis probe logged during training", min=1)
 
     def __post_init__(self):
-        names = ("d_model", "n_layers", "n_heads", "seq_len", "batch_size", "steps", "log_every", "checkpoint_every")
-        names += ("kurtosis_tokens", "d_mlp", "train_tokens", "eval_tokens")
-        for name in names:
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise LmscopeError(f"{name} must be positive, got {value}")
+        check_settings(self)  # the options' own ranges first (:func:`lmscope.reports.command.option`)
         if self.warmup is not None and not 0 <= self.warmup <= self.steps:
             raise LmscopeError(f"warmup must lie between 0 and the {self.steps} steps, got {self.warmup}")
         if self.d_model % self.n_heads:
             raise LmscopeError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
-        if self.seq_len < 2:
-            raise LmscopeError("seq_len must be at least 2 (a next token to predict)")
-        if self.lr <= 0 or (self.muon_lr is not None and self.muon_lr <= 0) or self.weight_decay < 0:
-            raise LmscopeError("learning rates must be positive and the weight decay non-negative")
-        if not 0 <= self.min_lr_ratio <= 1 or self.clip < 0:
-            raise LmscopeError("min_lr_ratio must lie in [0, 1] and clip be non-negative")
-        for name in ("corpus", "eval_corpus"):
-            check_corpus(getattr(self, name))
+        if self.lr <= 0 or (self.muon_lr is not None and self.muon_lr <= 0):
+            raise LmscopeError("learning rates (--lr, --muon-lr) must be positive")
 
     @property
     def mlp_width(self) -> int:
@@ -120,12 +113,6 @@ class PretrainSettings:
     def to_json(self) -> dict:
         """The training settings alone (a subclass's extra fields left out)."""
         return {f.name: getattr(self, f.name) for f in fields(PretrainSettings)}
-
-
-def check_corpus(source: str) -> None:
-    """A one-line error unless ``source`` is a bundled corpus name or an existing file."""
-    if source not in BUNDLED and source not in TRAINING_TEXT and not Path(source).is_file():
-        raise LmscopeError(f"corpus not found: {source} (a text or JSONL file, or one of: {', '.join(BUNDLED)})")
 
 
 # -- tokenizer and corpora --------------------------------------------------------------------
@@ -275,9 +262,8 @@ class Trainer:
             "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if _cuda() else []},
             "run": run.to_json(),
         }
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic(path) as tmp:
+            torch.save(state, tmp)
         return path
 
     def load_checkpoint(self, path: Path) -> TrainingRun:

@@ -6,14 +6,14 @@ from dataclasses import dataclass
 
 from lmscope.core.model import Model
 from lmscope.reports.command import Command, RunWriter, option
-from lmscope.verify.certificate import Certificate, certify
+from lmscope.verify.certificate import CHECKS, Certificate, certify
 
 
 @dataclass(frozen=True)
 class VerifySettings:
     """``lmscope verify``: which checks to run (default: all)."""
 
-    check: tuple[str, ...] = option((), "run only this check (repeatable)", flag="--check")
+    check: tuple[str, ...] = option((), "run only this check (repeatable)", flag="--check", choices=CHECKS)
 
 
 @dataclass
