@@ -10,7 +10,7 @@ from lmscope.circuits.faithfulness import Faithfulness, faithfulness
 from lmscope.circuits.graph import Circuit, draw, select
 from lmscope.circuits.head_roles import head_roles
 from lmscope.circuits.locate import LEVELS, METHODS, locate
-from lmscope.circuits.pairs import TokenPair, tokenize_pairs
+from lmscope.circuits.pairs import TokenPair, load_pairs, tokenize_pairs
 from lmscope.circuits.scores import PatchResult
 from lmscope.circuits.tasks import pairs_for
 from lmscope.core.errors import LmscopeError
@@ -30,6 +30,10 @@ class PairOptions:
     n: int | None = option(None, "number of pairs to generate for --task", flag="--n")
     metric: str = option("logit_diff", "logit_diff, logprob, prob or kl")
     align: str = option("strict", "strict, or final: left-pad pairs of unequal length")
+
+    def __post_init__(self) -> None:
+        if self.data is not None:
+            load_pairs(self.data)  # a bad pair file fails before the model loads
 
     def pairs(self, model: Model) -> list[TokenPair]:
         """The token pairs (one-line errors for a bad file, task or alignment)."""
@@ -55,6 +59,7 @@ class LocateSettings(PairOptions):
     top: int = option(10, "rows of the top table")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.method not in METHODS:
             raise LmscopeError(f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
         if self.level not in LEVELS:
@@ -121,6 +126,7 @@ class CircuitSettings(PairOptions):
     steps: int = option(100, "EAP-IG interpolation steps (1: plain EAP)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if (self.top is None) == (self.threshold is None):
             raise LmscopeError("give exactly one of --top N or --threshold X")
 

@@ -72,6 +72,13 @@ def corpus_text(source: str | Path, text_field: str = "text") -> tuple[str, str]
     return path.name, text
 
 
+def check_corpus(source: str | Path, text_field: str = "text") -> None:
+    """Read a corpus file through :func:`corpus_text` (a bundled name passes), so that settings
+    naming a bad one fail before any model loads."""
+    if str(source) not in BUNDLED:
+        corpus_text(source, text_field)
+
+
 def load_corpus(
     model, source: str | Path = "wikitext2", *, max_tokens: int | None = None, text_field: str = "text"
 ) -> Corpus:

@@ -8,7 +8,7 @@ from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
 from lmscope.experts.resection import Resection, resection
 from lmscope.experts.routing import ExpertStats, expert_stats, moe_layers
-from lmscope.core.corpus import load_corpus
+from lmscope.core.corpus import check_corpus, load_corpus
 from lmscope.reports.command import Command, RunWriter, option
 from lmscope.reports.figures import Figure
 from lmscope.reports.results import Result, Table
@@ -28,6 +28,8 @@ class ExpertsSettings:
     seed: int = option(0, "seed of the random resections")
 
     def __post_init__(self) -> None:
+        for source in self.corpus:
+            check_corpus(source)  # a bad corpus file fails before the model loads
         if self.resect is not None and len(self.corpus) < 2:
             raise LmscopeError("--resect needs at least two --corpus domains (experts specialised to one of them)")
         if self.resect is not None and self.resect < 1:

@@ -8,7 +8,7 @@ from pathlib import Path
 from lmscope.core.model import Model
 from lmscope.quant import QuantConfig
 from lmscope.quant.configs import QuantConfigs, parse_kv_specs, quant_configs
-from lmscope.core.corpus import load_corpus
+from lmscope.core.corpus import check_corpus, load_corpus
 from lmscope.quant.evaluation import QuantTable, load_choices, quant_table
 from lmscope.quant.kv import KVNorms, kv_norms
 from lmscope.quant.outliers import OutlierSummary, activation_stats, residual_sites
@@ -27,6 +27,9 @@ class OutliersSettings:
     window: int = option(512, "tokens per window")
     osp_protocol: bool = option(False, "OSP's protocol: every token as its own sequence")
     site: tuple[str, ...] = option((), "another site to measure (repeatable)", flag="--site")
+
+    def __post_init__(self) -> None:
+        check_corpus(self.corpus)  # a bad corpus file fails before the model loads
 
 
 def run_outliers(model: Model, settings: OutliersSettings, out: RunWriter) -> OutlierSummary:
@@ -56,6 +59,9 @@ class KVSettings:
     corpus: str = option("wikitext2", CORPUS_HELP)
     tokens: int = option(2048, "number of corpus tokens")
     window: int = option(512, "tokens per window")
+
+    def __post_init__(self) -> None:
+        check_corpus(self.corpus)  # a bad corpus file fails before the model loads
 
 
 def run_kv(model: Model, settings: KVSettings, out: RunWriter) -> KVNorms:
@@ -95,6 +101,9 @@ class QuantSettings:
     def __post_init__(self) -> None:
         self.kv_configs()  # bad specs fail before the model loads
         QuantConfig(scheme=self.scheme, rotation=self.rotation)
+        check_corpus(self.corpus)
+        if self.choices is not None:
+            load_choices(self.choices)
 
     def kv_configs(self) -> list:
         return parse_kv_specs(self.kv, group_size=self.group, k_axis=self.k_axis, v_axis=self.v_axis,

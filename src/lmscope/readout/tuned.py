@@ -79,14 +79,20 @@ def _shape(model: Model) -> dict:
     return {"model": model.name, "d_model": model.d_model, "n_layers": model.n_layers, "d_vocab": model.d_vocab}
 
 
+def check_tuned_lens(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and metadata of the tuned-lens file ``path``, which must exist and be one
+    (not yet checked against a model); else a one-line :class:`LmscopeError`."""
+    try:
+        return load_tensors(path, FORMAT)
+    except LmscopeError as e:
+        raise LmscopeError(f"tuned lens: {e}") from e
+
+
 def load_tuned_lens(model: Model, path: str | Path, check_name: bool = True) -> TunedLens:
     """The tuned lens saved at ``path`` (:meth:`TunedLens.save`) for ``model``. A missing or
     corrupt file, or one for another model (d_model, n_layers, vocabulary, and the model's name
     unless ``check_name`` is false), raises :class:`LmscopeError`."""
-    try:
-        tensors, meta = load_tensors(path, FORMAT)
-    except LmscopeError as e:
-        raise LmscopeError(f"tuned lens: {e}") from e
+    tensors, meta = check_tuned_lens(path)
     data = {k: metadata_value(meta, k, path) if k != "model" else v for k, v in meta.items() if k != "format"}
     want = _shape(model)
     keys = [k for k in want if k != "model" or check_name]

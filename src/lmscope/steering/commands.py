@@ -57,6 +57,7 @@ class ProbeSettings:
     def __post_init__(self) -> None:
         if self.layers is not None:
             numbers(self.layers, "layers", int)
+        load_examples(self.data)  # a bad file fails before the model loads
 
 
 def run_probe(model: Model, settings: ProbeSettings, out: RunWriter) -> ProbeResult:
@@ -106,6 +107,9 @@ class SteerSettings:
     def __post_init__(self) -> None:
         numbers(self.coeffs, "coeffs")
         numbers(self.lineas_strengths, "lineas-strengths")
+        load_examples(self.pairs)  # bad files fail before the model loads
+        load_eval(self.eval)
+        neutral_prompts(self.neutral)
 
     def groups(self, n_layers: int) -> list[tuple[int, ...]]:
         """The settings' layer groups (default: every n/8-th layer of the middle half)."""

@@ -83,7 +83,7 @@ def load_control_vector(path: str | Path) -> dict[int, Tensor]:
         reader = gguf.GGUFReader(str(path))
         field = reader.fields.get("general.architecture")
         arch = bytes(field.parts[field.data[0]]).decode() if field is not None else None
-    except Exception as e:  # noqa: BLE001 - the gguf reader raises what its parsing meets
+    except Exception as e:  # the gguf reader raises what its parsing meets
         raise LmscopeError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:80]})") from e
     if arch != "controlvector":
         raise LmscopeError(f"{path} is not a control vector (architecture {arch!r})")

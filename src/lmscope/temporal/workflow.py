@@ -30,7 +30,7 @@ from lmscope.circuits.graph import draw
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
 from lmscope.core.progress import note, progress_bar
-from lmscope.core.corpus import load_corpus
+from lmscope.core.corpus import check_corpus, load_corpus
 from lmscope.reports.figures import Figure
 from lmscope.reports.command import Command, RunWriter, option
 from lmscope.reports.results import Result, Table
@@ -105,6 +105,8 @@ class TemporalSettings:
     def __post_init__(self) -> None:
         if self.corpus == "none":
             object.__setattr__(self, "corpus", None)
+        if self.corpus is not None:
+            check_corpus(self.corpus)
         if self.edits is not None:
             object.__setattr__(self, "edits", str(self.edits))
             load_experiments(self.edits)  # bad experiments fail before the model loads
