@@ -67,7 +67,9 @@ def decode(data: bytes, path: str | Path) -> str:
             f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); save it as UTF-8"
         ) from None
     if "\x00" in text:
-        raise LmscopeError(f"{path}: not a text file (it holds NUL bytes: binary data, or UTF-16 without a byte-order mark)")
+        raise LmscopeError(
+            f"{path}: not a text file (it holds NUL bytes: binary data, or UTF-16 without a byte-order mark)"
+        )
     return text.removeprefix("\ufeff")
 
 

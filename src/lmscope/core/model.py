@@ -307,6 +307,21 @@ class Model:
             bad = int(ids[(ids < 0) | (ids >= self.d_vocab)].flatten()[0])
             raise LmscopeError(f"{what}: token id {bad} outside the vocabulary of {self.name} (ids 0..{self.d_vocab - 1})")
 
+    def check_texts(self, texts: Sequence[str], what: str = "input", *, extra: int = 0) -> None:
+        """Refuse texts that, tokenised as :meth:`tokenize` does, are empty, hold ids outside the
+        vocabulary or with ``extra`` more tokens (to be generated) exceed the model's context:
+        what commands check of every text they will run before they compute anything."""
+        if self.tokenizer is None or not texts:
+            return
+        self.check_length(texts)
+        for ids in self.tokenizer(list(texts))["input_ids"]:
+            self.check_ids(ids, what)
+            if self.context is not None and len(ids) + extra > self.context:
+                raise LmscopeError(
+                    f"{what}: {len(ids)} tokens and {extra} to generate exceed the context of {self.name} "
+                    f"({self.context} tokens)"
+                )
+
     def check_length(self, texts: Sequence[str]) -> None:
         """Refuse, before tokenising, a text that cannot fit the model's context: one of more
         than 4 x context x the longest token's characters (a token covers at most that many

@@ -127,6 +127,8 @@ class QuantSettings:
 def run_quant(model: Model, settings: QuantSettings, out: RunWriter) -> QuantTable:
     """Perplexity (and multiple-choice accuracy) under simulated KV / weight / activation quantisation."""
     items = load_choices(settings.choices) if settings.choices is not None else None
+    if items is not None:  # every choice fits the model, before the first part is written
+        model.check_texts([item.context + choice for item in items for choice in item.choices], str(settings.choices))
     if settings.rotate:
         check(model, settings.rotation)
     text = load_corpus(model, settings.corpus, max_tokens=settings.tokens)

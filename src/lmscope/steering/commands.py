@@ -149,6 +149,9 @@ def run_steer(model: Model, settings: SteerSettings, out: RunWriter) -> SteerRes
     side effects (KL on neutral prompts, perplexity) and a prompting baseline side by side; with --lineas,
     LinEAS maps (Rodriguez et al. 2025) learned from the same examples, in the same table."""
     examples, items, texts = load_examples(settings.pairs), load_eval(settings.eval), neutral_prompts(settings.neutral)
+    completions = [settings.instruction + i.prompt + c for i in items for c in (i.target, i.opposite) if c is not None]
+    model.check_texts(completions, str(settings.eval))  # before the first part is written
+    model.check_texts(texts, str(settings.neutral or "neutral prompts"))
     groups = settings.groups(model.n_layers)
     grid = [Setting(g, c) for g in groups for c in numbers(settings.coeffs, "coeffs")]
     layers = sorted({layer for g in groups for layer in g})

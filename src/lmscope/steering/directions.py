@@ -129,6 +129,7 @@ def pooling_weights(model: Model, texts: Sequence[str], position: str) -> tuple[
     if model.tokenizer is None:
         raise LmscopeError(f"model {model.name} has no tokenizer")
     clean, spans = zip(*(_span(t) for t in texts), strict=True)
+    model.check_length(clean)
     enc = model.tokenizer(list(clean), return_tensors="pt", padding=True, padding_side="right", **_offsets(position))
     mask = enc["attention_mask"].float()
     if position == "last":

@@ -93,6 +93,7 @@ class EditExperiment:
     phrase: Text
     trigger: Text
     coeff: float = 1.0
+    where: str = field(default="", compare=False)  # the file and line it was read from, for errors
 
     def to_json(self) -> dict:
         """The notebook's field names (``source_prompt``, ..., ``coeff``); token ids as lists."""
@@ -112,13 +113,30 @@ def experiment_from_dict(obj: object, where: str = "experiment") -> EditExperime
     ``target_prompt``, ``subject_phrase``, ``trigger_word``, optional ``coeff``, default 1.0)."""
     values = EXPERIMENT.check(obj, where)
     texts = {name: v if isinstance(v := values[key], str) else tuple(v) for key, name in _FIELDS.items()}
-    return EditExperiment(**texts, coeff=float(values.get("coeff", 1.0)))
+    return EditExperiment(**texts, coeff=float(values.get("coeff", 1.0)), where=where)
 
 
 def load_experiments(path: str | Path) -> list[EditExperiment]:
     """Read a JSONL file of experiments, one object per line (see :func:`experiment_from_dict`);
     errors name the file, line and field."""
     return [experiment_from_dict(row.values, row.where) for row in read_rows(path, EXPERIMENT, what="experiments")]
+
+
+def check_experiments(model: Model, experiments: Sequence[EditExperiment], max_new_tokens: int = 50) -> None:
+    """Refuse, before any compute, an experiment whose token ids lie outside the vocabulary or
+    whose prompts, with ``max_new_tokens`` generated, exceed the model's context."""
+    for e in experiments:
+        for key, name in _FIELDS.items():
+            what = f"{e.where or 'experiment'}: {key}"
+            text = getattr(e, name)
+            if isinstance(text, str):
+                model.check_length([text])
+            ids = token_ids(model, text)
+            model.check_ids(ids, what)
+            extra = max_new_tokens if name in ("source", "target") else 0
+            if model.context is not None and len(ids) + extra > model.context:
+                raise LmscopeError(f"{what}: {len(ids)} tokens and {extra} to generate exceed the context of "
+                                   f"{model.name} ({model.context} tokens)")  # fmt: skip
 
 
 def default_experiments() -> list[EditExperiment]:
@@ -618,6 +636,7 @@ def temporal_edit(
         raise LmscopeError("no experiments")
     if max_batch < 1 or max_new_tokens < 1:
         raise LmscopeError("max_batch and max_new_tokens must be at least 1")
+    check_experiments(model, experiments, max_new_tokens)
     if sample and (temperature <= 0 or not 0 < top_p <= 1):
         raise LmscopeError("sampling needs temperature > 0 and 0 < top_p <= 1")
     decoding = Decoding(sample, seed, temperature, top_p, max_new_tokens)

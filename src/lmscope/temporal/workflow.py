@@ -52,7 +52,13 @@ from lmscope.temporal.data import (
     pairs_by_year,
     select_categories,
 )
-from lmscope.temporal.edit import default_experiments, load_experiments, temporal_edit
+from lmscope.temporal.edit import (
+    EditExperiment,
+    check_experiments,
+    default_experiments,
+    load_experiments,
+    temporal_edit,
+)
 from lmscope.temporal.heads import INVARIANT, temporal_heads
 from lmscope.temporal.reading import read_heads
 from lmscope.temporal.recall import recall
@@ -259,6 +265,13 @@ class TemporalStudy(Result):
         return self.results["recall"].tables()[:1]
 
 
+def experiments(settings: TemporalSettings) -> list[EditExperiment]:
+    """The edit experiments of ``settings``: its JSONL file or the paper's 15, the first
+    ``edit_experiments`` of them."""
+    chosen = load_experiments(settings.edits) if settings.edits else default_experiments()
+    return chosen if settings.edit_experiments is None else chosen[: settings.edit_experiments]
+
+
 def run_study(
     model: Model,
     categories: Sequence[Category] | None = None,
@@ -284,6 +297,8 @@ def run_study(
     }
     for problem in problems:
         note(f"skipped: {problem}")
+    if settings.edit:  # edit experiments that cannot run fail before the first part
+        check_experiments(model, experiments(settings), settings.max_new_tokens)
     writer = out if isinstance(out, RunWriter) else RunWriter(out, "temporal", settings, model=model,
                                                                model_name=name or model.name)  # fmt: skip
     writer.payload.update(info)
@@ -331,10 +346,7 @@ def run_study(
     def run_edit() -> Result:
         if not settings.edit:
             return Skipped("Editing not run (edit=False).")
-        experiments = load_experiments(settings.edits) if settings.edits else default_experiments()
-        if settings.edit_experiments is not None:
-            experiments = experiments[: settings.edit_experiments]
-        return temporal_edit(model, experiments, sample=settings.sample, seed=settings.seed,
+        return temporal_edit(model, experiments(settings), sample=settings.sample, seed=settings.seed,
                              max_new_tokens=settings.max_new_tokens)  # fmt: skip
 
     part("edit", "Editing through head values",
