@@ -111,7 +111,7 @@ def tokenize_pairs(model: Model, pairs: Sequence[PromptPair], align: str = "stri
     out = []
     for i, p in enumerate(pairs):
         where = p.where or f"pair {i}"
-        model.check_length([x for x in (p.clean, p.corrupt) if isinstance(x, str)])
+        model.check_length([x for x in (p.clean, p.corrupt) if isinstance(x, str)], where)
         clean, corrupt = _ids(tok, p.clean), _ids(tok, p.corrupt)
         model.check_ids(clean, f"{where}: clean")
         model.check_ids(corrupt, f"{where}: corrupt")

@@ -284,7 +284,7 @@ class Model:
             texts = [inputs] if isinstance(inputs, str) else list(inputs)
             if not texts:
                 raise LmscopeError("no input text")
-            self.check_length(texts)
+            self.check_length(texts, "input")
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side=padding_side)
             ids, mask = enc["input_ids"], enc["attention_mask"]
         self.check_ids(ids, "input")
@@ -313,7 +313,7 @@ class Model:
         what commands check of every text they will run before they compute anything."""
         if self.tokenizer is None or not texts:
             return
-        self.check_length(texts)
+        self.check_length(texts, what)
         for ids in self.tokenizer(list(texts))["input_ids"]:
             self.check_ids(ids, what)
             if self.context is not None and len(ids) + extra > self.context:
@@ -322,7 +322,7 @@ class Model:
                     f"({self.context} tokens)"
                 )
 
-    def check_length(self, texts: Sequence[str]) -> None:
+    def check_length(self, texts: Sequence[str], what: str = "input") -> None:
         """Refuse, before tokenising, a text that cannot fit the model's context: one of more
         than 4 x context x the longest token's characters (a token covers at most that many
         characters; 4 allows for normalisers that join characters)."""
@@ -330,7 +330,7 @@ class Model:
         if self.context is None or longest <= 4 * self.context * self._token_chars():
             return
         raise LmscopeError(
-            f"input: a text of {longest} characters, far longer than the context of {self.name} ({self.context} tokens)"
+            f"{what}: a text of {longest} characters, far longer than the context of {self.name} ({self.context} tokens)"
         )
 
     def _token_chars(self) -> int:

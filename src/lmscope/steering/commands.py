@@ -64,6 +64,7 @@ def run_probe(model: Model, settings: ProbeSettings, out: RunWriter) -> ProbeRes
     """Difference-of-means, first-principal-component and logistic-regression probes per layer, with
     held-out accuracy per layer."""
     examples = load_examples(settings.data)
+    model.check_texts(examples.texts, str(settings.data))  # every example fits the model
     layers = numbers(settings.layers, "layers", int) if settings.layers is not None else None
     result = out.part("probe", "Probes per layer", f"Held-out accuracy ({settings.site}, {settings.position}).",
                       lambda: probe(model, examples, layers, site=settings.site, position=settings.position,
@@ -149,6 +150,7 @@ def run_steer(model: Model, settings: SteerSettings, out: RunWriter) -> SteerRes
     side effects (KL on neutral prompts, perplexity) and a prompting baseline side by side; with --lineas,
     LinEAS maps (Rodriguez et al. 2025) learned from the same examples, in the same table."""
     examples, items, texts = load_examples(settings.pairs), load_eval(settings.eval), neutral_prompts(settings.neutral)
+    model.check_texts(examples.texts, str(settings.pairs))  # every text fits the model, before the first part
     completions = [settings.instruction + i.prompt + c for i in items for c in (i.target, i.opposite) if c is not None]
     model.check_texts(completions, str(settings.eval))  # before the first part is written
     model.check_texts(texts, str(settings.neutral or "neutral prompts"))

@@ -130,7 +130,7 @@ def check_experiments(model: Model, experiments: Sequence[EditExperiment], max_n
             what = f"{e.where or 'experiment'}: {key}"
             text = getattr(e, name)
             if isinstance(text, str):
-                model.check_length([text])
+                model.check_length([text], what)
             ids = token_ids(model, text)
             model.check_ids(ids, what)
             extra = max_new_tokens if name in ("source", "target") else 0
