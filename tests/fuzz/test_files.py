@@ -302,3 +302,29 @@ def test_bad_model_is_one_line_error(capsys, root, tmp_path, name):
     assert len(lines) == 1 and lines[0].startswith("error:") and str(model) in lines[0], err
     assert "Traceback" not in err
     assert _snapshot(out) == {"notes.txt": b"kept"}
+
+
+# -- files the Python API reads --------------------------------------------------------------------
+
+
+def _loaders() -> dict:
+    from lmscope.readout.tuned import check_tuned_lens
+    from lmscope.steering.lineas import load_transport
+    from lmscope.steering.store import load_control_vector, load_vectors
+
+    return {"steering vectors": load_vectors, "LinEAS maps": load_transport, "tuned lens": check_tuned_lens,
+            "control vector": load_control_vector}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(catalogue("tensors")))
+@pytest.mark.parametrize("loader", ["steering vectors", "LinEAS maps", "tuned lens", "control vector"])
+def test_bad_saved_file_is_one_line_error(tmp_path, loader, name):
+    """Saved vectors, maps, lenses and control vectors: a bad file is a one-line LmscopeError naming it."""
+    from lmscope.core.errors import LmscopeError
+
+    path = _bad_file(tmp_path, "tensors", name)
+    if loader == "steering vectors" and name == "safetensors":
+        path.write_bytes(save({"layer.x": torch.zeros(2)}, metadata={"format": "lmscope-steering"}))
+    with pytest.raises(LmscopeError) as error:
+        _loaders()[loader](path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)

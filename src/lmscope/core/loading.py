@@ -163,16 +163,25 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return local_device(resolved)
 
 
+MEMORY_DEVICES = ("cpu", "disk", "mps")  # accelerate's names besides CUDA indices
+
+
 def parse_max_memory(text: str | None) -> dict | None:
     """``"cpu=300MB,0=20GB"`` -> ``{"cpu": "300MB", 0: "20GB"}``: accelerate's ``max_memory``,
     per device (``cpu`` or a CUDA index) a size such as ``300MB`` or ``20GiB``."""
+    from lmscope.core.memory import parse_size  # memory reads this module's specs
+
     if not text:
         return None
     out: dict = {}
     for item in text.split(","):
-        key, sep, size = item.strip().partition("=")
-        if not sep or not key or not size:
-            raise LmscopeError(f"bad --max-memory entry '{item}' (expected DEVICE=SIZE, e.g. cpu=300MB,0=20GB)")
+        key, sep, size = (part.strip() for part in item.partition("="))
+        if not sep or not (key in MEMORY_DEVICES or key.isascii() and key.isdigit()):
+            raise LmscopeError(
+                f"bad --max-memory entry '{item}' (expected DEVICE=SIZE, DEVICE a CUDA index or one of "
+                f"{', '.join(MEMORY_DEVICES)}, e.g. cpu=300MB,0=20GB)"
+            )
+        parse_size(size)
         out[int(key) if key.isdigit() else key] = size
     return out
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import os
 import re
 import threading
@@ -38,14 +39,17 @@ def parse_size(text: str | int) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]I?B|B)?\s*", str(text), re.IGNORECASE)
     if not match:
         raise LmscopeError(f"bad memory size '{text}' (e.g. 300MB, 20GB, 2GiB)")
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+    size = float(match.group(1)) * _UNITS[(match.group(2) or "").upper()]
+    if not math.isfinite(size):
+        raise LmscopeError(f"memory size '{text}' is too large")
+    return int(size)
 
 
 def format_size(n: int) -> str:
     """``1_500_000_000`` -> ``"1.5 GB"`` (decimal units, as :func:`parse_size` reads them)."""
     for unit in ("TB", "GB", "MB", "KB"):
         if n >= _UNITS[unit]:
-            return f"{n / _UNITS[unit]:.3g} {unit}"
+            return f"{n / _UNITS[unit]:.1f}".removesuffix(".0") + f" {unit}"
     return f"{n} B"
 
 

@@ -408,7 +408,7 @@ def pretrain(
     )
     checkpoint = out / CHECKPOINT
     run = TrainingRun(recipe.name, settings.steps, settings.log_every)
-    if resume and checkpoint.is_file():
+    if resume and checkpoint.exists():  # a damaged one (or a folder in its place) is an error
         run = trainer.load_checkpoint(checkpoint)
         note(f"{recipe.name}: resumed from {checkpoint} at step {run.done}")
     elif resume:
