@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from lmscope.core.errors import LmscopeError
-from lmscope.core.jsonl import TEXT, TOKEN_ID, TOKEN_IDS, Schema, either, list_of, read_rows
+from lmscope.core.jsonl import TEXT, TOKEN_ID, TOKEN_IDS, Kind, Schema, either, list_of, read_rows
 
 if TYPE_CHECKING:
     from lmscope.circuits.metrics import Metric
@@ -73,7 +73,9 @@ class TokenPair:
 
 
 PROMPT = either(TEXT, TOKEN_IDS)
-ANSWER = either(TEXT, TOKEN_ID, list_of(either(TEXT, TOKEN_ID)))
+ANSWER = Kind(
+    "a non-empty string, a token id or a list of them", either(TEXT, TOKEN_ID, list_of(either(TEXT, TOKEN_ID))).test
+)
 PAIR = Schema({"clean": PROMPT, "corrupt": PROMPT, "answer": ANSWER, "wrong_answer": ANSWER})
 
 
