@@ -28,7 +28,7 @@ def test_load_pairs_with_candidate_lists(tmp_path):
     "line, message",
     [
         ("{not json", "pairs.jsonl:1: malformed JSON"),
-        ('{"clean": "a", "corrupt": "b", "answer": "c"}', "pairs.jsonl:1: missing wrong_answer"),
+        ('{"clean": "a", "corrupt": "b", "answer": "c"}', "pairs.jsonl:1: missing field 'wrong_answer'"),
         ('{"clean": "", "corrupt": "b", "answer": "c", "wrong_answer": "d"}', "'clean' must be"),
         ('{"clean": "a", "corrupt": "b", "answer": [], "wrong_answer": "d"}', "'answer' must be"),
         ("[1, 2]", "expected a JSON object"),

@@ -100,16 +100,16 @@ def test_load_choices(tmp_path):
     [
         (["{not json"], r"choices\.jsonl:1: malformed JSON"),
         (['{"context": "a", "choices": ["x", "y"], "answer": 0}', "", "[1"], r"choices\.jsonl:3: malformed JSON"),
-        (['{"choices": ["x", "y"], "answer": 0}'], r"choices\.jsonl:1: 'context'"),
-        (['{"context": "a", "answer": 0}'], r"choices\.jsonl:1: 'choices'"),
-        (['{"context": "a", "choices": ["x"], "answer": 0}'], "at least two"),
-        (['{"context": "a", "choices": ["x", ""], "answer": 0}'], "non-empty strings"),
-        (['{"context": "a", "choices": ["x", "y"]}'], r"choices\.jsonl:1: 'answer'"),
+        (['{"choices": ["x", "y"], "answer": 0}'], r"choices\.jsonl:1: missing field 'context'"),
+        (['{"context": "a", "answer": 0}'], r"choices\.jsonl:1: missing field 'choices'"),
+        (['{"context": "a", "choices": ["x"], "answer": 0}'], "at least 2 items"),
+        (['{"context": "a", "choices": ["x", ""], "answer": 0}'], "each a non-empty string"),
+        (['{"context": "a", "choices": ["x", "y"]}'], r"choices\.jsonl:1: missing field 'answer'"),
         (['{"context": "a", "choices": ["x", "y"], "answer": 2}'], r"'answer' must be the index.*0\.\.1"),
         (['{"context": "a", "choices": ["x", "y"], "answer": -1}'], "'answer' must be"),
         (['{"context": "a", "choices": ["x", "y"], "answer": "0"}'], "'answer' must be"),
         (['["a", "b"]'], "expected a JSON object"),
-        ([""], "no items"),
+        ([""], "no multiple-choice items"),
     ],
 )
 def test_load_choices_errors_name_file_and_line(tmp_path, lines, message):
@@ -120,7 +120,7 @@ def test_load_choices_errors_name_file_and_line(tmp_path, lines, message):
 
 def test_load_choices_missing_file(tmp_path):
     """A missing file is an LmscopeError, not an OSError."""
-    with pytest.raises(lmscope.LmscopeError, match="cannot read"):
+    with pytest.raises(lmscope.LmscopeError, match="nope.jsonl: no such file"):
         load_choices(tmp_path / "nope.jsonl")
 
 

@@ -74,7 +74,7 @@ def test_probe_writes_accuracy_per_layer(capsys, files, tmp_path):
     [
         (["--layers", "5"], "out of range"),
         (["--coeffs", "1,x"], "--coeffs"),
-        (["--eval", "missing.jsonl"], "--eval missing.jsonl: no such file"),
+        (["--eval", "missing.jsonl"], "no such file"),
     ],
 )
 def test_bad_steer_input_is_a_one_line_error(capsys, files, args, message):

@@ -55,9 +55,9 @@ def test_logistic_probe_minimises_the_sklearn_objective():
 @pytest.mark.parametrize(
     "line, message",
     [
-        ({"text": "a", "label": 2}, "of 0 or 1"),
-        ({"prompt": "a", "positive": 1, "negative": "b"}, "must be strings"),
-        ({"words": "a"}, "expected {text, label} or {positive, negative}"),
+        ({"text": "a", "label": 2}, "field 'label' must be 0 or 1"),
+        ({"prompt": "a", "positive": 1, "negative": "b"}, "field 'positive' must be a non-empty string"),
+        ({"words": "a"}, "expected a JSON object {text, label} or {positive, negative[, prompt]}"),
     ],
 )
 def test_bad_example_files_name_the_line(tmp_path, line, message):

@@ -111,7 +111,7 @@ def test_files_of_another_shape_are_one_line_errors_or_problems(tmp_path):
     a_list = _write(tmp_path, "b.json", [1, 2])
     no_samples = _write(tmp_path, "c.json", {"name": "x", "prompt_templates": ["{subject} is"]})
     good = _write(tmp_path, "d.json", _temporal())
-    for path, words in ((bad_json, "not JSON"), (a_list, "neither"), (no_samples, "missing samples")):
+    for path, words in ((bad_json, "malformed JSON"), (a_list, "neither"), (no_samples, "missing samples")):
         with pytest.raises(LmscopeError, match=words) as error:
             load_category(path)
         assert "\n" not in str(error.value) and path in str(error.value)

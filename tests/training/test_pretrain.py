@@ -163,3 +163,24 @@ def test_cli_ab_writes_the_report_and_resumes(capsys, tiny_settings, tmp_path):
 def test_cli_bad_input_one_line_exit_2(capsys, tmp_path, argv, message):
     code, _, err = run_cli(capsys, "pretrain", *argv, "--out", str(tmp_path))
     assert code == 2 and message in err and err.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["empty", "garbage", "truncated", "jsonl", "a list", "keys missing", "a folder"],
+)
+def test_damaged_checkpoint_is_a_one_line_error_naming_it(resumed, tiny_settings, tokenizer, corpora, tmp_path, damage):
+    """A checkpoint that is not one lmscope wrote (or was cut short) is refused naming the file,
+    before any step, never a traceback from torch.load or a missing key."""
+    good = (Path(resumed[0].model_path).parent / CHECKPOINT).read_bytes()
+    path = tmp_path / CHECKPOINT
+    if damage == "a folder":
+        path.mkdir()
+    elif damage in ("a list", "keys missing"):
+        torch.save([1, 2] if damage == "a list" else {"recipe": "osp"}, path)
+    else:
+        content = {"empty": b"", "garbage": bytes(range(256)) * 16, "truncated": good[: len(good) // 2]}
+        path.write_bytes(content.get(damage, b'{"clean": "a"}\n'))
+    with pytest.raises(LmscopeError) as error:
+        pretrain("osp", tiny_settings, tokenizer, *corpora, tmp_path, resume=True)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)

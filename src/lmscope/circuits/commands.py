@@ -18,6 +18,7 @@ from lmscope.circuits.pairs import (
     answer_record,
     check_answer_token,
     shortened_note,
+    load_pairs,
     tokenize_pairs,
 )
 from lmscope.circuits.scores import PatchResult
@@ -62,6 +63,8 @@ class PairOptions:
 
     def __post_init__(self) -> None:
         check_answer_token(self.answer_token)
+        if self.data is not None:
+            load_pairs(self.data)  # a bad pair file fails before the model loads
 
     def pairs(self, model: Model) -> list[TokenPair]:
         """The token pairs (one-line errors for a bad file, task, alignment or answer)."""

@@ -38,7 +38,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from lmscope.core.errors import LmscopeError
-from lmscope.core.jsonl import read_jsonl
+from lmscope.core.jsonl import TEXT, TOKEN_ID, TOKEN_IDS, Kind, Schema, either, list_of, read_rows
 from lmscope.core.scoring import sequence_logprobs
 
 if TYPE_CHECKING:
@@ -65,6 +65,7 @@ class PromptPair:
     corrupt: Prompt
     answer: tuple[str | int, ...]
     wrong_answer: tuple[str | int, ...]
+    where: str = field(default="", compare=False)  # the file and line it was read from, for errors
 
 
 @dataclass
@@ -94,45 +95,28 @@ class TokenPair:
         return {"input_ids": ids[None].to(device), "attention_mask": mask[None].to(device)}
 
 
-def _candidates(value, what: str, where: str) -> tuple:
-    values = value if isinstance(value, list) else [value]
-    if not values or not all(isinstance(v, str | int) and not isinstance(v, bool) for v in values):
-        raise LmscopeError(f"{where}: '{what}' must be a string or a list of strings")
-    return tuple(values)
+PROMPT = either(TEXT, TOKEN_IDS)
+ANSWER = Kind(
+    "a non-empty string, a token id or a list of them", either(TEXT, TOKEN_ID, list_of(either(TEXT, TOKEN_ID))).test
+)
+PAIR = Schema({"clean": PROMPT, "corrupt": PROMPT, "answer": ANSWER, "wrong_answer": ANSWER})
 
 
-def _prompt(value, what: str, where: str) -> Prompt:
-    if isinstance(value, str) and value:
-        return value
-    if isinstance(value, list) and value and all(isinstance(t, int) for t in value):
-        return value
-    raise LmscopeError(f"{where}: '{what}' must be a non-empty string or a list of token ids")
-
-
-def pair_from_dict(obj: dict, where: str = "pair") -> PromptPair:
-    """Validate one JSON object as a :class:`PromptPair`."""
-    if not isinstance(obj, dict):
-        raise LmscopeError(f"{where}: expected a JSON object")
-    missing = [k for k in ("clean", "corrupt", "answer", "wrong_answer") if k not in obj]
-    if missing:
-        raise LmscopeError(f"{where}: missing {', '.join(missing)}")
-    return PromptPair(
-        clean=_prompt(obj["clean"], "clean", where),
-        corrupt=_prompt(obj["corrupt"], "corrupt", where),
-        answer=_candidates(obj["answer"], "answer", where),
-        wrong_answer=_candidates(obj["wrong_answer"], "wrong_answer", where),
-    )
+def pair_from_dict(obj: object, where: str = "pair") -> PromptPair:
+    """Validate one JSON object as a :class:`PromptPair` (:data:`PAIR`); errors name ``where``."""
+    values = PAIR.check(obj, where)
+    answers = [tuple(v) if isinstance(v, list) else (v,) for v in (values["answer"], values["wrong_answer"])]
+    return PromptPair(values["clean"], values["corrupt"], *answers, where=where)
 
 
 def load_pairs(path: str | Path) -> list[PromptPair]:
-    """Read a prompt-pair JSONL file; errors name the file and line."""
-    pairs = [pair_from_dict(obj, where) for where, obj in read_jsonl(path)]
-    if not pairs:
-        raise LmscopeError(f"{path}: no prompt pairs")
-    return pairs
+    """Read a prompt-pair JSONL file (:data:`PAIR` rows); errors name the file, line and field."""
+    return [pair_from_dict(row.values, row.where) for row in read_rows(path, PAIR, what="prompt pairs")]
 
 
 def _ids(tokenizer, prompt: Prompt) -> list[int]:
+    if not isinstance(prompt, list) and tokenizer is None:
+        raise LmscopeError("the model has no tokenizer: give prompts as token ids")
     return list(prompt) if isinstance(prompt, list) else tokenizer(prompt)["input_ids"]
 
 
@@ -176,17 +160,24 @@ def tokenize_pairs(
     tok = model.tokenizer
     out = []
     for i, p in enumerate(pairs):
+        where = p.where or f"pair {i}"
+        model.check_length([x for x in (p.clean, p.corrupt) if isinstance(x, str)], where)
         clean, corrupt = _ids(tok, p.clean), _ids(tok, p.corrupt)
+        model.check_ids(clean, f"{where}: clean")
+        model.check_ids(corrupt, f"{where}: corrupt")
         if len(clean) != len(corrupt) and align == "strict":
             raise LmscopeError(
-                f"pair {i}: clean and corrupt prompts tokenise to {len(clean)} and {len(corrupt)} tokens; "
+                f"{where}: clean and corrupt prompts tokenise to {len(clean)} and {len(corrupt)} tokens; "
                 "make them the same length or align on the final position (align='final', --align final)"
             )
         n = max(len(clean), len(corrupt))
         pad = model.pad_id or 0
         (c, cm), (k, km) = _left_pad(clean, n, pad), _left_pad(corrupt, n, pad)
-        answers = _answer_tokens(tok, p.answer, "answer", f"pair {i}")
-        wrong = _answer_tokens(tok, p.wrong_answer, "wrong_answer", f"pair {i}")
+        answers = _answer_tokens(tok, p.answer, "answer", where)
+        wrong = _answer_tokens(tok, p.wrong_answer, "wrong_answer", where)
+        for name, candidates in (("answer", answers), ("wrong_answer", wrong)):
+            for ids in candidates:
+                model.check_ids(list(ids), f"{where}: {name}", sequence=False)
         first = lambda candidates: torch.tensor([ids[0] for ids in candidates])
         out.append(TokenPair(c, k, first(answers), first(wrong), cm, km, answers, wrong))
     return out

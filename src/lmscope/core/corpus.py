@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lmscope.core.errors import LmscopeError
-from lmscope.core.jsonl import read_jsonl
+from lmscope.core.jsonl import STRING, Schema, read_rows, read_text
 
 BUNDLED = {"wikitext2": "wikitext-2/test.txt"}
 
@@ -53,25 +53,30 @@ class Corpus:
 
 def corpus_text(source: str | Path, text_field: str = "text") -> tuple[str, str]:
     """``(name, text)`` of a bundled corpus name, a .jsonl file (``text_field`` of every line,
-    joined by blank lines) or any other text file."""
+    joined by blank lines) or any other UTF-8 text file; a missing, unreadable, binary or empty
+    file is a one-line error naming it."""
     if str(source) in BUNDLED:
         path = resources.files("lmscope") / "data" / BUNDLED[str(source)]
         return str(source), path.read_text(encoding="utf-8")
     path = Path(source)
-    if not path.is_file():
+    if not path.exists():
         known = ", ".join(BUNDLED)
         raise LmscopeError(f"corpus not found: {source} (a text or JSONL file, or one of: {known})")
     if path.suffix == ".jsonl":
-        texts = []
-        for where, obj in read_jsonl(path):
-            if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                raise LmscopeError(f"{where}: expected an object with a string field '{text_field}'")
-            texts.append(obj[text_field])
-        return path.name, "\n\n".join(texts)
-    try:
-        return path.name, path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise LmscopeError(f"cannot read {path}: {e}") from e
+        rows = read_rows(path, Schema({text_field: STRING}), what="texts")
+        text = "\n\n".join(row.values[text_field] for row in rows)
+    else:
+        text = read_text(path, "corpus")
+    if not text.strip():
+        raise LmscopeError(f"corpus {path}: no text (an empty or blank file)")
+    return path.name, text
+
+
+def check_corpus(source: str | Path, text_field: str = "text") -> None:
+    """Read a corpus file through :func:`corpus_text` (a bundled name passes), so that settings
+    naming a bad one fail before any model loads."""
+    if str(source) not in BUNDLED:
+        corpus_text(source, text_field)
 
 
 def load_corpus(
@@ -84,8 +89,6 @@ def load_corpus(
     if max_tokens is not None and max_tokens < 1:
         raise LmscopeError(f"max_tokens must be positive, got {max_tokens}")
     name, text = corpus_text(source, text_field)
-    if not text.strip():
-        raise LmscopeError(f"corpus {name} is empty")
     ids = _tokenize_prefix(model.tokenizer, text, max_tokens)
     return Corpus(name, torch.tensor(ids[:max_tokens], dtype=torch.long))
 

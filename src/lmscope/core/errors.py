@@ -11,3 +11,10 @@ class LmscopeError(ValueError):
 
 class UnknownFamily(LmscopeError):
     """A model whose ``model_type`` has no family entry (:mod:`lmscope.core.families`)."""
+
+
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """``"TypeName: first line of the message"`` (at most ``limit`` characters of it), for one-line
+    errors that wrap an exception raised by another library."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:limit] if text else ''}"

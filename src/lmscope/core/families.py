@@ -120,6 +120,8 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import types
+import typing
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -776,35 +778,71 @@ def config_value(config, formula: str | None) -> float | None:
 
 def load_families(path) -> dict[str, Family]:
     """Register the entries of a TOML or JSON file, ``{model_type: {field: value, ...}}``; an
-    entry may start from another with ``base = "llama"``. Returns the new entries; a clear error
-    for a file that cannot be read or an unknown field."""
+    entry may start from another with ``base = "llama"``. Returns the new entries; a one-line
+    error naming the file for a file that cannot be read or parsed, holds no entry, or an entry
+    with an unknown field or a value of the wrong type."""
     import json
     import tomllib
     from dataclasses import fields
     from pathlib import Path
 
     from lmscope.core.errors import LmscopeError
+    from lmscope.core.jsonl import parse_json, read_text
 
     path = Path(path)
-    try:
-        text = path.read_text()
-        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (OSError, ValueError) as e:
-        raise LmscopeError(f"cannot read families file {path}: {str(e).splitlines()[0]}") from None
-    known = {f.name for f in fields(Family)}
+    text = read_text(path, "families file (TOML or JSON)")
+    if path.suffix == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise LmscopeError(f"{path}: malformed TOML ({str(e).splitlines()[0]})") from None
+    else:
+        data = parse_json(text, str(path))
+    if not isinstance(data, dict) or not data:
+        raise LmscopeError(f"{path}: expected a table of family entries {{model_type: {{field: value}}}}")
+    known = {f.name: f.type for f in fields(Family)}
+    hints = typing.get_type_hints(Family)
     added = {}
     for model_type, entry in data.items():
+        where = f"{path}: entry '{model_type}'"
         if not isinstance(entry, dict):
-            raise LmscopeError(f"{path}: entry '{model_type}' is not a table of fields")
+            raise LmscopeError(f"{where} is not a table of fields")
         entry = dict(entry)
         base = entry.pop("base", None)
-        bad = sorted(set(entry) - known)
+        if base is not None and not isinstance(base, str):
+            raise LmscopeError(f"{where}: 'base' must be a model type (a string), not {json.dumps(base)}")
+        bad = sorted(set(entry) - set(known))
         if bad:
-            raise LmscopeError(f"{path}: entry '{model_type}' has unknown field(s) {', '.join(bad)}")
+            raise LmscopeError(f"{where} has unknown field(s) {', '.join(bad)}")
+        for name, value in entry.items():
+            if not _fits(value, hints[name]):
+                raise LmscopeError(f"{where}: field '{name}' must be {known[name]}, not {json.dumps(value)[:40]}")
+        entry = {name: _tupled(value) for name, value in entry.items()}
         try:
             family = replace(family_for(base), **entry) if base else Family(**entry)
         except TypeError as e:
-            raise LmscopeError(f"{path}: entry '{model_type}': {e}") from None
+            raise LmscopeError(f"{where}: {e}") from None
         added[model_type] = family
     USER_FAMILIES.update(added)
     return added
+
+
+def _fits(value, hint) -> bool:
+    """Whether a value read from TOML or JSON fits a :class:`Family` field's type (lists for tuples)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list | tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args, strict=True))
+    return isinstance(value, hint)
+
+
+def _tupled(value):
+    """Lists as tuples, recursively (the frozen :class:`Family` keeps tuples)."""
+    return tuple(map(_tupled, value)) if isinstance(value, list) else value

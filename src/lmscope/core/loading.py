@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lmscope.core.errors import LmscopeError
+from lmscope.core.errors import LmscopeError, first_line
 from lmscope.core.progress import note, progress_bar
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -98,9 +98,9 @@ def convert_gguf(path: Path) -> Path:
     except OSError as e:
         if not os.access(target.parent, os.W_OK):
             raise LmscopeError(f"cannot write the model cache {target.parent}: {e.strerror or e}") from e
-        raise LmscopeError(f"cannot read GGUF file {path}: corrupt or truncated ({_first_line(e)})") from e
+        raise LmscopeError(f"cannot read GGUF file {path}: corrupt or truncated ({first_line(e)})") from e
     except Exception as e:
-        raise LmscopeError(f"cannot read GGUF file {path}: corrupt or truncated ({_first_line(e)})") from e
+        raise LmscopeError(f"cannot read GGUF file {path}: corrupt or truncated ({first_line(e)})") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -163,16 +163,25 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return local_device(resolved)
 
 
+MEMORY_DEVICES = ("cpu", "disk", "mps")  # accelerate's names besides CUDA indices
+
+
 def parse_max_memory(text: str | None) -> dict | None:
     """``"cpu=300MB,0=20GB"`` -> ``{"cpu": "300MB", 0: "20GB"}``: accelerate's ``max_memory``,
     per device (``cpu`` or a CUDA index) a size such as ``300MB`` or ``20GiB``."""
+    from lmscope.core.memory import parse_size  # memory reads this module's specs
+
     if not text:
         return None
     out: dict = {}
     for item in text.split(","):
-        key, sep, size = item.strip().partition("=")
-        if not sep or not key or not size:
-            raise LmscopeError(f"bad --max-memory entry '{item}' (expected DEVICE=SIZE, e.g. cpu=300MB,0=20GB)")
+        key, sep, size = (part.strip() for part in item.partition("="))
+        if not sep or not (key in MEMORY_DEVICES or key.isascii() and key.isdigit()):
+            raise LmscopeError(
+                f"bad --max-memory entry '{item}' (expected DEVICE=SIZE, DEVICE a CUDA index or one of "
+                f"{', '.join(MEMORY_DEVICES)}, e.g. cpu=300MB,0=20GB)"
+            )
+        parse_size(size)
         out[int(key) if key.isdigit() else key] = size
     return out
 
@@ -196,6 +205,8 @@ def load_hf(
     kind, where = resolve(spec)
     if kind == "gguf":
         where = convert_gguf(where)
+    if kind == "dir":
+        check_model_dir(where)
     dtype = _dtype(dtype)
     kw = {"local_files_only": True, "trust_remote_code": bool(trust_remote_code)}
     try:
@@ -211,14 +222,14 @@ def load_hf(
                 f"model '{spec}' is not in the local Hugging Face cache and lmscope never downloads; "
                 f"on a connected machine run `hf download {spec}` (or pass a local directory or .gguf file)"
             ) from e
-        raise LmscopeError(f"cannot load {where}: {_first_line(e)}") from e
-    except (ValueError, KeyError) as e:
+        raise LmscopeError(f"cannot load {where}: {first_line(e)}") from e
+    except Exception as e:  # transformers raises what the files it reads lead to
         if "trust_remote_code" in str(e) and not trust_remote_code:
             raise LmscopeError(
                 f"{where} runs its own modeling code (remote code): pass --trust-remote-code "
                 "(Python: lmscope.load(..., trust_remote_code=True)) if you trust it"
             ) from e
-        raise LmscopeError(f"cannot load {where}: {_first_line(e)}") from e
+        raise LmscopeError(f"cannot load {where}: {first_line(e)}") from e
     if device_map is None:
         model.to(device)
     model.eval()
@@ -227,9 +238,28 @@ def load_hf(
     return model, tokenizer, str(where)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
+def check_model_dir(path: Path) -> None:
+    """Refuse a model directory whose files cannot load, naming the file: no ``config.json`` or
+    one that is not a JSON object, another ``*.json`` (tokenizer, weight index, ...) that is not
+    JSON, or a ``*.safetensors`` file whose header is corrupt or whose data is truncated (headers
+    only are read)."""
+    from safetensors import SafetensorError, safe_open
+
+    from lmscope.core.jsonl import read_json
+
+    config = path / "config.json"
+    if not config.exists():
+        raise LmscopeError(f"{path}: not a model directory (no config.json)")
+    if not isinstance(read_json(config, "model config (JSON)"), dict):
+        raise LmscopeError(f"{config}: expected a JSON object of model settings")
+    for other in sorted(path.glob("*.json")):
+        read_json(other)
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), "pt") as f:
+                f.keys()
+        except (OSError, SafetensorError) as e:
+            raise LmscopeError(f"{weights}: cannot read as safetensors ({str(e).strip().splitlines()[0]})") from e
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import os
 import re
 import threading
@@ -38,14 +39,27 @@ def parse_size(text: str | int) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]I?B|B)?\s*", str(text), re.IGNORECASE)
     if not match:
         raise LmscopeError(f"bad memory size '{text}' (e.g. 300MB, 20GB, 2GiB)")
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+    size = float(match.group(1)) * _UNITS[(match.group(2) or "").upper()]
+    if not math.isfinite(size):
+        raise LmscopeError(f"memory size '{text}' is too large")
+    return int(size)
+
+
+def format_size(n: int) -> str:
+    """``1_500_000_000`` -> ``"1.5 GB"`` (decimal units, as :func:`parse_size` reads them)."""
+    for unit in ("TB", "GB", "MB", "KB"):
+        if n >= _UNITS[unit]:
+            return f"{n / _UNITS[unit]:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{n} B"
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes free on ``device`` now: CUDA's free memory, or the kernel's ``MemAvailable``."""
+    """Bytes free on ``device`` now: CUDA's free memory (with what PyTorch's allocator holds
+    unused), or the kernel's ``MemAvailable``."""
     device = torch.device(device)
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0] + unused)
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -66,6 +80,29 @@ def budget(device: torch.device, max_memory: dict | str | int | None = None) -> 
     if max_memory is not None:
         return parse_size(max_memory)
     return int(free_memory(device) * _DEFAULT_SHARE)
+
+
+def forward_bytes(model, batch: int, pos: int, kept: int, grad: bool = False) -> int:
+    """A lower estimate of the memory one forward of ``batch`` x ``pos`` tokens takes on
+    ``model``: the logits of ``kept`` positions per sequence, a layer's hidden and MLP
+    activations (every layer's when ``grad`` keeps them for the backward) and, under eager
+    attention, a layer's attention weights [batch, heads, pos, pos]."""
+    element = next(model.hf.parameters()).element_size()
+    layers = model.n_layers if grad else 1
+    per_layer = pos * (model.d_model + (model.d_mlp or 0))
+    if getattr(model.hf.config, "_attn_implementation", None) == "eager":
+        per_layer += model.n_heads * pos * pos
+    return batch * (kept * model.d_vocab + layers * per_layer) * element
+
+
+def require_memory(need: int, device: torch.device | str, what: str) -> None:
+    """Refuse work that needs ``need`` bytes on ``device`` when less is free there
+    (:func:`free_memory`): a one-line error with both sizes, before anything is computed."""
+    free = free_memory(torch.device(device))
+    if need > free:
+        raise LmscopeError(
+            f"{what} needs about {format_size(need)} on {device}, more than the {format_size(free)} free there"
+        )
 
 
 def model_budget(model) -> int:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lmscope.core import memory
 from lmscope.core.cache import ActivationCache
 from lmscope.core.errors import LmscopeError
 from lmscope.core.families import Family, config_value, family_for
@@ -74,6 +75,7 @@ class Model:
         downs = [self.layer_module(i, self.family.mlp_down) for i in self.layers_with("mlp_down")]
         self.d_mlp = self._in_features(downs[0]) if downs else None
         self.d_vocab = config.vocab_size
+        self.context: int | None = _context(config)
 
     # -- structure -----------------------------------------------------------------
 
@@ -266,7 +268,9 @@ class Model:
     # -- running ---------------------------------------------------------------------
 
     def tokenize(self, inputs: Inputs, padding_side: str = "right") -> tuple[Tensor, Tensor]:
-        """``(input_ids, attention_mask)``, both [batch, pos], on the model's device."""
+        """``(input_ids, attention_mask)``, both [batch, pos], on the model's device. Empty
+        inputs, ids outside the vocabulary and sequences longer than the model's context are
+        one-line errors (:meth:`check_ids`)."""
         if isinstance(inputs, Tensor):
             ids = inputs if inputs.ndim == 2 else inputs.unsqueeze(0)
             mask = torch.ones_like(ids)
@@ -280,9 +284,61 @@ class Model:
             texts = [inputs] if isinstance(inputs, str) else list(inputs)
             if not texts:
                 raise LmscopeError("no input text")
+            self.check_length(texts, "input")
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side=padding_side)
             ids, mask = enc["input_ids"], enc["attention_mask"]
+        self.check_ids(ids, "input")
         return ids.to(self.device), mask.to(self.device)
+
+    def check_ids(self, ids: Tensor | Sequence[int], what: str = "input", *, sequence: bool = True) -> None:
+        """Refuse token ids outside the vocabulary [0, d_vocab) and, when ``ids`` is a sequence
+        ([..., pos]: ``sequence``), an empty one or one longer than the model's context; the
+        one-line error starts with ``what`` (a file and line, "answers", ...)."""
+        ids = torch.as_tensor(ids)
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise LmscopeError(f"{what}: token ids must be integers, not {str(ids.dtype).removeprefix('torch.')}")
+        if sequence and (ids.ndim == 0 or ids.shape[-1] == 0):
+            raise LmscopeError(f"{what}: no tokens (an empty prompt?)")
+        if sequence and self.context is not None and ids.shape[-1] > self.context:
+            raise LmscopeError(
+                f"{what}: {ids.shape[-1]} tokens, longer than the context of {self.name} ({self.context} tokens)"
+            )
+        if ids.numel() and bool(((ids < 0) | (ids >= self.d_vocab)).any()):
+            bad = int(ids[(ids < 0) | (ids >= self.d_vocab)].flatten()[0])
+            raise LmscopeError(f"{what}: token id {bad} outside the vocabulary of {self.name} (ids 0..{self.d_vocab - 1})")
+
+    def check_texts(self, texts: Sequence[str], what: str = "input", *, extra: int = 0) -> None:
+        """Refuse texts that, tokenised as :meth:`tokenize` does, are empty, hold ids outside the
+        vocabulary or with ``extra`` more tokens (to be generated) exceed the model's context:
+        what commands check of every text they will run before they compute anything."""
+        if self.tokenizer is None or not texts:
+            return
+        self.check_length(texts, what)
+        for ids in self.tokenizer(list(texts))["input_ids"]:
+            self.check_ids(ids, what)
+            if self.context is not None and len(ids) + extra > self.context:
+                raise LmscopeError(
+                    f"{what}: {len(ids)} tokens and {extra} to generate exceed the context of {self.name} "
+                    f"({self.context} tokens)"
+                )
+
+    def check_length(self, texts: Sequence[str], what: str = "input") -> None:
+        """Refuse, before tokenising, a text that cannot fit the model's context: one of more
+        than 4 x context x the longest token's characters (a token covers at most that many
+        characters; 4 allows for normalisers that join characters)."""
+        longest = max(map(len, texts), default=0)
+        if self.context is None or longest <= 4 * self.context * self._token_chars():
+            return
+        raise LmscopeError(
+            f"{what}: a text of {longest} characters, far longer than the context of {self.name} ({self.context} tokens)"
+        )
+
+    def _token_chars(self) -> int:
+        """The most characters one token of the tokenizer spells (computed once)."""
+        if not hasattr(self, "_longest_token"):
+            vocab = self.tokenizer.get_vocab() if self.tokenizer is not None else {}
+            self._longest_token = max(map(len, vocab), default=1)
+        return self._longest_token
 
     @contextlib.contextmanager
     def frozen(self) -> Iterator[None]:
@@ -342,6 +398,9 @@ class Model:
         with ``grad`` the forward records gradients.
         """
         ids, mask = self.tokenize(inputs, padding_side)
+        kept = 0 if not logits else 1 if logits == "last" else ids.shape[1]
+        need = memory.forward_bytes(self, *ids.shape, kept, grad=bool(options.get("grad")))
+        memory.require_memory(need, self.device, f"a forward pass of {ids.shape[0]} x {ids.shape[1]} tokens")
         session = self.hooks(capture, interventions, **options)
         if not logits and any(self.site(s).kind == "logits" for s in [*capture, *(iv.site for iv in interventions)]):
             raise LmscopeError("the logits site does not exist in a run without the unembedding (logits=False)")
@@ -369,6 +428,11 @@ class Model:
         ``attn.pattern``, which holds the last step.
         """
         ids, mask = self.tokenize(inputs, padding_side="left")
+        if self.context is not None and ids.shape[1] + max_new_tokens > self.context:
+            raise LmscopeError(
+                f"{ids.shape[1]} prompt tokens and {max_new_tokens} new ones exceed the context of {self.name} "
+                f"({self.context} tokens)"
+            )
         if self.family.kv_reuse and "logits_to_keep" in inspect.signature(self.hf.forward).parameters:
             kwargs.setdefault("logits_to_keep", self._last_position())  # every layer sees the whole prompt
         session = self.hooks(capture, interventions)
@@ -419,6 +483,16 @@ class Model:
         """``[bos_token_id]``, or ``[]`` when the tokenizer has no BOS token."""
         bos = self.tokenizer.bos_token_id if self.tokenizer is not None else None
         return [] if bos is None else [bos]
+
+
+def _context(config) -> int | None:
+    """The longest sequence ``config`` allows (``max_position_embeddings`` or the family's name
+    for it), None when it names none."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def _layer_config(config, layer: int):

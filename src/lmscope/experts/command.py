@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmscope.core.corpus import BUNDLED, load_corpus
+from lmscope.core.corpus import BUNDLED, check_corpus, load_corpus
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
 from lmscope.experts.resection import Resection, resection
@@ -29,6 +29,8 @@ class ExpertsSettings:
     seed: int = option(0, "seed of the random resections", min=0)
 
     def __post_init__(self) -> None:
+        for source in self.corpus:
+            check_corpus(source)  # a bad corpus file fails before the model loads
         if self.resect is not None and len(self.corpus) < 2:
             raise LmscopeError("--resect needs at least two --corpus domains (experts specialised to one of them)")
 

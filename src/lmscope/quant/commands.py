@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lmscope.core.corpus import BUNDLED, load_corpus
+from lmscope.core.corpus import BUNDLED, check_corpus, load_corpus
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
 from lmscope.core.sites import parse_site
@@ -31,6 +31,9 @@ class OutliersSettings:
     window: int = option(512, "tokens per window", min=1)
     osp_protocol: bool = option(False, "OSP's protocol: every token as its own sequence")
     site: tuple[str, ...] = option((), "another site to measure (repeatable)", flag="--site", parse=parse_site)
+
+    def __post_init__(self) -> None:
+        check_corpus(self.corpus)  # a bad corpus file fails before the model loads
 
 
 def run_outliers(model: Model, settings: OutliersSettings, out: RunWriter) -> OutlierSummary:
@@ -60,6 +63,9 @@ class KVSettings:
     corpus: str = option("wikitext2", CORPUS_HELP, **CORPUS)
     tokens: int = option(2048, "number of corpus tokens", min=1)
     window: int = option(512, "tokens per window", min=1)
+
+    def __post_init__(self) -> None:
+        check_corpus(self.corpus)  # a bad corpus file fails before the model loads
 
 
 def run_kv(model: Model, settings: KVSettings, out: RunWriter) -> KVNorms:
@@ -108,6 +114,9 @@ class QuantSettings:
     def __post_init__(self) -> None:
         self.kv_configs()  # bad specs fail before the model loads
         QuantConfig(scheme=self.scheme, rotation=self.rotation)
+        check_corpus(self.corpus)
+        if self.choices is not None:
+            load_choices(self.choices)
 
     def kv_configs(self) -> list:
         return parse_kv_specs(self.kv, group_size=self.group, k_axis=self.k_axis, v_axis=self.v_axis,
@@ -131,6 +140,8 @@ class QuantSettings:
 def run_quant(model: Model, settings: QuantSettings, out: RunWriter) -> QuantTable:
     """Perplexity (and multiple-choice accuracy) under simulated KV / weight / activation quantisation."""
     items = load_choices(settings.choices) if settings.choices is not None else None
+    if items is not None:  # every choice fits the model, before the first part is written
+        model.check_texts([item.context + choice for item in items for choice in item.choices], str(settings.choices))
     if settings.rotate:
         check(model, settings.rotation)
     text = load_corpus(model, settings.corpus, max_tokens=settings.tokens)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from lmscope.core import distributed
 from lmscope.core.errors import LmscopeError
-from lmscope.core.jsonl import read_jsonl
+from lmscope.core.jsonl import INTEGER, TEXT, Schema, list_of, read_rows
 from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
 from lmscope.quant.configs import QuantConfig
@@ -100,22 +100,18 @@ class Choice:
     answer: int
 
 
+CHOICE = Schema({"context": TEXT, "choices": list_of(TEXT, at_least=2), "answer": INTEGER})
+
+
 def load_choices(path: str | Path) -> list[Choice]:
-    """Read a multiple-choice JSONL file; errors name the file and line."""
+    """Read a multiple-choice JSONL file (:data:`CHOICE` rows; ``answer`` the index of the right
+    choice); errors name the file, line and field."""
     items = []
-    for where, obj in read_jsonl(path):
-        if not isinstance(obj, dict):
-            raise LmscopeError(f"{where}: expected a JSON object")
-        context, choices, answer = obj.get("context"), obj.get("choices"), obj.get("answer")
-        if not isinstance(context, str) or not context:
-            raise LmscopeError(f"{where}: 'context' must be a non-empty string")
-        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-            raise LmscopeError(f"{where}: 'choices' must be a list of at least two non-empty strings")
-        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-            raise LmscopeError(f"{where}: 'answer' must be the index of a choice (0..{len(choices) - 1})")
+    for where, row, _ in read_rows(path, CHOICE, what="multiple-choice items"):
+        context, choices, answer = row["context"], row["choices"], row["answer"]
+        if not 0 <= answer < len(choices):
+            raise LmscopeError(f"{where}: field 'answer' must be the index of a choice (0..{len(choices) - 1}), not {answer}")
         items.append(Choice(context, tuple(choices), answer))
-    if not items:
-        raise LmscopeError(f"{path}: no items")
     return items
 
 

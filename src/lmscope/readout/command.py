@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmscope.core.corpus import BUNDLED, load_corpus
+from lmscope.core.corpus import BUNDLED, check_corpus, load_corpus
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
 from lmscope.readout.logit_lenses import LensResult, lens
-from lmscope.readout.tuned import TunedLens, load_tuned_lens, train_tuned_lens
+from lmscope.readout.tuned import TunedLens, check_tuned_lens, load_tuned_lens, train_tuned_lens
 from lmscope.reports.command import Command, RunWriter, argument, option
 from lmscope.reports.results import Result
 
@@ -36,6 +36,10 @@ class LensSettings:
             raise LmscopeError("give --tuned PATH or --train-tuned, not both")
         if self.save is not None and not self.train_tuned:
             raise LmscopeError("--save writes a lens trained with --train-tuned")
+        if self.tuned is not None:
+            check_tuned_lens(self.tuned)  # a missing or foreign file fails before the model loads
+        if self.train_tuned:
+            check_corpus(self.corpus)
 
 
 @dataclass

@@ -49,9 +49,7 @@ def answer_ids(model: Model, answers: Answers, n_prompts: int) -> Tensor:
         if len({len(r) for r in rows}) != 1 or not rows[0]:
             raise LmscopeError("answers: every prompt needs the same number of answers (at least one)")
         ids = torch.tensor(rows)
-    vocab = model.module(model.family.unembed).weight.shape[0]
-    if bool(((ids < 0) | (ids >= vocab)).any()):
-        raise LmscopeError(f"answers: token ids must lie in [0, {vocab})")
+    model.check_ids(ids, "answers", sequence=False)
     return ids
 
 

@@ -13,7 +13,6 @@ vocabulary size). :func:`lmscope.readout.logit_lenses.lens` reads a text with it
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
-from lmscope.core.tensorfile import load_tensors, save_tensors
+from lmscope.core.tensorfile import load_tensors, metadata_value, save_tensors
 from lmscope.readout.logit_lenses import kl_to_final, resid_sites, stream_index, stream_logits
 
 FORMAT = "lmscope-tuned-lens"
@@ -80,15 +79,21 @@ def _shape(model: Model) -> dict:
     return {"model": model.name, "d_model": model.d_model, "n_layers": model.n_layers, "d_vocab": model.d_vocab}
 
 
+def check_tuned_lens(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and metadata of the tuned-lens file ``path``, which must exist and be one
+    (not yet checked against a model); else a one-line :class:`LmscopeError`."""
+    try:
+        return load_tensors(path, FORMAT)
+    except LmscopeError as e:
+        raise LmscopeError(f"tuned lens: {e}") from e
+
+
 def load_tuned_lens(model: Model, path: str | Path, check_name: bool = True) -> TunedLens:
     """The tuned lens saved at ``path`` (:meth:`TunedLens.save`) for ``model``. A missing or
     corrupt file, or one for another model (d_model, n_layers, vocabulary, and the model's name
     unless ``check_name`` is false), raises :class:`LmscopeError`."""
-    try:
-        tensors, meta = load_tensors(path, FORMAT)
-    except LmscopeError as e:
-        raise LmscopeError(f"tuned lens: {e}") from e
-    data = {k: json.loads(v) if k != "model" else v for k, v in meta.items() if k != "format"}
+    tensors, meta = check_tuned_lens(path)
+    data = {k: metadata_value(meta, k, path) if k != "model" else v for k, v in meta.items() if k != "format"}
     want = _shape(model)
     keys = [k for k in want if k != "model" or check_name]
     wrong = [f"{k} {data.get(k)!r} (model: {want[k]!r})" for k in keys if data.get(k) != want[k]]

@@ -84,11 +84,15 @@ class ProbeSettings:
     seed: int = option(0, "split seed", min=0)
     save: Path | None = option(None, "write the directions (safetensors)", path="out")
 
+    def __post_init__(self) -> None:
+        load_examples(self.data)  # a bad file fails before the model loads
+
 
 def run_probe(model: Model, settings: ProbeSettings, out: RunWriter) -> ProbeResult:
     """Difference-of-means, first-principal-component and logistic-regression probes per layer, with
     held-out accuracy per layer."""
     examples = load_examples(settings.data)
+    model.check_texts(examples.texts, str(settings.data))  # every example fits the model
     layers = layer_list(settings.layers, model.n_layers) if settings.layers is not None else None
     result = out.part("probe", "Probes per layer", f"Held-out accuracy ({settings.site}, {settings.position}).",
                       lambda: probe(model, examples, layers, site=settings.site, position=settings.position,
@@ -130,6 +134,11 @@ class SteerSettings:
     save: Path | None = option(None, "write the vectors (safetensors)", path="out")
     gguf: Path | None = option(None, "write the chosen setting as a llama.cpp control vector", path="out")
 
+    def __post_init__(self) -> None:
+        load_examples(self.pairs)  # bad files fail before the model loads
+        load_eval(self.eval)
+        neutral_prompts(self.neutral)
+
     def groups(self, n_layers: int) -> list[tuple[int, ...]]:
         """The settings' layer groups (default: every n/8-th layer of the middle half)."""
         if self.layers:
@@ -168,6 +177,10 @@ def run_steer(model: Model, settings: SteerSettings, out: RunWriter) -> SteerRes
     side effects (KL on neutral prompts, perplexity) and a prompting baseline side by side; with --lineas,
     LinEAS maps (Rodriguez et al. 2025) learned from the same examples, in the same table."""
     examples, items, texts = load_examples(settings.pairs), load_eval(settings.eval), neutral_prompts(settings.neutral)
+    model.check_texts(examples.texts, str(settings.pairs))  # every text fits the model, before the first part
+    completions = [settings.instruction + i.prompt + c for i in items for c in (i.target, i.opposite) if c is not None]
+    model.check_texts(completions, str(settings.eval))  # before the first part is written
+    model.check_texts(texts, str(settings.neutral or "neutral prompts"))
     groups = settings.groups(model.n_layers)
     grid = [Setting(g, c) for g in groups for c in numbers(settings.coeffs, "coeffs")]
     layers = sorted({layer for g in groups for layer in g})

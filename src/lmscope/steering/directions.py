@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from lmscope.core.errors import LmscopeError
-from lmscope.core.jsonl import read_jsonl
+from lmscope.core.jsonl import STRING, TEXT, Kind, Schema, read_rows
 from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
 from lmscope.reports.figures import Figure
@@ -80,27 +80,30 @@ def _digest(texts: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
 
 
+LABELLED = Schema({"text": TEXT, "label": Kind("0 or 1", lambda v: v in (0, 1) and not isinstance(v, float))})
+CONTRASTIVE = Schema({"positive": TEXT, "negative": TEXT}, {"prompt": STRING})
+
+
 def load_examples(path: str | Path) -> Examples:
-    """Read labelled texts or contrastive pairs (see the module docstring) from JSONL."""
+    """Read labelled texts (:data:`LABELLED`) or contrastive pairs (:data:`CONTRASTIVE`), see
+    the module docstring, from JSONL; errors name the file, line and field."""
     pairs, texts, labels = [], [], []
-    for where, row in read_jsonl(path):
-        if isinstance(row, dict) and {"positive", "negative"} <= row.keys():
+    for where, row, schema in read_rows(path, LABELLED, CONTRASTIVE, what="examples"):
+        if schema is CONTRASTIVE:
             prompt = row.get("prompt", "")
-            if not all(isinstance(row[k], str) for k in ("positive", "negative")) or not isinstance(prompt, str):
-                raise LmscopeError(f"{where}: positive, negative and prompt must be strings")
             pairs.append((prompt + row["positive"], prompt + row["negative"]))
-        elif isinstance(row, dict) and {"text", "label"} <= row.keys():
-            label = row["label"]
-            if not isinstance(row["text"], str) or label not in (0, 1):  # True/False compare equal to 1/0
-                raise LmscopeError(f"{where}: needs a string 'text' and a 'label' of 0 or 1")
-            texts.append(row["text"])
-            labels.append(int(label))
         else:
-            raise LmscopeError(f"{where}: expected {{text, label}} or {{positive, negative}}")
+            texts.append(row["text"])
+            labels.append(int(row["label"]))  # true/false read as 1/0
+        for text in pairs[-1] if schema is CONTRASTIVE else texts[-1:]:
+            try:
+                _span(text)
+            except LmscopeError as e:
+                raise LmscopeError(f"{where}: {e}") from None
     if pairs and texts:
         raise LmscopeError(f"{path}: mixes labelled texts and contrastive pairs")
-    if not pairs and not texts:
-        raise LmscopeError(f"{path}: no examples")
+    if texts and len(set(labels)) < 2:
+        raise LmscopeError(f"{path}: every example has label {labels[0]}; probes need both labels (0 and 1)")
     return Examples.from_pairs(pairs) if pairs else Examples.from_labels(texts, labels)
 
 
@@ -126,6 +129,7 @@ def pooling_weights(model: Model, texts: Sequence[str], position: str) -> tuple[
     if model.tokenizer is None:
         raise LmscopeError(f"model {model.name} has no tokenizer")
     clean, spans = zip(*(_span(t) for t in texts), strict=True)
+    model.check_length(clean)
     enc = model.tokenizer(list(clean), return_tensors="pt", padding=True, padding_side="right", **_offsets(position))
     mask = enc["attention_mask"].float()
     if position == "last":

@@ -36,6 +36,7 @@ from lmscope.core.errors import LmscopeError
 from lmscope.core.interventions import Intervention, apply
 from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
+from lmscope.core.tensorfile import metadata_value
 from lmscope.steering.directions import features, pooling_weights
 from lmscope.steering.steer import Setting, Steerer, first_rows
 from lmscope.steering.store import load, save
@@ -108,14 +109,11 @@ def _map(scale: Tensor, shift: Tensor, strengths: Tensor):
 
 def load_transport(path: str | Path) -> Transport:
     """A :class:`Transport` saved by :meth:`Transport.save`."""
-    import json
-
     tensors, meta = load(path)
-    if meta.get("method") != "lineas" or not {"scale", "shift"} <= tensors.keys():
+    if meta.get("method") != "lineas" or not {"scale", "shift"} <= tensors.keys() or "site" not in meta:
         raise LmscopeError(f"{path} is not a LinEAS transport")
-    return Transport(
-        json.loads(meta["layers"]), meta["site"], tensors["scale"], tensors["shift"], json.loads(meta["info"])
-    )
+    layers, info = metadata_value(meta, "layers", path), metadata_value(meta, "info", path)
+    return Transport(layers, meta["site"], tensors["scale"], tensors["shift"], info)
 
 
 def train_lineas(

@@ -54,7 +54,7 @@ from torch import Tensor
 
 from lmscope.core.errors import LmscopeError
 from lmscope.core.interventions import Intervention, add, apply
-from lmscope.core.jsonl import read_jsonl
+from lmscope.core.jsonl import TEXT, Schema, read_rows, read_text
 from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
 from lmscope.core.stats import kl_divergence
@@ -72,18 +72,13 @@ class EvalItem:
     opposite: str | None = None
 
 
+EVAL = Schema({"prompt": TEXT, "target": TEXT}, {"opposite": TEXT})
+
+
 def load_eval(path) -> list[EvalItem]:
-    """Evaluation items from JSONL ``{prompt, target[, opposite]}``."""
-    items = []
-    for where, row in read_jsonl(path):
-        if not isinstance(row, dict) or not {"prompt", "target"} <= row.keys():
-            raise LmscopeError(f"{where}: expected {{prompt, target[, opposite]}}")
-        values = [row["prompt"], row["target"], row.get("opposite")]
-        if not all(isinstance(v, str) for v in values[:2]) or not isinstance(values[2], (str, type(None))):
-            raise LmscopeError(f"{where}: prompt, target and opposite must be strings")
-        items.append(EvalItem(*values))
-    if not items:
-        raise LmscopeError(f"{path}: no evaluation items")
+    """Evaluation items from JSONL (:data:`EVAL`: ``{prompt, target[, opposite]}``); errors name
+    the file, line and field."""
+    items = [EvalItem(**row.values) for row in read_rows(path, EVAL, what="evaluation items")]
     if len({i.opposite is None for i in items}) > 1:
         raise LmscopeError(f"{path}: give 'opposite' for every item or for none")
     return items
@@ -95,13 +90,10 @@ def neutral_prompts(path: str | Path | None = None) -> list[str]:
     if path is None:
         text = (resources.files("lmscope") / "data" / "steering" / "neutral.txt").read_text(encoding="utf-8")
     else:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise LmscopeError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
+        text = read_text(path)
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise LmscopeError(f"{path}: no neutral prompts")
+        raise LmscopeError(f"{path}: no neutral prompts (the file is empty)")
     return prompts
 
 

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from lmscope.core.errors import LmscopeError
 from lmscope.core.files import atomic
+from lmscope.core.jsonl import require_file
 from lmscope.core.tensorfile import load_tensors, save_tensors
 
 FORMAT = "lmscope-steering"
@@ -48,7 +49,7 @@ def save_vectors(path: str | Path, vectors: dict[int, Tensor], **metadata) -> Pa
 def load_vectors(path: str | Path) -> tuple[dict[int, Tensor], dict[str, str]]:
     """``({layer: vector}, metadata)`` from :func:`save_vectors`'s file."""
     tensors, meta = load(path)
-    vectors = {int(k.removeprefix("layer.")): v for k, v in tensors.items() if k.startswith("layer.")}
+    vectors = {int(k.removeprefix("layer.")): v for k, v in tensors.items() if _layer_key(k, "layer.")}
     if not vectors:
         raise LmscopeError(f"{path} holds no steering vectors")
     return vectors, meta
@@ -78,20 +79,27 @@ def load_control_vector(path: str | Path) -> dict[int, Tensor]:
     """``{layer: vector}`` from a llama.cpp control-vector GGUF (``direction.L`` -> layer L)."""
     import gguf
 
+    path = require_file(path, "control vector (GGUF)")
     try:
         reader = gguf.GGUFReader(str(path))
-    except (OSError, ValueError) as e:
-        raise LmscopeError(f"cannot read {path} as GGUF: {e}") from e
-    field = reader.fields.get("general.architecture")
-    arch = bytes(field.parts[field.data[0]]).decode() if field is not None else None
+        field = reader.fields.get("general.architecture")
+        arch = bytes(field.parts[field.data[0]]).decode() if field is not None else None
+    except Exception as e:  # the gguf reader raises what its parsing meets
+        raise LmscopeError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:80]})") from e
     if arch != "controlvector":
         raise LmscopeError(f"{path} is not a control vector (architecture {arch!r})")
     vectors = {}
     for t in reader.tensors:
-        if t.name.startswith("direction."):
+        if _layer_key(t.name, "direction."):
             vectors[int(t.name.removeprefix("direction."))] = torch.from_numpy(
                 np.array(t.data, dtype=np.float32)
             ).flatten()
     if not vectors:
         raise LmscopeError(f"{path} holds no direction tensors")
     return vectors
+
+
+def _layer_key(name: str, prefix: str) -> bool:
+    """Whether tensor ``name`` is ``prefix`` and a layer number (``layer.12``)."""
+    number = name.removeprefix(prefix)
+    return name.startswith(prefix) and number.isascii() and number.isdigit()

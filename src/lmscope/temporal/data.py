@@ -7,8 +7,9 @@ Dae-jung"), the candidate objects of each subject and alias sentences that say a
 event; an *invariant* category (``Invariant/*.json``) holds facts that do not (``{subject,
 object}``). :func:`load_categories` reads the bundled files (``lmscope/data/temporalhead``, see
 its README) or any files of the same format; malformed rows (an object missing from its
-subject's candidate list, a template with unknown fields, ...) and, when several files are
-read, files of another shape come back as :class:`Problem` next to the data and are skipped.
+subject's candidate list, a template with unknown fields, ...) and files of another shape found
+under a directory come back as :class:`Problem` next to the data and are skipped; a file named
+itself must read as a category.
 
 **Pairs**, as the paper's notebook ``1.circuit_construction.ipynb`` builds them for EAP-IG:
 
@@ -35,7 +36,6 @@ invariant and alias cells skip them; EAP-IG reads both prompts with one attentio
 
 from __future__ import annotations
 
-import json
 import string
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +47,7 @@ import torch
 
 from lmscope.circuits.pairs import TokenPair
 from lmscope.core.errors import LmscopeError
+from lmscope.core.jsonl import read_json
 from lmscope.core.model import Model
 
 BUNDLED = resources.files("lmscope") / "data" / "temporalhead"
@@ -155,16 +156,9 @@ Category = TemporalCategory | InvariantCategory
 
 
 def load_category(path: str | Path) -> tuple[Category, list[Problem]]:
-    """One category file and the problems of its rows (skipped). A file that is not JSON or of
-    neither shape raises a one-line :class:`LmscopeError`."""
-    path = Path(str(path))
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise LmscopeError(f"{path}: cannot read ({e.strerror or e})") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LmscopeError(f"{path}: not JSON ({e})".replace("\n", " ")) from e
-    return _Parser(str(path)).category(data)
+    """One category file and the problems of its rows (skipped). A file that cannot be read, is
+    not JSON or of neither shape raises a one-line :class:`LmscopeError` naming it."""
+    return _Parser(str(path)).category(read_json(path, "category file (JSON)"))
 
 
 def load_categories(
@@ -172,46 +166,61 @@ def load_categories(
 ) -> tuple[list[Category], list[Problem]]:
     """Categories from files or directories (every ``*.json`` under a directory, sorted; the
     bundled ``Temporal/`` then ``Invariant/`` files when ``paths`` is None), with the problems
-    found: malformed rows, and files that are not JSON or of neither shape, all skipped.
-    ``kind``: keep only ``"temporal"`` or ``"invariant"`` categories."""
+    found: malformed rows, and files under a directory that are not JSON or of neither shape,
+    all skipped. A file named in ``paths`` that cannot be read as a category, or paths that hold
+    no category at all, raise :class:`LmscopeError`. ``kind``: keep only ``"temporal"`` or
+    ``"invariant"`` categories."""
     if kind not in (None, "temporal", "invariant"):
         raise LmscopeError(f"kind must be 'temporal' or 'invariant', not {kind!r}")
-    categories, problems = [], []
-    for file in _files(paths):
+    categories, problems, read = [], [], 0
+    for file, named in _files(paths):
         try:
             category, found = load_category(file)
         except LmscopeError as e:
+            if named:
+                raise
             problems.append(Problem(str(file), None, str(e).removeprefix(f"{file}: ")))
             continue
         problems += found
+        read += 1
         if kind is None or category.kind == kind:
             categories.append(category)
+    if not read:
+        first = f" ({problems[0]})" if problems else ""
+        raise LmscopeError(f"no category files in {', '.join(map(str, _as_list(paths)))}{first}")
     return categories, problems
+
+
+def _as_list(paths: str | Path | Sequence[str | Path]) -> list:
+    return [paths] if isinstance(paths, str | Path) else list(paths)
 
 
 def bundled(key: str) -> tuple[Category, list[Problem]]:
     """The bundled category whose file name or ``name`` contains ``key`` (case-insensitive),
     e.g. ``"presidents"``, ``"time_ceo"``, ``"roman"``, as the notebooks find their file."""
-    matches = [f for f in _files(None) if key.lower() in f.stem.lower()]
+    matches = [f for f, _ in _files(None) if key.lower() in f.stem.lower()]
     if not matches:
         categories, _ = load_categories()
         matches = [Path(c.file) for c in categories if key.lower() in c.name.lower()]
     if len(matches) != 1:
-        names = ", ".join(f.stem for f in _files(None))
+        names = ", ".join(f.stem for f, _ in _files(None))
         raise LmscopeError(f"{len(matches)} bundled categories match {key!r} (files: {names})")
     return load_category(matches[0])
 
 
-def _files(paths: str | Path | Sequence[str | Path] | None) -> list[Path]:
+def _files(paths: str | Path | Sequence[str | Path] | None) -> list[tuple[Path, bool]]:
+    """``(file, named)``: the category files of ``paths`` (the bundled ones when None), ``named``
+    when given as a file rather than found under a directory."""
     if paths is None:
-        return [Path(str(f)) for kind in KINDS for f in sorted(BUNDLED.joinpath(kind).iterdir(), key=str) if _json(f)]
+        bundled = [f for kind in KINDS for f in sorted(BUNDLED.joinpath(kind).iterdir(), key=str) if _json(f)]
+        return [(Path(str(f)), False) for f in bundled]
     out = []
-    for p in [paths] if isinstance(paths, str | Path) else paths:
+    for p in _as_list(paths):
         p = Path(p)
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*.json") if f.is_file())
+            out += [(f, False) for f in sorted(p.rglob("*.json")) if f.is_file()]
         elif p.exists():
-            out.append(p)
+            out.append((p, True))
         else:
             raise LmscopeError(f"{p}: no such file or directory")
     return out

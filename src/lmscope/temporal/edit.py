@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -69,7 +68,7 @@ from lmscope.core import distributed
 from lmscope.core.errors import LmscopeError
 from lmscope.core.hooks import Hook, hooked
 from lmscope.core.interventions import Intervention, apply
-from lmscope.core.jsonl import read_jsonl
+from lmscope.core.jsonl import NUMBER, TEXT, TOKEN_IDS, Schema, either, read_rows
 from lmscope.core.model import Model
 from lmscope.core.progress import progress_bar
 from lmscope.reports.figures import Figure
@@ -94,6 +93,7 @@ class EditExperiment:
     phrase: Text
     trigger: Text
     coeff: float = 1.0
+    where: str = field(default="", compare=False)  # the file and line it was read from, for errors
 
     def to_json(self) -> dict:
         """The notebook's field names (``source_prompt``, ..., ``coeff``); token ids as lists."""
@@ -105,40 +105,38 @@ def _plain_text(value: Text) -> str | list[int]:
     return value if isinstance(value, str) else list(value)
 
 
-def _text_field(value, key: str, where: str) -> Text:
-    if isinstance(value, str) and value:
-        return value
-    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        return tuple(value)
-    raise LmscopeError(f"{where}: '{key}' must be a non-empty string or a list of token ids")
+EXPERIMENT = Schema({key: either(TEXT, TOKEN_IDS) for key in _FIELDS}, {"coeff": NUMBER}, closed=True)
 
 
 def experiment_from_dict(obj: object, where: str = "experiment") -> EditExperiment:
-    """Validate one JSON object (the notebook's fields ``source_prompt``, ``target_prompt``,
-    ``subject_phrase``, ``trigger_word``, optional ``coeff``, default 1.0)."""
-    if not isinstance(obj, dict):
-        raise LmscopeError(f"{where}: expected a JSON object")
-    missing = [key for key in _FIELDS if key not in obj]
-    if missing:
-        raise LmscopeError(f"{where}: missing {', '.join(missing)}")
-    unknown = [key for key in obj if key not in _FIELDS and key != "coeff"]
-    if unknown:
-        known = ", ".join([*_FIELDS, "coeff"])
-        raise LmscopeError(f"{where}: unknown field {', '.join(unknown)} (fields: {known})")
-    coeff = obj.get("coeff", 1.0)
-    if isinstance(coeff, bool) or not isinstance(coeff, int | float) or not math.isfinite(coeff):
-        raise LmscopeError(f"{where}: 'coeff' must be a finite number")
-    texts = {name: _text_field(obj[key], key, where) for key, name in _FIELDS.items()}
-    return EditExperiment(**texts, coeff=float(coeff))
+    """Validate one JSON object (:data:`EXPERIMENT`: the notebook's fields ``source_prompt``,
+    ``target_prompt``, ``subject_phrase``, ``trigger_word``, optional ``coeff``, default 1.0)."""
+    values = EXPERIMENT.check(obj, where)
+    texts = {name: v if isinstance(v := values[key], str) else tuple(v) for key, name in _FIELDS.items()}
+    return EditExperiment(**texts, coeff=float(values.get("coeff", 1.0)), where=where)
 
 
 def load_experiments(path: str | Path) -> list[EditExperiment]:
     """Read a JSONL file of experiments, one object per line (see :func:`experiment_from_dict`);
-    errors name the file and line."""
-    experiments = [experiment_from_dict(obj, where) for where, obj in read_jsonl(path)]
-    if not experiments:
-        raise LmscopeError(f"{path}: no experiments")
-    return experiments
+    errors name the file, line and field."""
+    return [experiment_from_dict(row.values, row.where) for row in read_rows(path, EXPERIMENT, what="experiments")]
+
+
+def check_experiments(model: Model, experiments: Sequence[EditExperiment], max_new_tokens: int = 50) -> None:
+    """Refuse, before any compute, an experiment whose token ids lie outside the vocabulary or
+    whose prompts, with ``max_new_tokens`` generated, exceed the model's context."""
+    for e in experiments:
+        for key, name in _FIELDS.items():
+            what = f"{e.where or 'experiment'}: {key}"
+            text = getattr(e, name)
+            if isinstance(text, str):
+                model.check_length([text], what)
+            ids = token_ids(model, text)
+            model.check_ids(ids, what)
+            extra = max_new_tokens if name in ("source", "target") else 0
+            if model.context is not None and len(ids) + extra > model.context:
+                raise LmscopeError(f"{what}: {len(ids)} tokens and {extra} to generate exceed the context of "
+                                   f"{model.name} ({model.context} tokens)")  # fmt: skip
 
 
 def default_experiments() -> list[EditExperiment]:
@@ -638,6 +636,7 @@ def temporal_edit(
         raise LmscopeError("no experiments")
     if max_batch < 1 or max_new_tokens < 1:
         raise LmscopeError("max_batch and max_new_tokens must be at least 1")
+    check_experiments(model, experiments, max_new_tokens)
     if sample and (temperature <= 0 or not 0 < top_p <= 1):
         raise LmscopeError("sampling needs temperature > 0 and 0 < top_p <= 1")
     decoding = Decoding(sample, seed, temperature, top_p, max_new_tokens)

@@ -29,7 +29,7 @@ from pathlib import Path
 from lmscope.circuits.attribution import SCHEDULES
 from lmscope.circuits.commands import MAX_STEPS
 from lmscope.circuits.graph import draw
-from lmscope.core.corpus import BUNDLED, load_corpus
+from lmscope.core.corpus import BUNDLED, check_corpus, load_corpus
 from lmscope.core.errors import LmscopeError
 from lmscope.core.model import Model
 from lmscope.core.progress import note, progress_bar
@@ -54,7 +54,13 @@ from lmscope.temporal.data import (
     pairs_by_year,
     select_categories,
 )
-from lmscope.temporal.edit import default_experiments, load_experiments, temporal_edit
+from lmscope.temporal.edit import (
+    EditExperiment,
+    check_experiments,
+    default_experiments,
+    load_experiments,
+    temporal_edit,
+)
 from lmscope.temporal.heads import INVARIANT, temporal_heads
 from lmscope.temporal.reading import read_heads
 from lmscope.temporal.recall import recall
@@ -109,6 +115,8 @@ class TemporalSettings:
     def __post_init__(self) -> None:
         if self.corpus == "none":
             object.__setattr__(self, "corpus", None)
+        if self.corpus is not None:
+            check_corpus(self.corpus)
         if self.edits is not None:
             object.__setattr__(self, "edits", str(self.edits))
             load_experiments(self.edits)  # bad experiments fail before the model loads
@@ -251,6 +259,13 @@ class TemporalStudy(Result):
         return self.results["recall"].tables()[:1]
 
 
+def experiments(settings: TemporalSettings) -> list[EditExperiment]:
+    """The edit experiments of ``settings``: its JSONL file or the paper's 15, the first
+    ``edit_experiments`` of them."""
+    chosen = load_experiments(settings.edits) if settings.edits else default_experiments()
+    return chosen if settings.edit_experiments is None else chosen[: settings.edit_experiments]
+
+
 def run_study(
     model: Model,
     categories: Sequence[Category] | None = None,
@@ -276,6 +291,8 @@ def run_study(
     }
     for problem in problems:
         note(f"skipped: {problem}")
+    if settings.edit:  # edit experiments that cannot run fail before the first part
+        check_experiments(model, experiments(settings), settings.max_new_tokens)
     writer = out if isinstance(out, RunWriter) else RunWriter(out, "temporal", settings, model=model,
                                                                model_name=name or model.name)  # fmt: skip
     writer.payload.update(info)
@@ -323,10 +340,7 @@ def run_study(
     def run_edit() -> Result:
         if not settings.edit:
             return Skipped("Editing not run (edit=False).")
-        experiments = load_experiments(settings.edits) if settings.edits else default_experiments()
-        if settings.edit_experiments is not None:
-            experiments = experiments[: settings.edit_experiments]
-        return temporal_edit(model, experiments, sample=settings.sample, seed=settings.seed,
+        return temporal_edit(model, experiments(settings), sample=settings.sample, seed=settings.seed,
                              max_new_tokens=settings.max_new_tokens)  # fmt: skip
 
     part("edit", "Editing through head values",

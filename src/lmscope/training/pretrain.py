@@ -36,9 +36,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lmscope.core.corpus import BUNDLED, Corpus, load_corpus
-from lmscope.core.errors import LmscopeError
+from lmscope.core.corpus import BUNDLED, Corpus, check_corpus, load_corpus
+from lmscope.core.errors import LmscopeError, first_line
 from lmscope.core.files import atomic
+from lmscope.core.jsonl import require_file
 from lmscope.core.loading import DEFAULT_MODEL, convert_gguf, quiet_transformers, resolve, resolve_device
 from lmscope.core.model import Model
 from lmscope.core.progress import note, progress_bar
@@ -98,8 +99,15 @@ class PretrainSettings:
             raise LmscopeError(f"warmup must lie between 0 and the {self.steps} steps, got {self.warmup}")
         if self.d_model % self.n_heads:
             raise LmscopeError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
-        if self.lr <= 0 or (self.muon_lr is not None and self.muon_lr <= 0):
-            raise LmscopeError("learning rates (--lr, --muon-lr) must be positive")
+        if self.seq_len < 2:
+            raise LmscopeError("seq_len must be at least 2 (a next token to predict)")
+        if self.lr <= 0 or (self.muon_lr is not None and self.muon_lr <= 0) or self.weight_decay < 0:
+            raise LmscopeError("learning rates must be positive and the weight decay non-negative")
+        if not 0 <= self.min_lr_ratio <= 1 or self.clip < 0:
+            raise LmscopeError("min_lr_ratio must lie in [0, 1] and clip be non-negative")
+        for name in ("corpus", "eval_corpus"):
+            if getattr(self, name) not in TRAINING_TEXT:  # bundled names pass
+                check_corpus(getattr(self, name))
 
     @property
     def mlp_width(self) -> int:
@@ -128,7 +136,7 @@ def load_tokenizer(spec: str = DEFAULT_MODEL):
         where = convert_gguf(where)
     try:
         return AutoTokenizer.from_pretrained(where, local_files_only=True)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # transformers raises what the files it reads lead to
         raise LmscopeError(f"cannot load the tokenizer of {spec}: {str(e).strip().splitlines()[0]}") from e
 
 
@@ -268,23 +276,31 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> TrainingRun:
         """Restore the state :meth:`save_checkpoint` wrote; returns the run's log so far."""
+        start_over = "pass --overwrite (Python: resume=False) to start over"
+        path = require_file(path, "checkpoint")
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as e:
-            raise LmscopeError(f"cannot read checkpoint {path}: {str(e).strip().splitlines()[0]}") from e
+        except Exception as e:  # torch.load raises what the bytes it meets lead to
+            raise LmscopeError(f"{path}: cannot read as a checkpoint ({first_line(e)}); {start_over}") from e
+        if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
+            raise LmscopeError(f"{path}: not a pretrain checkpoint (written by another program?); {start_over}")
         if state.get("recipe") != self.recipe.name or state.get("settings") != self.settings.to_json():
-            raise LmscopeError(
-                f"checkpoint {path} was written by another recipe or other settings; "
-                "run without --resume to start over, or with the same settings"
-            )
-        self.model.load_state_dict(state["model"])
-        self.optimizers.load_state_dict(state["optimizers"])
-        torch.set_rng_state(state["rng"]["cpu"].cpu())
-        if state["rng"]["cuda"] and _cuda():
-            torch.cuda.set_rng_state_all([r.cpu() for r in state["rng"]["cuda"]])
+            raise LmscopeError(f"{path} was written by another recipe or other settings; {start_over}")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizers.load_state_dict(state["optimizers"])
+            torch.set_rng_state(state["rng"]["cpu"].cpu())
+            if state["rng"]["cuda"] and _cuda():
+                torch.cuda.set_rng_state_all([r.cpu() for r in state["rng"]["cuda"]])
+            run = TrainingRun.from_json(state["run"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise LmscopeError(f"{path}: a damaged checkpoint ({first_line(e)}); {start_over}") from e
         if state["threads"] != torch.get_num_threads():
             note(f"checkpoint written with {state['threads']} threads, resumed with {torch.get_num_threads()}")
-        return TrainingRun.from_json(state["run"])
+        return run
+
+
+CHECKPOINT_KEYS = {"recipe", "settings", "threads", "model", "optimizers", "rng", "run"}
 
 
 def _cuda() -> bool:
@@ -390,7 +406,7 @@ def pretrain(
     )
     checkpoint = out / CHECKPOINT
     run = TrainingRun(recipe.name, settings.steps, settings.log_every)
-    if resume and checkpoint.is_file():
+    if resume and checkpoint.exists():  # a damaged one (or a folder in its place) is an error
         run = trainer.load_checkpoint(checkpoint)
         note(f"{recipe.name}: resumed from {checkpoint} at step {run.done}")
     elif resume:
