@@ -58,7 +58,8 @@ def commands() -> list[Command]:
     from lmscope.training.command import PRETRAIN
     from lmscope.verify.command import VERIFY
 
-    return [VERIFY, SCAN, TEMPORAL, LOCATE, CIRCUIT, HEADS, OUTLIERS, KV, QUANT, EXPERTS, LENS, PROBE, STEER, DAS, PRETRAIN]
+    return [VERIFY, SCAN, TEMPORAL, LOCATE, CIRCUIT, HEADS, OUTLIERS, KV, QUANT, EXPERTS, LENS, PROBE, STEER, DAS,
+            PRETRAIN]  # fmt: skip
 
 
 # -- loading -------------------------------------------------------------------------------------

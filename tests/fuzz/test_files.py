@@ -123,6 +123,7 @@ def catalogue(fmt: str) -> dict[str, bytes | str]:
 FILE_OPTIONS = {
     ("locate", "data"): ("pairs", ["locate", "MODEL", "--data", "FILE"]),
     ("circuit", "data"): ("pairs", ["circuit", "MODEL", "--data", "FILE", "--top", "3", "--steps", "1"]),
+    ("das", "data"): ("pairs", ["das", "MODEL", "--data", "FILE", "--steps", "1"]),
     ("quant", "choices"): ("choices", ["quant", "MODEL", "--kv", "k4v4", "--tokens", "64", "--window", "32",
                                        "--choices", "FILE"]),
     ("lens", "tuned"): ("tensors", ["lens", "MODEL", "hello", "--tuned", "FILE"]),

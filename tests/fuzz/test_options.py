@@ -67,6 +67,7 @@ BASE: dict[str, tuple[list[str], list[str]]] = {
     "lens": (["hello world"], []),
     "probe": ([], ["--data", str(PAIRS)]),
     "steer": ([], ["--pairs", str(PAIRS), "--eval", str(EVAL)]),
+    "das": ([], ["--task", "ioi", "--n", "4", "--steps", "1"]),
     "pretrain": ([], []),
 }
 

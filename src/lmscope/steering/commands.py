@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lmscope.circuits.commands import token_pairs
-from lmscope.circuits.pairs import ANSWER_TOKENS, TokenPair, answer_record, check_answer_token, prompt_batch
+from lmscope.circuits.commands import MAX_PAIRS, token_pairs
+from lmscope.circuits.pairs import ANSWER_TOKENS, TokenPair, answer_record, load_pairs, prompt_batch
 from lmscope.circuits.tasks import GENERATORS, pairs_for
 from lmscope.core.corpus import load_corpus
 from lmscope.core.errors import LmscopeError
@@ -226,38 +226,31 @@ class DASSettings:
 
     data: Path | None = option(
         None, "prompt pairs (JSONL: clean, corrupt, answer, wrong_answer): each corrupted prompt is a base "
-        "run, its clean prompt the source, the answer the counterfactual label"
+        "run, its clean prompt the source, the answer the counterfactual label", path="file"
     )  # fmt: skip
-    task: str | None = option(None, f"built-in task: {', '.join(GENERATORS)}")
-    n: int | None = option(None, "number of pairs to generate for --task", flag="--n")
-    answer_token: str = option("first", f"the label's token of an answer of several tokens: {', '.join(ANSWER_TOKENS)}")
-    site: str | None = option(None, "the site, e.g. blocks.6.resid_post (default: the middle layer's resid_post)")
+    task: str | None = option(None, f"built-in task: {', '.join(GENERATORS)}", choices=GENERATORS)
+    n: int | None = option(None, "number of pairs to generate for --task", flag="--n", min=1, max=MAX_PAIRS)
+    answer_token: str = option("first", f"the label's token of an answer of several tokens: {', '.join(ANSWER_TOKENS)}",
+                               choices=ANSWER_TOKENS)  # fmt: skip
+    site: str | None = option(None, "the site, e.g. blocks.6.resid_post (default: the middle layer's resid_post)",
+                              parse=parse_site)  # fmt: skip
     positions: str = option("-1", "comma-separated positions (negative: from the end) or all")
-    k: int = option(1, "dimension of the subspace")
-    steps: int = option(300, "Adam steps")
-    lr: float = option(1e-2, "learning rate")
-    batch_size: int = option(32, "pairs per step and per evaluation batch")
-    holdout: float = option(0.2, "fraction of the pairs held out of training (the held-out IIA)")
-    seed: int = option(0, "seed of the split, the initial basis and the batches")
+    k: int = option(1, "dimension of the subspace", min=1, max=1_000_000)
+    steps: int = option(300, "Adam steps", min=1, max=1_000_000)
+    lr: float = option(1e-2, "learning rate (positive)", min=0)
+    batch_size: int = option(32, "pairs per step and per evaluation batch", min=1, max=100_000)
+    holdout: float = option(0.2, "fraction of the pairs held out of training (the held-out IIA)", min=0, max=0.99)
+    seed: int = option(0, "seed of the split, the initial basis and the batches", min=0)
     illusion: bool = option(True, "check the subspace for the interpretability illusion (Makelov et al. 2024)")
-    min_effect: float = option(0.2, "illusion check: the least effect of the whole subspace that is checked")
-    ratio: float = option(0.5, "illusion check: flagged when the row-space part keeps less than this share of it")
+    min_effect: float = option(0.2, "illusion check: the least effect of the whole subspace that is checked", min=0)
+    ratio: float = option(0.5, "illusion check: flagged when the row-space part keeps less than this share of it",
+                          min=0.001, max=1)  # fmt: skip
 
     def __post_init__(self) -> None:
-        check_answer_token(self.answer_token)
-        limits = [
-            (self.n is None or self.n >= 1, f"--n must be at least 1 (got {self.n})"),
-            (self.k >= 1, f"--k must be at least 1 (got {self.k})"),
-            (self.steps >= 1, f"--steps must be at least 1 (got {self.steps})"),
-            (self.lr > 0, f"--lr must be positive (got {self.lr})"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
-            (0 <= self.holdout < 1, f"--holdout must be in [0, 1) (got {self.holdout})"),
-            (self.min_effect >= 0, f"--min-effect must be at least 0 (got {self.min_effect})"),
-            (0 < self.ratio <= 1, f"--ratio must be in (0, 1] (got {self.ratio})"),
-        ]
-        for ok, message in limits:
-            if not ok:
-                raise LmscopeError(message)
+        if self.lr == 0:
+            raise LmscopeError("--lr must be positive (got 0)")
+        if self.data is not None:
+            load_pairs(self.data)  # a bad pair file fails before the model loads
         self.position_list()
 
     def position_list(self) -> list[int] | None:
