@@ -318,7 +318,7 @@ def test_steer_without_instruction_writes_its_report(capsys, tmp_path, model_dir
 
 
 def test_internal_error_is_one_line_exit_1_and_debug_shows_it(capsys, tmp_path, model_dir, monkeypatch):
-    import lmscope.circuits.commands as commands
+    from lmscope.circuits import commands
 
     def boom(*args, **kwargs):
         raise RuntimeError("boom\nsecond line")
@@ -337,7 +337,7 @@ def test_internal_error_is_one_line_exit_1_and_debug_shows_it(capsys, tmp_path, 
 
 
 def test_interrupt_is_one_line_exit_130_and_keeps_finished_parts(capsys, tmp_path, model_dir, monkeypatch):
-    import lmscope.steering.commands as commands
+    from lmscope.steering import commands
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
