@@ -30,6 +30,7 @@ Under torchrun the batches are split over ranks and the sums exchanged
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -160,6 +161,15 @@ class Evaluation(Result):
     skip_first: int
     dense: float
     dictionaries: list[DictionaryEvaluation] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "corpus": self.corpus,
+            "tokens": self.tokens,
+            "skip_first": self.skip_first,
+            "dense": self.dense,
+            "dictionaries": [dataclasses.asdict(e) for e in self.dictionaries],
+        }
 
     def rows(self) -> list[dict]:
         return [

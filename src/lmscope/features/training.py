@@ -70,6 +70,7 @@ import copy
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -247,7 +248,9 @@ def _by_latent(indices: Tensor, values: Tensor, d_sae: int) -> Tensor:
     """The sparse [d_sae, n] matrix with ``values[t, j]`` at ``(indices[t, j], t)``."""
     n, k = indices.shape
     tokens = torch.arange(n, device=indices.device).repeat_interleave(k)
-    return torch.sparse_coo_tensor(torch.stack([indices.flatten(), tokens]), values.flatten(), (d_sae, n))
+    return torch.sparse_coo_tensor(
+        torch.stack([indices.flatten(), tokens]), values.flatten(), (d_sae, n), check_invariants=False
+    )
 
 
 class _Gathered(torch.autograd.Function):
@@ -292,9 +295,12 @@ class _SparseDecode(torch.autograd.Function):
             order = indices.argsort(dim=1)
             columns = indices.gather(1, order)
             rows = torch.arange(0, n * k + 1, k, device=g.device)
-            mask = torch.sparse_csr_tensor(
-                rows, columns.flatten(), torch.zeros(n * k, dtype=g.dtype, device=g.device), (n, W_dec.shape[0])
-            )
+            with warnings.catch_warnings():  # "sparse CSR tensor support is in beta"
+                warnings.simplefilter("ignore")
+                values = torch.zeros(n * k, dtype=g.dtype, device=g.device)
+                mask = torch.sparse_csr_tensor(
+                    rows, columns.flatten(), values, (n, W_dec.shape[0]), check_invariants=False
+                )
             sampled = torch.sparse.sampled_addmm(mask, g, W_dec.T, beta=0.0).values().view(n, k)
             g_weights = torch.empty_like(sampled).scatter_(1, order, sampled)
         if ctx.needs_input_grad[2]:
