@@ -137,7 +137,7 @@ def test_outliers_are_neither_scored_nor_spliced(llama):
 
 def test_features_train_and_eval_commands(capsys, tmp_path):
     out = tmp_path / "train"
-    code, stdout, err = run_cli(
+    code, _, err = run_cli(
         capsys, "features", "train", "smollm2-135m", "--site", "blocks.3.resid_post", "--arch", "topk", "--k", "8",
         "--width", "1x", "--tokens", "1024", "--batch-size", "256", "--seq-len", "64", "--harvest-batch", "16",
         "--eval-tokens", "256", "--out", str(out), "--cache", str(tmp_path / "shards"),
@@ -156,7 +156,7 @@ def test_features_train_and_eval_commands(capsys, tmp_path):
     assert 0 < evaluation["fvu"] < 1.5 and "ce_recovered_zero" in evaluation
     assert (tmp_path / "shards" / "manifest.json").is_file() and (out / "checkpoint.pt").is_file()
 
-    code, stdout, err = run_cli(
+    code, _, err = run_cli(
         capsys, "features", "eval", "smollm2-135m", "--dict", str(out / "dictionaries"), "--tokens", "256",
         "--seq-len", "64", "--out", str(tmp_path / "eval"),
     )  # fmt: skip

@@ -52,7 +52,15 @@ def recovery(atoms: torch.Tensor, W_dec: torch.Tensor) -> float:
     return float((atoms @ rows.T).max(dim=1).values.mean())
 
 
-SYNTHETIC = dict(site=("x",), k=3, width="128", batch_size=256, tokens=4 * 16384, lr=1e-2, lr_decay=128)
+SYNTHETIC = {
+    "site": ("x",),
+    "k": 3,
+    "width": "128",
+    "batch_size": 256,
+    "tokens": 4 * 16384,
+    "lr": 1e-2,
+    "lr_decay": 128,
+}
 ARCHS = [
     ("topk", {}),
     ("batchtopk", {}),
