@@ -135,22 +135,25 @@ def test_fused_encoder_and_sparse_decoder_gradients():
     W = torch.randn(5, 11, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(11, dtype=torch.float64, generator=g, requires_grad=True)
     W_dec = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    b_dec = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
     indices = torch.randn(7, 11, generator=g).topk(3, dim=1).indices
 
-    def fused(W, b, W_dec):
-        at = _Gathered.apply(x, W, b, indices, (x @ W + b).gather(1, indices).detach())
+    def fused(W, b, W_dec, b_dec):
+        shifted = (x - b_dec).detach()
+        at = _Gathered.apply(shifted, W, b, b_dec, indices, (shifted @ W + b).gather(1, indices).detach())
         return sparse_decode(indices, torch.relu(at), W_dec)
 
-    def plain(W, b, W_dec):
-        pre = x @ W + b
+    def plain(W, b, W_dec, b_dec):
+        pre = (x - b_dec) @ W + b
         f = torch.zeros_like(pre).scatter(1, indices, torch.relu(pre.gather(1, indices)))
         return f @ W_dec
 
     upstream = torch.randn(7, 5, dtype=torch.float64, generator=g)
-    grads = [torch.autograd.grad((fn(W, b, W_dec) * upstream).sum(), (W, b, W_dec)) for fn in (fused, plain)]
+    params = (W, b, W_dec, b_dec)
+    grads = [torch.autograd.grad((fn(*params) * upstream).sum(), params) for fn in (fused, plain)]
     for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want)
-    torch.autograd.gradcheck(lambda W, b, W_dec: fused(W, b, W_dec), (W, b, W_dec))
+    torch.autograd.gradcheck(fused, params)
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "gated", "standard"])

@@ -254,26 +254,31 @@ def _by_latent(indices: Tensor, values: Tensor, d_sae: int) -> Tensor:
 
 
 class _Gathered(torch.autograd.Function):
-    """``(x @ W + b)`` at ``indices`` [n, k], its values ``at`` computed beforehand without
+    """``(x - b_dec) @ W + b`` at ``indices`` [n, k] (``b_dec`` None: no shift), given as the
+    shifted inputs ``shifted = x - b_dec`` and the values ``at`` computed beforehand without
     autograd (a top-k over the dense pre-activations), with the gradient of exactly that product:
-    sparse products over the selected latents instead of dense ones."""
+    sparse products over the selected latents instead of dense ones (``b_dec``'s is ``-W @ g_b``)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, W: Tensor, b: Tensor, indices: Tensor, at: Tensor) -> Tensor:
-        ctx.save_for_backward(x, W, indices)
+    def forward(
+        ctx: Any, shifted: Tensor, W: Tensor, b: Tensor, b_dec: Tensor | None, indices: Tensor, at: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(shifted, W, indices)
         return at.clone()
 
     @staticmethod
     def backward(ctx: Any, g: Tensor):
-        x, W, indices = ctx.saved_tensors
-        g_x = g_W = g_b = None
+        shifted, W, indices = ctx.saved_tensors
+        g_x = g_W = g_b = g_b_dec = None
         if ctx.needs_input_grad[0]:
             g_x = F.embedding_bag(indices, W.T.contiguous(), per_sample_weights=g, mode="sum")
         if ctx.needs_input_grad[1]:
-            g_W = torch.sparse.mm(_by_latent(indices, g, W.shape[1]), x).T
-        if ctx.needs_input_grad[2]:
+            g_W = torch.sparse.mm(_by_latent(indices, g, W.shape[1]), shifted).T
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             g_b = torch.zeros(W.shape[1], dtype=g.dtype, device=g.device).index_add_(0, indices.flatten(), g.flatten())
-        return g_x, g_W, g_b, None, None
+            if ctx.needs_input_grad[3]:
+                g_b_dec = -(W @ g_b)
+        return g_x, g_W, g_b, g_b_dec, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -436,10 +441,11 @@ class Learner:
         d, s = self.dictionary, self.settings
         extra: dict[str, Any] = {}
         if d.arch in _SPARSE_ARCHS:
-            b = d.b_enc - d.b_dec @ d.W_enc if d.apply_b_dec_to_input else d.b_enc  # (x - b_dec) W + b_enc
+            b_dec = d.b_dec if d.apply_b_dec_to_input else None
+            shifted = (x - b_dec).detach() if b_dec is not None else x
             scale = d.W_dec.norm(dim=-1) if d.rescale_by_decoder_norm else None
             with torch.no_grad():
-                pre = torch.addmm(b, x, d.W_enc)
+                pre = torch.addmm(d.b_enc, shifted, d.W_enc)
                 scaled = pre * scale if scale is not None else pre
                 if d.arch == "groupmax":
                     indices = scaled.unflatten(-1, (int(d.k), -1)).argmax(dim=-1)
@@ -447,12 +453,12 @@ class Learner:
                 else:
                     indices = scaled.topk(int(d.k), dim=-1, sorted=False).indices
                 aux = self._aux_indices(scaled, dead)
-            at = _Gathered.apply(x, d.W_enc, b, indices, pre.gather(1, indices))
+            at = _Gathered.apply(shifted, d.W_enc, d.b_enc, b_dec, indices, pre.gather(1, indices))
             values = torch.relu(at * scale[indices] if scale is not None else at)
             weights = values / scale[indices] if scale is not None else values
             recon = sparse_decode(indices, weights, d.W_dec) + d.b_dec
             if aux is not None:
-                aux_at = _Gathered.apply(x, d.W_enc, b, aux, pre.gather(1, aux))
+                aux_at = _Gathered.apply(shifted, d.W_enc, d.b_enc, b_dec, aux, pre.gather(1, aux))
                 extra["_aux"] = (
                     aux,
                     self._aux_weights(aux_at * scale[aux] if scale is not None else aux_at, aux, scale),
