@@ -241,6 +241,44 @@ def test_harvest_matches_plain_forward_and_shards_train_as_streamed(llama, tmp_p
             assert torch.equal(p, from_shards.dictionaries[name].state_dict()[key_]), (name, key_)
 
 
+def test_transcoder_with_skip_trains_saves_and_splices(llama, tmp_path):
+    from lmscope.features import load_dictionary, save_dictionary
+
+    sites = ["blocks.0.mlp.in", "blocks.0.mlp.out"]
+    source = HarvestSource(llama, sites, _windows(llama, n=40), block_windows=40, outlier=0)
+    settings = TrainSettings(site=("blocks.0.mlp.in",), out_site=("blocks.0.mlp.out",), arch="standard", skip=True,
+                             width="2x", batch_size=128, tokens=60 * 128, lr=3e-3, l1_coefficient=0.1)  # fmt: skip
+    run = train(source, settings)
+    log = run.logs["blocks.0.mlp.in"]
+    assert log[-1]["fvu"] < 0.5 * log[0]["fvu"]
+    d = run.dictionaries["blocks.0.mlp.in"]
+    assert d.transcoder and d.skip and d.site == "blocks.0.mlp.in" and d.out_site == "blocks.0.mlp.out"
+    block = source.block(0)
+    x, y = block["blocks.0.mlp.in"], block["blocks.0.mlp.out"]
+    assert float((d(x) - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()) < 0.5  # unscaled activations
+    loaded = load_dictionary(save_dictionary(d, tmp_path / "tc"))
+    torch.testing.assert_close(loaded(x), d(x))
+    held_out = _windows(llama, n=4, seed=9)
+    metrics = evaluate(llama, loaded, held_out, outlier=0).dictionaries[0].metrics  # spliced at mlp.out
+    block = HarvestSource(llama, sites, held_out, outlier=0).block(0)
+    x, y = block["blocks.0.mlp.in"], block["blocks.0.mlp.out"]
+    assert metrics["fvu"] == pytest.approx(float((d(x) - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum()), rel=1e-4)
+    assert 0 <= metrics["kl"] < metrics["kl_zero_ablated"]
+
+
+def test_batchtopk_saved_as_jumprelu(tmp_path):
+    from lmscope.features import load_dictionary, save_dictionary
+
+    _, x = synthetic(4096)
+    d = train(
+        TensorSource({"x": x}), TrainSettings(arch="batchtopk", **{**SYNTHETIC, "tokens": 20 * 256})
+    ).dictionaries["x"]
+    folder = save_dictionary(d, tmp_path / "btk")
+    loaded = load_dictionary(folder)
+    assert loaded.arch == "jumprelu" and torch.equal(loaded.threshold, d.threshold) and float(d.threshold[0]) > 0
+    torch.testing.assert_close(loaded(x[:100]), d(x[:100]))
+
+
 def test_outliers_left_out_of_the_harvest(llama):
     windows = _windows(llama, n=4)
     full = HarvestSource(llama, ["blocks.1.resid_post"], windows, block_windows=4, outlier=0).block(0)[

@@ -132,7 +132,7 @@ def run_train(model: Model, settings: TrainCommand, out: RunWriter) -> Training 
         source = cached(source, settings.cache, source.dtype, key)
 
     def compute() -> Training:
-        run = train(source, settings.training(), out.file("."), device=model.device)
+        run = train(source, settings.training(), out.file("."), device=model.device, resume=not out.overwrite)
         for name, d in run.dictionaries.items():
             d.info["model_name"] = model.name
             folder = out.out / DICTIONARIES / name
