@@ -36,7 +36,8 @@ sites train from one pass over the corpus. The two recipes, as their libraries i
     the geometric median of earlier versions); a transcoder's ``b_enc`` centres the first
     batch's pre-activations (``-mean(x) @ W_enc``);
   - loss: the fraction of variance unexplained ``sum ||y - y_hat||^2 / sum ||y - mean y||^2``
-    over the batch, plus ``aux_coefficient`` (1/32) times the AuxK loss over the same variance;
+    over the batch, plus ``aux_coefficient`` (1/32, Gao et al.'s value; sparsify 1.3's
+    ``auxk_alpha`` defaults to 0, AuxK off) times the AuxK loss over the same variance;
   - autoencoders keep unit-norm decoder rows: the gradient's component parallel to each row is
     removed before the step and the rows renormalised before each forward;
   - Adam, learning rate ``2e-4 / sqrt(d_sae / 2^14)`` unless ``lr``, linear warm-up over
@@ -46,7 +47,8 @@ sites train from one pass over the corpus. The two recipes, as their libraries i
 **AuxK** (Gao et al. 2024, appendix B.1, as both libraries compute it): with ``n`` dead latents
 (not fired in the last ``dead_tokens`` tokens), the ``k_aux = min(d_out / 2, n)`` largest
 pre-activations among them reconstruct the residual ``y - y_hat`` (detached) through the decoder
-without bias, the loss scaled by ``min(n / (d_out / 2), 1)``.
+without bias, the loss scaled by ``min(n / (d_out / 2), 1)``. Its gradient reaches the encoder,
+as in SAELens (sparsify's fused encoder drops the gradient of the pre-activations it returns).
 
 **Batch top-k** (Bussmann et al. 2024, SAELens's ``BatchTopKTrainingSAE``): trained with the top
 ``k * tokens`` pre-activations of the whole batch; a running threshold follows the smallest
@@ -59,7 +61,7 @@ ones), and a sparse decoder (``torch.nn.functional.embedding_bag`` over the ``k`
 
 Checkpoints (``checkpoint.pt`` in ``out``, every ``checkpoint_every`` steps and at the end, written
 atomically) hold the dictionaries, optimizer states, dead-latent counters, normalisation
-factors, running thresholds, the RNG state and the step, so that a resumed run continues with the
+factors, running thresholds, the RNG state, the step and the data position, so that a resumed run continues with the
 batch the interrupted one would have taken next and ends with the same weights bit for bit (same
 machine, same number of threads).
 """
