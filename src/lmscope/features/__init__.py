@@ -7,7 +7,7 @@ from lmscope.features.dictionary import ARCHS, CrossLayerTranscoder, Dictionary
 from lmscope.features.evaluation import Evaluation, evaluate
 from lmscope.features.formats import load_dictionaries, load_dictionary, save_dictionary
 from lmscope.features.sites import Attachment, attach, attachments, clamp, detach, scale
-from lmscope.features.training import TrainSettings, Training, train
+from lmscope.features.training import Training, TrainSettings, train
 
 __all__ = [
     "ARCHS",

@@ -358,7 +358,8 @@ class Learner:
         self.dictionary.to(device)
         self.device = torch.device(device)
         d = self.dictionary
-        self.optimizer = torch.optim.Adam(d.parameters(), lr=s.learning_rate(d.d_sae), betas=(0.9, 0.999), fused=True)
+        fused = self.device.type in ("cpu", "cuda")  # one kernel for the whole update
+        self.optimizer = torch.optim.Adam(d.parameters(), lr=s.learning_rate(d.d_sae), betas=(0.9, 0.999), fused=fused)
         self.since_fired = torch.zeros(d.d_sae, dtype=torch.long, device=self.device)
         self.scale_in = self.scale_out = 1.0
         self.running_threshold = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -369,25 +370,21 @@ class Learner:
     @torch.no_grad()
     def _init_weights(self) -> None:
         s, d = self.settings, self.dictionary
-        g = torch.Generator().manual_seed(s.seed * 7919 + sum(map(ord, self.name)))
+        seed = s.seed * 7919 + sum(map(ord, self.name))
         if s.recipe == "sparsify":  # torch.nn.Linear(d_in, d_sae): U(-1/sqrt(d_in), 1/sqrt(d_in)), bias 0
             bound = 1 / math.sqrt(d.d_in)
-            weight = (torch.rand(d.d_sae, d.d_in, generator=g) * 2 - 1) * bound
+            weight = (torch.rand(d.d_sae, d.d_in, generator=torch.Generator().manual_seed(seed)) * 2 - 1) * bound
             d.W_enc.copy_(weight.T)
             if d.transcoder:
                 d.W_dec.zero_()
             else:
                 d.W_dec.copy_(weight / (weight.norm(dim=1, keepdim=True) + torch.finfo(weight.dtype).eps))
             return
-        bound = math.sqrt(6 / d.d_out)  # kaiming_uniform_ of W_dec [d_sae, d_out]
-        d.W_dec.copy_((torch.rand(d.d_sae, d.d_out, generator=g) * 2 - 1) * bound)
+        d.init_(seed)  # SAELens's: Kaiming-uniform decoder rows, the encoder their transpose
         if s.decoder_init_norm is not None:
             d.W_dec.mul_(s.decoder_init_norm / d.W_dec.norm(dim=1, keepdim=True))
-        if d.transcoder:
-            bound = math.sqrt(6 / d.d_sae)
-            d.W_enc.copy_((torch.rand(d.d_in, d.d_sae, generator=g) * 2 - 1) * bound)
-        else:
-            d.W_enc.copy_(d.W_dec.T)
+            if not d.transcoder:
+                d.W_enc.copy_(d.W_dec.T)
         if d.arch == "jumprelu":
             d.threshold.fill_(s.jumprelu_init_threshold)
 
