@@ -50,6 +50,7 @@ def commands() -> list[Command]:
     """Every analysis command, in the order ``lmscope --help`` lists them."""
     from lmscope.circuits.commands import CIRCUIT, HEADS, LOCATE
     from lmscope.experts.command import EXPERTS
+    from lmscope.features.commands import EVAL, TRAIN
     from lmscope.quant.commands import KV, OUTLIERS, QUANT
     from lmscope.readout.command import LENS
     from lmscope.scan import SCAN
@@ -59,7 +60,7 @@ def commands() -> list[Command]:
     from lmscope.verify.command import VERIFY
 
     return [VERIFY, SCAN, TEMPORAL, LOCATE, CIRCUIT, HEADS, OUTLIERS, KV, QUANT, EXPERTS, LENS, PROBE, STEER, DAS,
-            PRETRAIN]  # fmt: skip
+            PRETRAIN, TRAIN, EVAL]  # fmt: skip
 
 
 # -- loading -------------------------------------------------------------------------------------

@@ -46,6 +46,22 @@ def progress_bar(description: str, total: float) -> Iterator[Callable[[float], N
         yield lambda n: p.advance(task, n)
 
 
+@contextlib.contextmanager
+def status_bar(description: str, total: float, initial: float = 0) -> Iterator[Callable[..., None]]:
+    """A bar for ``total`` units of work (``initial`` done) followed by a live status text; yields
+    ``update(n, status="")``, which advances it by ``n`` and, given a status, shows it."""
+    if not enabled():
+        yield lambda n, status=None: None
+        return
+    with Progress(*_progress().columns, TextColumn("{task.fields[status]}"), console=console, transient=True) as p:
+        task = p.add_task(description, total=total, completed=initial, status="")
+
+        def update(n: float, status: str | None = None) -> None:
+            p.update(task, advance=n, **({"status": status} if status is not None else {}))
+
+        yield update
+
+
 def note(message: str) -> None:
     """One status line on stderr before a step that shows its own progress (e.g. transformers')."""
     if enabled():
