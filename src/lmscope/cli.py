@@ -51,6 +51,7 @@ def commands() -> list[Command]:
     """Every analysis command, in the order ``lmscope --help`` lists them."""
     from lmscope.circuits.commands import CIRCUIT, HEADS, LOCATE
     from lmscope.experts.command import EXPERTS
+    from lmscope.features.show import SHOW
     from lmscope.features.snmf import SNMF
     from lmscope.quant.commands import KV, OUTLIERS, QUANT
     from lmscope.readout.command import LENS
@@ -61,7 +62,7 @@ def commands() -> list[Command]:
     from lmscope.verify.command import VERIFY
 
     return [VERIFY, SCAN, TEMPORAL, LOCATE, CIRCUIT, HEADS, OUTLIERS, KV, QUANT, EXPERTS, LENS, PROBE, STEER, PRETRAIN,
-            SNMF]
+            SNMF, SHOW]
 
 
 # -- loading -------------------------------------------------------------------------------------
