@@ -51,6 +51,8 @@ def commands() -> list[Command]:
     from lmscope.circuits.commands import CIRCUIT, HEADS, LOCATE
     from lmscope.experts.command import EXPERTS
     from lmscope.features.commands import EVAL, TRAIN
+    from lmscope.features.show import SHOW
+    from lmscope.features.snmf import SNMF
     from lmscope.quant.commands import KV, OUTLIERS, QUANT
     from lmscope.readout.command import LENS
     from lmscope.scan import SCAN
@@ -60,7 +62,7 @@ def commands() -> list[Command]:
     from lmscope.verify.command import VERIFY
 
     return [VERIFY, SCAN, TEMPORAL, LOCATE, CIRCUIT, HEADS, OUTLIERS, KV, QUANT, EXPERTS, LENS, PROBE, STEER, DAS,
-            PRETRAIN, TRAIN, EVAL]  # fmt: skip
+            PRETRAIN, TRAIN, EVAL, SNMF, SHOW]  # fmt: skip
 
 
 # -- loading -------------------------------------------------------------------------------------

@@ -363,6 +363,12 @@ class Report:
         self._blocks().append(table_html(rows, columns, caption))
         return self
 
+    def html(self, block: str) -> Report:
+        """Add a block of HTML as it is (the caller escapes its text; inline styles and scripts
+        only, so the page stays self-contained)."""
+        self._blocks().append(block)
+        return self
+
     def figure(self, fig: Mapping[str, Any], caption: str = "") -> Report:
         """Add an interactive figure: a dict from :func:`heatmap`, :func:`lines`, :func:`bars` or by hand."""
         if "data" not in fig:

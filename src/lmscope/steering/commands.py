@@ -23,10 +23,12 @@ from lmscope.reports.results import Result, Skipped, Table
 from lmscope.steering.directions import POSITIONS, ProbeResult, load_examples, probe
 from lmscope.steering.lineas import METHOD, Transport, train_lineas
 from lmscope.steering.steer import (
+    Calibration,
     Setting,
     SteerResult,
     SweepData,
     caa,
+    calibrate,
     combined,
     load_eval,
     neutral_prompts,
@@ -37,6 +39,7 @@ from lmscope.steering.steer import (
 from lmscope.steering.store import export_control_vector, save_vectors
 from lmscope.steering.store import save as save_tensors
 from lmscope.steering.subspace import DASResult, IllusionResult, das, illusion_check
+from lmscope.steering.vectors import check_direction, load_direction
 
 
 def numbers(spec: str, name: str = "", kind: type = float) -> list:
@@ -133,8 +136,15 @@ class SteerSettings:
     lineas_sparsity: float = option(1e-3, "LinEAS group-sparsity weight", min=0)
     save: Path | None = option(None, "write the vectors (safetensors)", path="out")
     gguf: Path | None = option(None, "write the chosen setting as a llama.cpp control vector", path="out")
+    vectors: tuple[str, ...] = option((), "also sweep a precomputed direction: a --save file, an SNMF file's "
+                                      "feature (FILE#j) or a dictionary's decoder row (DIR#j); repeatable",
+                                      flag="--vectors", parse=load_direction)  # fmt: skip
+    match_kl: float | None = option(None, "instead of --coeffs, each method's coefficient calibrated so its mean KL "
+                                    "on the neutral prompts is this (positive)", min=0)  # fmt: skip
 
     def __post_init__(self) -> None:
+        if self.match_kl == 0:
+            raise LmscopeError("--match-kl must be positive, got 0")
         load_examples(self.pairs)  # bad files fail before the model loads
         load_eval(self.eval)
         neutral_prompts(self.neutral)
@@ -172,21 +182,61 @@ class LinEASMaps(Result):
         return f"LinEAS: {len(self.transport.active())} of {len(self.transport.layers)} layers active."
 
 
+@dataclass
+class Calibrations(Result):
+    """Each method's coefficient at the target KL (:func:`~lmscope.steering.steer.calibrate`)."""
+
+    calibrations: list[Calibration]
+
+    @property
+    def settings(self) -> list[Setting]:
+        return [c.setting for c in self.calibrations]
+
+    def rows(self) -> list[dict]:
+        return [{"setting": c.setting.name, "method": c.method or "vector", "layers": "+".join(map(str, c.layers)),
+                 "coeff": c.coeff, "kl": c.kl, "target": c.target, "evaluations": c.steps}
+                for c in self.calibrations]  # fmt: skip
+
+    def to_json(self) -> dict:
+        return {"rows": self.rows()}
+
+    def tables(self) -> list[Table]:
+        return [Table("coefficients at the target KL on the neutral prompts", self.rows())]
+
+
+def calibrated(model: Model, steerer, grid: list[Setting], target: float, prompts: list[str], start: float) -> Calibrations:
+    """One calibrated setting per method and layer group of ``grid`` (in order of first appearance)."""
+    groups = list(dict.fromkeys((s.method, s.layers) for s in grid))
+    return Calibrations([calibrate(model, steerer, layers, target, prompts, method=method, start=start)
+                         for method, layers in groups])  # fmt: skip
+
+
 def run_steer(model: Model, settings: SteerSettings, out: RunWriter) -> SteerResult:
     """Steering vectors (contrastive activation addition) swept over layers x coefficients, with behaviour,
     side effects (KL on neutral prompts, perplexity) and a prompting baseline side by side; with --lineas,
-    LinEAS maps (Rodriguez et al. 2025) learned from the same examples, in the same table."""
+    LinEAS maps (Rodriguez et al. 2025) learned from the same examples, in the same table; with --vectors,
+    precomputed directions (SNMF features, dictionary decoder rows, saved vectors) too; with --match-kl, every
+    method at the same KL."""
     examples, items, texts = load_examples(settings.pairs), load_eval(settings.eval), neutral_prompts(settings.neutral)
     model.check_texts(examples.texts, str(settings.pairs))  # every text fits the model, before the first part
     completions = [settings.instruction + i.prompt + c for i in items for c in (i.target, i.opposite) if c is not None]
     model.check_texts(completions, str(settings.eval))  # before the first part is written
     model.check_texts(texts, str(settings.neutral or "neutral prompts"))
+    directions = [load_direction(spec) for spec in settings.vectors]
+    for direction in directions:
+        check_direction(model, direction)
+    if len({d.name for d in directions}) < len(directions):
+        raise LmscopeError("two --vectors name the same direction")
+    coeffs = numbers(settings.coeffs, "coeffs")
     groups = settings.groups(model.n_layers)
-    grid = [Setting(g, c) for g in groups for c in numbers(settings.coeffs, "coeffs")]
+    grid = [Setting(g, c) for g in groups for c in coeffs]
     layers = sorted({layer for g in groups for layer in g})
     vectors = out.part("vectors", "Steering vectors", "Mean difference of positive and negative activations.",
                        lambda: SteeringVectors(steering_vectors(model, examples, layers, position=settings.position)))
-    steerer = caa(vectors.vectors)
+    steerers = {"": caa(vectors.vectors)}
+    for direction in directions:
+        steerers[direction.name] = caa(direction.vectors, site=direction.kind)
+        grid += [Setting(direction.layers, c, direction.name) for c in coeffs]
     if settings.lineas:
         by_label = {y: [t for t, label in zip(examples.texts, examples.labels, strict=True) if label == y] for y in (0, 1)}
         maps = out.part("lineas", "LinEAS maps", "Joint per-layer affine maps, negatives to positives.",
@@ -194,9 +244,15 @@ def run_steer(model: Model, settings: SteerSettings, out: RunWriter) -> SteerRes
                                                         sparsity=settings.lineas_sparsity,
                                                         position=settings.position)))  # fmt: skip
         grid += [maps.transport.setting(v) for v in numbers(settings.lineas_strengths, "lineas-strengths")]
-        steerer = combined({"": steerer, METHOD: maps.transport.steerer()})
+        steerers[METHOD] = maps.transport.steerer()
         if settings.save is not None:
             maps.transport.save(out.file("lineas.safetensors"), model=model.name)
+    steerer = combined(steerers) if len(steerers) > 1 else steerers[""]
+    if settings.match_kl is not None:
+        start = next((c for c in coeffs if c > 0), 1.0)
+        grid = out.part("calibration", "Coefficients at matched KL",
+                        f"Each method's coefficient with mean KL {settings.match_kl:g} on the neutral prompts.",
+                        lambda: calibrated(model, steerer, grid, settings.match_kl, texts, start)).settings  # fmt: skip
     corpus = load_corpus(model, "wikitext2", max_tokens=settings.windows * settings.window) if settings.windows else None
     data = SweepData(items, texts, [w.tolist() for w in corpus.windows(settings.window)] if corpus else [])
     result = out.part("steer", "Steering sweep", "Contrastive activation addition vs a prompting baseline.",
@@ -207,8 +263,8 @@ def run_steer(model: Model, settings: SteerSettings, out: RunWriter) -> SteerRes
     if settings.save is not None:
         meta = {"site": "resid_post", "method": "mean_diff", "position": settings.position, "data": examples.source}
         save_vectors(settings.save, vectors.vectors, model=model.name, **meta)
-    if settings.gguf is not None and result.chosen is not None and not result.chosen.startswith(METHOD):
-        setting = next(s for s in grid if s.name == result.chosen)
+    setting = next((s for s in grid if s.name == result.chosen and not s.method), None)
+    if settings.gguf is not None and setting is not None:
         chosen = {layer: setting.coeff * vectors.vectors[layer] for layer in setting.layers}
         export_control_vector(settings.gguf, chosen, model.hf.config.model_type)
     return result

@@ -240,6 +240,26 @@ def _nll(logp: Tensor, seq: Scored) -> float:
     return -_completion_logp(logp, seq)
 
 
+def _kl_sums(
+    model: Model,
+    text: str,
+    prefix: str,
+    rows: Sequence[Setting | None],
+    forward: Callable[[Scored, Sequence[Setting | None]], list[Tensor]],
+) -> tuple[list[float], int]:
+    """Per row, the sum over the positions of the neutral ``text`` of ``KL(unsteered ||
+    row)`` of the next-token distributions (the row reading ``prefix`` first), and the number
+    of positions."""
+    ids = _encode(model, text, True)
+    plain, seq = _text(model, "", ids), _text(model, prefix, ids[1:] if prefix and _bos(model, ids) else ids)
+    if seq == plain:  # the unsteered reference is one more row of the same sequence
+        reference, *logps = forward(seq, [None, *rows])
+    else:
+        reference, logps = forward(plain, [None])[0], forward(seq, rows)
+    reference = reference[-(seq.stop - seq.start) :]
+    return [float(kl_divergence(reference, logp).sum()) for logp in logps], len(reference)
+
+
 # -- the sweep ------------------------------------------------------------------------------
 
 
@@ -310,16 +330,10 @@ def _evaluate(
             acc.n_items += 1
             advance(1)
         for text in data.neutral:
-            ids = _encode(model, text, True)
-            plain, seq = _text(model, "", ids), _text(model, prefix, ids[1:] if prefix and _bos(model, ids) else ids)
-            if seq == plain:  # the unsteered reference is one more row of the same sequence
-                reference, *logps = forward(seq, [None, *rows])
-            else:
-                reference, logps = forward(plain, [None])[0], forward(seq, rows)
-            reference = reference[-(seq.stop - seq.start) :]
+            sums, n = _kl_sums(model, text, prefix, rows, forward)
             for r in range(len(rows)):
-                acc.kl[r] += float(kl_divergence(reference, logps[r]).sum())  # KL(unsteered || steered)
-            acc.n_kl += len(reference)
+                acc.kl[r] += sums[r]
+            acc.n_kl += n
             advance(1)
         for window in data.windows:
             seq = _text(model, prefix, window)
@@ -533,3 +547,77 @@ def parse_layers(spec: str, n_layers: int) -> list[tuple[int, ...]]:
             raise LmscopeError(f"layer {bad[0]} out of range (model has {n_layers} layers)")
         groups.append(layers)
     return groups
+
+
+# -- coefficients at a target KL -----------------------------------------------------------------
+
+
+def neutral_kl(model: Model, steerer: Steerer, settings: Sequence[Setting], prompts: Sequence[str]) -> list[float]:
+    """Per setting, the sweep's side effect: the mean over every position of the neutral
+    ``prompts`` of ``KL(p_unsteered || p_setting)`` of the next-token distributions."""
+    rows, sums, n = list(settings), [0.0] * len(settings), 0
+
+    def forward(seq: Scored, batch: Sequence[Setting | None]) -> list[Tensor]:
+        return _log_probs(model, seq, steerer, batch)
+
+    with torch.no_grad():
+        for text in prompts:
+            kl, count = _kl_sums(model, text, "", rows, forward)
+            sums = [a + b for a, b in zip(sums, kl, strict=True)]
+            n += count
+    return [s / max(n, 1) for s in sums]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The coefficient of one steering method (``layers``, ``method``) whose mean neutral KL
+    came out at ``kl`` for a ``target``, after ``steps`` KL evaluations."""
+
+    method: str
+    layers: tuple[int, ...]
+    coeff: float
+    kl: float
+    target: float
+    steps: int
+
+    @property
+    def setting(self) -> Setting:
+        return Setting(self.layers, self.coeff, self.method)
+
+
+def calibrate(
+    model: Model,
+    steerer: Steerer,
+    layers: Sequence[int],
+    target: float,
+    prompts: Sequence[str],
+    *,
+    method: str = "",
+    start: float = 1.0,
+    rtol: float = 0.05,
+    max_steps: int = 40,
+) -> Calibration:
+    """The coefficient ``c > 0`` of ``Setting(layers, c, method)`` whose :func:`neutral_kl` is
+    ``target`` within ``rtol * target``: bracketed by doubling from ``start`` (the KL grows with
+    the coefficient), then bisection; after ``max_steps`` evaluations, the closest one seen."""
+    if not target > 0:
+        raise LmscopeError(f"the target KL must be positive, got {target}")
+    layers = tuple(layers)
+    seen: dict[float, float] = {}
+
+    def kl(c: float) -> float:
+        if c not in seen:
+            seen[c] = neutral_kl(model, steerer, [Setting(layers, c, method)], prompts)[0]
+        return seen[c]
+
+    lo, hi = 0.0, start
+    while kl(hi) < target and len(seen) < max_steps:
+        lo, hi = hi, hi * 2
+    while abs(kl(hi) - target) > rtol * target and len(seen) < max_steps:
+        mid = (lo + hi) / 2
+        if abs(kl(mid) - target) <= rtol * target:
+            hi = mid
+            break
+        lo, hi = (mid, hi) if kl(mid) < target else (lo, mid)
+    best = min(seen, key=lambda c: abs(seen[c] - target))
+    return Calibration(method, layers, best, seen[best], target, len(seen))
