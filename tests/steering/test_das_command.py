@@ -76,7 +76,7 @@ def test_das_finds_the_planted_direction_and_writes_its_report(capsys, files, tm
     "extra, message",
     [
         (["--k", "0"], "--k must be at least 1"),
-        (["--holdout", "1"], "--holdout must be in [0, 1)"),
+        (["--holdout", "1"], "--holdout must be at most 0.99"),
         (["--positions", "last"], "--positions"),
         (["--positions", "0,3"], "position 3 is outside the inputs (3 tokens"),
         (["--site", "blocks.7.resid_post"], "blocks.7"),
