@@ -143,7 +143,8 @@ def test_every_command_records_every_setting():
 
     names = [c.name for c in commands()]
     expected = ["verify", "scan", "temporal", "locate", "circuit", "heads", "outliers", "kv", "quant", "experts",
-                "lens", "probe", "steer", "das", "pretrain"]  # fmt: skip
+                "lens", "probe", "steer", "das", "pretrain", "features train", "features eval", "features snmf",
+                "features show"]  # fmt: skip
     assert names == expected
     for command in commands():
         for f in fields(command.settings):
