@@ -112,7 +112,7 @@ def test_locate_records_the_answer_token_and_the_shortened_answers(capsys, tmp_p
 @pytest.mark.parametrize(
     "row, extra, message",
     [
-        ({"answer": ""}, [], "answer '' has no tokens"),
+        ({"answer": ""}, [], "field 'answer' must be a non-empty string"),
         ({}, ["--answer-token", "all"], "answer token 'all' is not supported"),
     ],
 )
