@@ -50,9 +50,10 @@ REFERENCE_PYTHON = "/tmp/refenv/bin/python"
 
 def harvest(path: Path, tokens: int) -> None:
     """Cache ``tokens`` tokens of SmolLM2's blocks.12.resid_post to ``path`` (lmscope's harvest)."""
+    from safetensors.torch import save_file
+
     import lmscope
     from lmscope.features.commands import TrainCommand, activations
-    from safetensors.torch import save_file
 
     model = lmscope.load("smollm2-135m")
     source = activations(model, TrainCommand(site=(SITE,), tokens=tokens, seq_len=128, harvest_batch=16))
@@ -211,13 +212,20 @@ def main() -> int:
         sides += ["saelens", "sparsify"]
     else:
         print(f"no reference environment at {args.reference_python}: lmscope alone", file=sys.stderr)
-    forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if v is not None and k not in ("side", "rounds")]
+    forwarded = [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if v is not None and k not in ("side", "rounds")
+    ]
     best: dict[str, dict] = {}
     for _ in range(args.rounds):
         for side in sides:
             python = sys.executable if side == "lmscope" else args.reference_python
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
-            done = subprocess.run([python, __file__, f"--side={side}", *forwarded], capture_output=True, text=True, env=env)  # fmt: skip
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(
+                    [str(Path(__file__).resolve().parents[1] / "src"), os.environ.get("PYTHONPATH", "")]
+                ),
+            }
+            done = subprocess.run([python, __file__, f"--side={side}", *forwarded], capture_output=True, text=True, env=env, check=False)  # fmt: skip
             if done.returncode:
                 print(f"{side} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
                 continue
@@ -228,7 +236,9 @@ def main() -> int:
           f"{args.batch} tokens, float32, {args.device}, {best.get('lmscope', {}).get('threads')} threads; "
           f"median of {args.steps} steps, best of {args.rounds} rounds")  # fmt: skip
     for side, row in best.items():
-        print(f"  {side:9s} {row['tokens_per_s']:10.0f} tokens/s  {row['ms_per_step']:8.1f} ms/step  peak {row['peak_mb']:8.1f} MB")
+        print(
+            f"  {side:9s} {row['tokens_per_s']:10.0f} tokens/s  {row['ms_per_step']:8.1f} ms/step  peak {row['peak_mb']:8.1f} MB"
+        )
     if "lmscope" in best:
         for side in ("saelens", "sparsify"):
             if side in best:

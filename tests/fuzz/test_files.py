@@ -324,8 +324,9 @@ def test_bad_saved_file_is_one_line_error(tmp_path, loader, name):
     from lmscope.core.errors import LmscopeError
 
     path = _bad_file(tmp_path, "tensors", name)
-    if loader == "steering vectors" and name == "safetensors":
-        path.write_bytes(save({"layer.x": torch.zeros(2)}, metadata={"format": "lmscope-steering"}))
+    if name == "safetensors":  # a file of the right format, damaged inside: a layer that is no number, no metadata
+        tensors = {"layer.x": torch.zeros(2), "scale": torch.zeros(2), "shift": torch.zeros(2)}
+        path.write_bytes(save(tensors, metadata={"format": "lmscope-steering", "method": "lineas", "site": "x"}))
     with pytest.raises(LmscopeError) as error:
         _loaders()[loader](path)
     assert str(path) in str(error.value) and "\n" not in str(error.value)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from pathlib import Path
 
@@ -383,6 +384,11 @@ def test_atomic_writes_use_their_own_temporary_file(tmp_path):
         tmp.write_text("half")
         raise KeyboardInterrupt
     assert path.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    fifo = tmp_path / "fifo"  # a device such as /dev/null is never replaced by a file
+    os.mkfifo(fifo)
+    with pytest.raises(LmscopeError, match="not a regular file"), atomic(fifo):
+        pass
+    assert fifo.is_fifo() and sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "results.json"]
 
 
 def test_a_figure_that_fails_to_draw_leaves_the_earlier_png(tmp_path, monkeypatch):

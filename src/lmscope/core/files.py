@@ -19,8 +19,11 @@ def atomic(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary path of this writer's own next to ``path`` (``.<name>.<random>.tmp``): what
     the block writes there is renamed over ``path`` when the block ends, and removed when it
     raises. The parent folder is created if needed; an OS error becomes a one-line
-    :class:`LmscopeError` naming ``path``."""
+    :class:`LmscopeError` naming ``path``, as does a ``path`` that exists and is not a regular
+    file (a folder, ``/dev/null``: renaming over it would replace the device)."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise LmscopeError(f"cannot write {path}: not a regular file")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -172,6 +172,7 @@ class Evaluation(Result):
         }
 
     def rows(self) -> list[dict]:
+        """One row per dictionary with every number."""
         return [
             {"dictionary": e.name, "site": e.site, "arch": e.arch, "d_sae": e.d_sae, **e.metrics}
             for e in self.dictionaries
@@ -188,12 +189,26 @@ class Evaluation(Result):
         return f"{self.tokens} held-out tokens of {self.corpus}. " + "; ".join(parts) + "."
 
     def tables(self) -> list[Table]:
-        return [
-            Table(
-                f"Evaluation on {self.tokens} held-out tokens of {self.corpus} (dense: fires on > {self.dense:.0%})",
-                self.rows(),
+        """Reconstruction and sparsity; with the downstream numbers, the cross-entropies and KLs."""
+        recon = [
+            {"dictionary": e.name, "arch": e.arch, "d_sae": e.d_sae, "tokens": e.metrics["tokens"], "L0": e.metrics["l0"],
+             "FVU": e.metrics["fvu"], "cosine": e.metrics["cosine"], "L2 ratio": e.metrics["l2_ratio"],
+             "rel. bias": e.metrics["relative_bias"], "dead": e.metrics["dead"], "dense": e.metrics["dense"]}
+            for e in self.dictionaries
+        ]  # fmt: skip
+        out = [Table(f"Reconstruction on held-out tokens of {self.corpus} (dense: fires on > {self.dense:.0%})", recon)]
+        downstream = [
+            {"dictionary": e.name, "CE clean": e.metrics["ce_clean"], "CE spliced": e.metrics["ce_spliced"],
+             "CE zero-abl.": e.metrics["ce_zero_ablated"], "CE mean-abl.": e.metrics["ce_mean_ablated"],
+             "recovered (zero)": e.metrics["ce_recovered_zero"], "recovered (mean)": e.metrics["ce_recovered_mean"],
+             "KL spliced": e.metrics["kl"]}
+            for e in self.dictionaries if "ce_clean" in e.metrics
+        ]  # fmt: skip
+        if downstream:
+            out.append(
+                Table("Spliced into the model: next-token cross-entropy (nats) and KL to the clean model", downstream)
             )
-        ]
+        return out
 
     def figures(self) -> list[Figure]:
         if not self.dictionaries:

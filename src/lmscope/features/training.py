@@ -678,7 +678,7 @@ class Training(Result):
             last = log[-1] if log else {}
             rows.append({"site": name, **self.shapes.get(name, {}), "steps": last.get("step"),
                          "tokens": last.get("tokens"), "FVU": last.get("fvu"), "L0": last.get("l0"),
-                         "dead": last.get("dead"), "saved": self.saved.get(name)})  # fmt: skip
+                         "dead": last.get("dead")})  # fmt: skip
         return rows
 
     def text(self) -> str:

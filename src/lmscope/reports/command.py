@@ -117,6 +117,7 @@ def check_values(cls: type, values: Mapping[str, Any]) -> None:
 
 
 def _check(f: dataclasses.Field, value: Any) -> None:
+    """One value of field ``f`` against the checks its option declares, and its type's own."""
     name, meta = flag_name(f), f.metadata
     if isinstance(value, bool):
         return
