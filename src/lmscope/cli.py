@@ -1,4 +1,4 @@
-"""The ``lmscope`` command, generated from :data:`COMMANDS`.
+"""The ``lmscope`` command, generated from :func:`lmscope.commands.commands`.
 
 Each analysis command is a :class:`~lmscope.reports.command.Command` (a settings dataclass and
 ``run(model, settings, out)``) defined in its package; this module turns its settings' fields
@@ -27,10 +27,11 @@ from rich.console import Console
 from rich.table import Table as RichTable
 from rich.text import Text
 
+from lmscope.commands import commands
 from lmscope.core import distributed, load
 from lmscope.core.errors import LmscopeError
-from lmscope.core.loading import ALIASES, DEFAULT_MODEL, cached_conversions, parse_max_memory, resolve_device
-from lmscope.core.memory import parse_size
+from lmscope.core.loading import ALIASES, DEFAULT_MODEL, cached_conversions, check_memory_spec, resolve_device
+from lmscope.core.loading import parse_max_memory
 from lmscope.core.sites import parse_site
 from lmscope.reports.command import Command, RunWriter, check_out, check_path, check_settings, check_values, option
 from lmscope.reports.results import Result, Table
@@ -46,38 +47,9 @@ err = Console(stderr=True)
 MAX_ROWS = 20  # rows of each table printed; results.json holds all
 
 
-def commands() -> list[Command]:
-    """Every analysis command, in the order ``lmscope --help`` lists them."""
-    from lmscope.circuits.commands import CIRCUIT, HEADS, LOCATE
-    from lmscope.experts.command import EXPERTS
-    from lmscope.features.commands import EVAL, TRAIN
-    from lmscope.features.show import SHOW
-    from lmscope.features.snmf import SNMF
-    from lmscope.quant.commands import KV, OUTLIERS, QUANT
-    from lmscope.readout.command import LENS
-    from lmscope.scan import SCAN
-    from lmscope.steering.commands import DAS, PROBE, STEER
-    from lmscope.temporal.workflow import TEMPORAL
-    from lmscope.training.command import PRETRAIN
-    from lmscope.verify.command import VERIFY
-
-    return [VERIFY, SCAN, TEMPORAL, LOCATE, CIRCUIT, HEADS, OUTLIERS, KV, QUANT, EXPERTS, LENS, PROBE, STEER, DAS,
-            PRETRAIN, TRAIN, EVAL, SNMF, SHOW]  # fmt: skip
-
-
 # -- loading -------------------------------------------------------------------------------------
 
 _GLOBAL = {"trust_remote_code": False}  # set by the app callback for this invocation
-
-
-def memory_spec(spec: str) -> None:
-    """Check ``--max-memory``: a positive size (``4GB``) or ``DEVICE=SIZE`` entries (``cpu=2GB,0=20GB``)."""
-    try:
-        if all(parse_size(size) > 0 for size in (parse_max_memory(spec).values() if "=" in spec else [spec])):
-            return
-    except LmscopeError:
-        pass
-    raise LmscopeError(f"bad --max-memory '{spec}' (a size such as 4GB, or DEVICE=SIZE entries such as cpu=2GB,0=20GB)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +61,7 @@ class LoadOptions:
     dtype: str = option("float32", "float32, bfloat16 or float16", choices=("float32", "bfloat16", "float16"))
     max_memory: str | None = option(
         None, "memory per device, e.g. cpu=2GB,0=20GB: the model is spread within it (rest to disk); "
-        "a bare size (4GB) only bounds the working memory of gradient methods", parse=memory_spec,
+        "a bare size (4GB) only bounds the working memory of gradient methods", parse=check_memory_spec,
     )  # fmt: skip
     offload_folder: Path | None = option(None, "folder for layers offloaded to disk (default: a temporary one)")
 

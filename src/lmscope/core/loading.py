@@ -186,6 +186,18 @@ def parse_max_memory(text: str | None) -> dict | None:
     return out
 
 
+def check_memory_spec(spec: str) -> None:
+    """Check ``--max-memory``: a positive size (``4GB``) or ``DEVICE=SIZE`` entries (``cpu=2GB,0=20GB``)."""
+    from lmscope.core.memory import parse_size  # memory reads this module's specs
+
+    try:
+        if all(parse_size(size) > 0 for size in (parse_max_memory(spec).values() if "=" in spec else [spec])):
+            return
+    except LmscopeError:
+        pass
+    raise LmscopeError(f"bad --max-memory '{spec}' (a size such as 4GB, or DEVICE=SIZE entries such as cpu=2GB,0=20GB)")
+
+
 def load_hf(
     spec: str,
     *,

@@ -19,7 +19,7 @@ from lmscope.features.evaluation import DENSE, Evaluation, evaluate
 from lmscope.features.formats import load_dictionaries, save_dictionary
 from lmscope.features.harvest import HarvestSource, cached, dtype_of
 from lmscope.features.training import Training, TrainSettings, train
-from lmscope.reports.command import Command, RunWriter, option
+from lmscope.reports.command import Command, RunWriter, check_settings, option
 
 # The training text of a bundled corpus name: WikiText-2's validation split (its test split, the
 # default evaluation text, never shares a token with it).
@@ -55,39 +55,35 @@ class TrainCommand(TrainSettings):
     corpus: str = option(
         "wikitext2", "training text: text or JSONL file, or 'wikitext2' (the bundled validation split)"
     )
-    seq_len: int = option(128, "tokens per harvested window")
+    seq_len: int = option(128, "tokens per harvested window", min=2, max=1_000_000)
     skip_first: int = option(1, "leave out the first positions of every window (an attention sink's outlier norms)")
     outlier: float = option(
         10.0, "leave out tokens whose norm exceeds this multiple of the median (massive activations; 0: none)"
     )
-    harvest_batch: int = option(16, "windows per forward pass")
-    buffer: int = option(65536, "tokens per shuffled block of activations")
+    harvest_batch: int = option(16, "windows per forward pass", min=1, max=100_000)
+    buffer: int = option(65536, "tokens per shuffled block of activations", min=1)
     cache: Path | None = option(
         None, "cache the harvested activations as shards in this folder (reused when they match)"
     )
     store_dtype: str = option("float32", "activations held and cached as float32, float16 or bfloat16")
-    eval_tokens: int = option(8192, "held-out tokens (the evaluation text) to evaluate the dictionaries on (0: none)")
+    eval_tokens: int = option(8192, "held-out tokens (the evaluation text) to evaluate the dictionaries on (0: none)",
+                              min=0)  # fmt: skip
     eval_corpus: str = option(
         "wikitext2", "evaluation text: text or JSONL file, or 'wikitext2' (the bundled test split)"
     )
-    format: str = option("auto", "saved format: saelens, sparsify, or auto (SAELens's where it has the architecture)")
+    format: str = option("auto", "saved format: saelens, sparsify, or auto (SAELens's where it has the architecture)",
+                         choices=("auto", "saelens", "sparsify"))  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_settings(self)  # the declared ranges, also for settings made in Python
         dtype_of(self.store_dtype)
         _check_corpus(self.corpus)
         _check_corpus(self.eval_corpus)
-        for name in ("seq_len", "harvest_batch", "buffer"):
-            if getattr(self, name) < 1:
-                raise LmscopeError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.skip_first < self.seq_len - 1:
             raise LmscopeError(f"skip_first must lie in [0, seq_len - 1), got {self.skip_first}")
         if self.outlier < 0:
             raise LmscopeError(f"outlier must be non-negative, got {self.outlier}")
-        if self.eval_tokens < 0:
-            raise LmscopeError(f"eval_tokens must be non-negative, got {self.eval_tokens}")
-        if self.format not in ("auto", "saelens", "sparsify"):
-            raise LmscopeError(f"unknown format '{self.format}' (saelens, sparsify or auto)")
 
     def training(self) -> TrainSettings:
         """The training settings alone."""
@@ -158,32 +154,28 @@ class EvalSettings:
     """``lmscope features eval``: the dictionaries and the held-out text."""
 
     dict: Path = option(
-        help="a dictionary folder (SAELens, sparsify, dictionary_learning, circuit-tracer), or a folder of them"
+        help="a dictionary folder (SAELens, sparsify, dictionary_learning, circuit-tracer), or a folder of them",
+        path="dir",
     )
     corpus: str = option("wikitext2", "evaluation text: text or JSONL file, or 'wikitext2' (the bundled test split)")
-    tokens: int = option(16384, "held-out tokens")
-    seq_len: int = option(128, "tokens per window")
+    tokens: int = option(16384, "held-out tokens", min=1)
+    seq_len: int = option(128, "tokens per window", min=2, max=1_000_000)
     skip_first: int = option(1, "leave out the first positions of every window (not spliced, not scored)")
     outlier: float = option(
         10.0, "leave out tokens whose norm exceeds this multiple of the median (massive activations; 0: none)"
     )
-    batch_size: int = option(8, "windows per forward pass")
-    dense: float = option(DENSE, "a feature firing on more than this fraction of tokens is dense")
+    batch_size: int = option(8, "windows per forward pass", min=1, max=100_000)
+    dense: float = option(DENSE, "a feature firing on more than this fraction of tokens is dense", min=0, max=1)
     downstream: bool = option(True, "splice each dictionary in: CE loss recovered and KL (four forwards per batch)")
 
     def __post_init__(self) -> None:
         _check_corpus(self.corpus)
-        if not Path(self.dict).exists():
-            raise LmscopeError(f"{self.dict}: no such dictionary folder")
-        for name in ("tokens", "seq_len", "batch_size"):
-            if getattr(self, name) < 1:
-                raise LmscopeError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.skip_first < self.seq_len - 1:
             raise LmscopeError(f"skip_first must lie in [0, seq_len - 1), got {self.skip_first}")
         if self.outlier < 0:
             raise LmscopeError(f"outlier must be non-negative, got {self.outlier}")
-        if not 0 < self.dense <= 1:
-            raise LmscopeError(f"dense must lie in (0, 1], got {self.dense}")
+        if self.dense == 0:
+            raise LmscopeError("--dense must be positive, not 0")
 
 
 def run_eval(model: Model, settings: EvalSettings, out: RunWriter) -> Evaluation:
